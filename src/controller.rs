@@ -1,0 +1,235 @@
+//! The CSI Controller service. A volume is only a name and an id until a node first publishes
+//! it, so creation needs no storage; deletion hands the volume to the cross-node cleanup.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use grpcio::{RpcContext, UnarySink};
+use log::{debug, info};
+
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::proto::csi::controller_service_capability::rpc::Type as RpcType;
+use crate::proto::csi::{
+    controller_service_capability, validate_volume_capabilities_response::Confirmed, ControllerGetCapabilitiesRequest,
+    ControllerGetCapabilitiesResponse, ControllerServiceCapability, CreateVolumeRequest, CreateVolumeResponse,
+    DeleteVolumeRequest, DeleteVolumeResponse, ValidateVolumeCapabilitiesRequest, ValidateVolumeCapabilitiesResponse,
+    Volume,
+};
+use crate::proto::grpc;
+use crate::server::Rpc;
+use crate::volume;
+
+/// StorageClass parameters that csi-provisioner adds itself; everything else is refused.
+const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// What to do when a volume is deleted: the cleanup protocol, or nothing in standalone mode.
+pub trait Deleter: Send + Sync {
+    fn volume_deleted(&self, volume_id: &str) -> Result<()>;
+}
+
+struct Record {
+    name: String,
+    capacity: i64,
+}
+
+#[derive(Clone)]
+pub struct Controller {
+    rpc: Rpc,
+    /// Capacity per created volume, to tell a repeated CreateVolume from a conflicting one.
+    /// Lost on restart, which only makes the next repeat accept its new capacity.
+    volumes: Arc<Mutex<HashMap<String, Record>>>,
+    deleter: Option<Arc<dyn Deleter>>,
+}
+
+impl Controller {
+    pub fn new(rpc: Rpc, deleter: Option<Arc<dyn Deleter>>) -> Controller {
+        let c = Controller {
+            rpc,
+            volumes: Arc::default(),
+            deleter,
+        };
+        let volumes = c.volumes.clone();
+        metrics::set_active_volumes(move || volumes.lock().map_or(0, |v| v.len() as u64));
+        c
+    }
+
+    pub fn create(&self, req: &CreateVolumeRequest) -> Result<CreateVolumeResponse> {
+        if req.name.is_empty() {
+            return Err(Error::missing("name", ""));
+        }
+        let id = volume::id_for_name(&req.name);
+        if req.volume_capabilities.is_empty() {
+            return Err(Error::missing("volume_capabilities", &id));
+        }
+        for cap in &req.volume_capabilities {
+            volume::check_capability(&id, cap)?;
+        }
+        if req.volume_content_source.is_some() {
+            return Err(Error::unsupported(
+                &id,
+                "volume_content_source (no snapshots or clones of a cache)",
+            ));
+        }
+        if let Some(key) = req.parameters.keys().find(|k| !k.starts_with(PROVISIONER_PREFIX)) {
+            return Err(Error::unsupported(
+                &id,
+                format!("StorageClass parameter {key:?} (this driver takes none)"),
+            ));
+        }
+        let (required, limit) = req
+            .capacity_range
+            .as_ref()
+            .map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+        if required < 0 || limit < 0 || (limit > 0 && required > limit) {
+            return Err(Error::BadCapacity {
+                volume: id,
+                reason: format!("capacity range required_bytes={required} limit_bytes={limit} cannot be met"),
+            });
+        }
+        let capacity = if required > 0 { required } else { limit };
+
+        let mut volumes = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = volumes.get(&id) {
+            let fits = (required == 0 || existing.capacity >= required) && (limit == 0 || existing.capacity <= limit);
+            if !fits {
+                return Err(Error::conflict(
+                    &id,
+                    "",
+                    format!(
+                        "name {:?} exists with capacity {} bytes, outside the requested range {required}..{limit}",
+                        existing.name, existing.capacity
+                    ),
+                ));
+            }
+            debug!("volume {id} for name {:?} exists already", req.name);
+            return Ok(response(&id, existing.capacity));
+        }
+        volumes.insert(
+            id.clone(),
+            Record {
+                name: req.name.clone(),
+                capacity,
+            },
+        );
+        metrics::VOLUME_CREATE_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        info!("created volume {id} for name {:?} ({capacity} bytes)", req.name);
+        Ok(response(&id, capacity))
+    }
+
+    pub fn delete(&self, req: &DeleteVolumeRequest) -> Result<DeleteVolumeResponse> {
+        let id = &req.volume_id;
+        if id.is_empty() {
+            return Err(Error::missing("volume_id", ""));
+        }
+        if volume::check_id(id).is_err() {
+            debug!("volume {id:?} is not one of ours; nothing to delete");
+            return Ok(DeleteVolumeResponse::new());
+        }
+        match &self.deleter {
+            Some(d) => d.volume_deleted(id)?,
+            None => info!("volume {id} deleted; no Kubernetes API configured, so nodes keep their copies"),
+        }
+        if self
+            .volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .is_some()
+        {
+            metrics::VOLUME_DELETE_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(DeleteVolumeResponse::new())
+    }
+
+    pub fn validate(req: &ValidateVolumeCapabilitiesRequest) -> Result<ValidateVolumeCapabilitiesResponse> {
+        let id = &req.volume_id;
+        if id.is_empty() {
+            return Err(Error::missing("volume_id", ""));
+        }
+        if volume::check_id(id).is_err() {
+            return Err(Error::not_found(id, "", "not a volume of this driver"));
+        }
+        if req.volume_capabilities.is_empty() {
+            return Err(Error::missing("volume_capabilities", id));
+        }
+        let mut r = ValidateVolumeCapabilitiesResponse::new();
+        match req
+            .volume_capabilities
+            .iter()
+            .try_for_each(|c| volume::check_capability(id, c).map(drop))
+        {
+            Ok(()) => {
+                let mut confirmed = Confirmed::new();
+                confirmed.volume_capabilities = req.volume_capabilities.clone();
+                confirmed.volume_context = req.volume_context.clone();
+                confirmed.parameters = req.parameters.clone();
+                r.confirmed = Some(confirmed).into();
+            }
+            Err(e) => r.message = e.to_string(),
+        }
+        Ok(r)
+    }
+
+    fn capabilities() -> ControllerGetCapabilitiesResponse {
+        let mut rpc = controller_service_capability::RPC::new();
+        rpc.type_ = RpcType::CREATE_DELETE_VOLUME.into();
+        let mut cap = ControllerServiceCapability::new();
+        cap.set_rpc(rpc);
+        let mut r = ControllerGetCapabilitiesResponse::new();
+        r.capabilities.push(cap);
+        r
+    }
+}
+
+/// No accessible_topology: any node may use the volume, so the scheduler never pins a pod.
+fn response(id: &str, capacity: i64) -> CreateVolumeResponse {
+    let mut v = Volume::new();
+    v.volume_id = id.to_owned();
+    v.capacity_bytes = capacity;
+    let mut r = CreateVolumeResponse::new();
+    r.volume = Some(v).into();
+    r
+}
+
+impl grpc::Controller for Controller {
+    fn create_volume(&mut self, _: RpcContext, req: CreateVolumeRequest, sink: UnarySink<CreateVolumeResponse>) {
+        let this = self.clone();
+        let subject = if req.name.is_empty() {
+            String::new()
+        } else {
+            volume::id_for_name(&req.name)
+        };
+        self.rpc
+            .blocking("CreateVolume", &subject, req, sink, move |req| this.create(&req));
+    }
+
+    fn delete_volume(&mut self, _: RpcContext, req: DeleteVolumeRequest, sink: UnarySink<DeleteVolumeResponse>) {
+        let this = self.clone();
+        let subject = req.volume_id.clone();
+        self.rpc
+            .blocking("DeleteVolume", &subject, req, sink, move |req| this.delete(&req));
+    }
+
+    fn validate_volume_capabilities(
+        &mut self,
+        _: RpcContext,
+        req: ValidateVolumeCapabilitiesRequest,
+        sink: UnarySink<ValidateVolumeCapabilitiesResponse>,
+    ) {
+        self.rpc.inline("ValidateVolumeCapabilities", req, sink, |req| {
+            Controller::validate(&req)
+        });
+    }
+
+    fn controller_get_capabilities(
+        &mut self,
+        _: RpcContext,
+        req: ControllerGetCapabilitiesRequest,
+        sink: UnarySink<ControllerGetCapabilitiesResponse>,
+    ) {
+        self.rpc.inline("ControllerGetCapabilities", req, sink, |_| {
+            Ok(Controller::capabilities())
+        });
+    }
+}

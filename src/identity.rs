@@ -1,0 +1,86 @@
+//! The CSI Identity service: who we are, what we offer, whether we are ready.
+
+use std::sync::Arc;
+
+use grpcio::{RpcContext, UnarySink};
+use protobuf::well_known_types::wrappers::BoolValue;
+
+use crate::config::{Config, Mode};
+use crate::error::Result;
+use crate::proto::csi::plugin_capability::service::Type as ServiceType;
+use crate::proto::csi::{
+    plugin_capability, GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
+    GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
+};
+use crate::proto::grpc;
+use crate::server::Rpc;
+
+/// Whether this plugin can serve right now; in node mode, whether the base dir is usable.
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+#[derive(Clone)]
+pub struct Identity {
+    cfg: Arc<Config>,
+    rpc: Rpc,
+    ready: Readiness,
+}
+
+impl Identity {
+    pub fn new(cfg: Arc<Config>, rpc: Rpc, ready: Readiness) -> Identity {
+        Identity { cfg, rpc, ready }
+    }
+
+    fn info(&self) -> GetPluginInfoResponse {
+        let mut r = GetPluginInfoResponse::new();
+        r.name = self.cfg.driver_name.clone();
+        r.vendor_version = env!("CARGO_PKG_VERSION").to_owned();
+        r.manifest.insert(
+            "mode".into(),
+            if self.cfg.mode == Mode::Node {
+                "node"
+            } else {
+                "controller"
+            }
+            .into(),
+        );
+        r
+    }
+
+    fn capabilities() -> GetPluginCapabilitiesResponse {
+        let mut svc = plugin_capability::Service::new();
+        svc.type_ = ServiceType::CONTROLLER_SERVICE.into();
+        let mut cap = PluginCapability::new();
+        cap.set_service(svc);
+        let mut r = GetPluginCapabilitiesResponse::new();
+        r.capabilities.push(cap);
+        r
+    }
+
+    fn probe_response(&self) -> Result<ProbeResponse> {
+        let mut ready = BoolValue::new();
+        ready.value = (self.ready)();
+        let mut r = ProbeResponse::new();
+        r.ready = Some(ready).into();
+        Ok(r)
+    }
+}
+
+impl grpc::Identity for Identity {
+    fn get_plugin_info(&mut self, _: RpcContext, req: GetPluginInfoRequest, sink: UnarySink<GetPluginInfoResponse>) {
+        self.rpc.inline("GetPluginInfo", req, sink, |_| Ok(self.info()));
+    }
+
+    fn get_plugin_capabilities(
+        &mut self,
+        _: RpcContext,
+        req: GetPluginCapabilitiesRequest,
+        sink: UnarySink<GetPluginCapabilitiesResponse>,
+    ) {
+        self.rpc
+            .inline("GetPluginCapabilities", req, sink, |_| Ok(Identity::capabilities()));
+    }
+
+    fn probe(&mut self, _: RpcContext, req: ProbeRequest, sink: UnarySink<ProbeResponse>) {
+        self.rpc.inline("Probe", req, sink, |_| self.probe_response());
+    }
+}

@@ -1,0 +1,15 @@
+//! node-local-cache: a CSI driver for per-node cache volumes. See README.md for the design.
+
+pub mod config;
+pub mod controller;
+pub mod error;
+pub mod identity;
+pub mod inflight;
+pub mod logging;
+pub mod metrics;
+pub mod mounts;
+pub mod node;
+pub mod proto;
+pub mod safedir;
+pub mod server;
+pub mod volume;

@@ -1,0 +1,398 @@
+//! Prometheus metrics as plain static atomics, rendered to the text format on demand, and the
+//! small HTTP endpoint that serves them (`/metrics`, `/healthz`). No framework: a scrape is one
+//! pass over a few arrays.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::Duration;
+
+use grpcio::RpcStatusCode;
+use log::{debug, warn};
+
+const PREFIX: &str = "node_local_cache_";
+
+/// Upper bounds in seconds; the last bucket is +Inf.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub const fn new() -> Histogram {
+        Histogram {
+            buckets: [const { AtomicU64::new(0) }; BUCKETS.len() + 1],
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            let le = BUCKETS.get(i).map_or("+Inf".to_owned(), |b| b.to_string());
+            let _ = writeln!(out, "{PREFIX}{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+        }
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{PREFIX}{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{PREFIX}{name}_count{braces} {cumulative}");
+    }
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new()
+    }
+}
+
+/// The RPCs this driver answers itself; anything else is counted as "other".
+const METHODS: [&str; 13] = [
+    "GetPluginInfo",
+    "GetPluginCapabilities",
+    "Probe",
+    "CreateVolume",
+    "DeleteVolume",
+    "ValidateVolumeCapabilities",
+    "ControllerGetCapabilities",
+    "NodePublishVolume",
+    "NodeUnpublishVolume",
+    "NodeGetVolumeStats",
+    "NodeGetCapabilities",
+    "NodeGetInfo",
+    "other",
+];
+const CODES: usize = 17;
+
+const CODE_NAMES: [&str; CODES] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+static RPC_COUNTS: [[AtomicU64; CODES]; METHODS.len()] =
+    [const { [const { AtomicU64::new(0) }; CODES] }; METHODS.len()];
+static RPC_DURATIONS: [Histogram; METHODS.len()] = [const { Histogram::new() }; METHODS.len()];
+
+pub static VOLUME_CREATE_TOTAL: AtomicU64 = AtomicU64::new(0);
+pub static VOLUME_DELETE_TOTAL: AtomicU64 = AtomicU64::new(0);
+pub static MOUNT_DURATION: Histogram = Histogram::new();
+pub static CLEANUP_DURATION: Histogram = Histogram::new();
+pub static CLEANUP_PENDING: AtomicU64 = AtomicU64::new(0);
+
+/// Kubernetes API calls by verb and HTTP status class; status 0 means no response.
+const KUBE_VERBS: [&str; 6] = ["get", "list", "create", "patch", "delete", "other"];
+const KUBE_CODES: [u16; 12] = [0, 200, 201, 400, 401, 403, 404, 409, 410, 422, 429, 500];
+static KUBE_COUNTS: [[AtomicU64; KUBE_CODES.len() + 1]; KUBE_VERBS.len()] =
+    [const { [const { AtomicU64::new(0) }; KUBE_CODES.len() + 1] }; KUBE_VERBS.len()];
+
+pub fn record_rpc(method: &str, code: RpcStatusCode, took: Duration) {
+    let m = METHODS.iter().position(|&n| n == method).unwrap_or(METHODS.len() - 1);
+    let c = usize::try_from(i32::from(code))
+        .ok()
+        .filter(|&c| c < CODES)
+        .unwrap_or(2);
+    RPC_COUNTS[m][c].fetch_add(1, Ordering::Relaxed);
+    RPC_DURATIONS[m].observe(took);
+}
+
+/// `status` 0 for a request that got no HTTP response. Statuses outside the table count under
+/// their class's representative (e.g. 503 as 500).
+pub fn record_kube(verb: &str, status: u16) {
+    let v = KUBE_VERBS
+        .iter()
+        .position(|&n| n == verb)
+        .unwrap_or(KUBE_VERBS.len() - 1);
+    let c = KUBE_CODES
+        .iter()
+        .position(|&c| c == status)
+        .unwrap_or_else(|| match status {
+            200..=299 => 1,
+            400..=499 => 3,
+            _ => KUBE_CODES.len() - 1,
+        });
+    KUBE_COUNTS[v][c].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Total Kubernetes API requests recorded (for the load model and tests).
+pub fn kube_requests_total() -> u64 {
+    KUBE_COUNTS.iter().flatten().map(|c| c.load(Ordering::Relaxed)).sum()
+}
+
+type Gauge = Box<dyn Fn() -> u64 + Send + Sync>;
+static ACTIVE_VOLUMES: OnceLock<Gauge> = OnceLock::new();
+
+/// How `active_volumes` is computed at scrape time (volumes mounted on this node, or volumes
+/// the controller knows of).
+pub fn set_active_volumes(f: impl Fn() -> u64 + Send + Sync + 'static) {
+    let _ = ACTIVE_VOLUMES.set(Box::new(f));
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {PREFIX}{name} {help}");
+    let _ = writeln!(out, "# TYPE {PREFIX}{name} {kind}");
+}
+
+pub fn render() -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    header(&mut out, "build_info", "gauge", "Version of the running driver.");
+    let _ = writeln!(out, "{PREFIX}build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+
+    header(
+        &mut out,
+        "csi_requests_total",
+        "counter",
+        "CSI calls answered, by method and status code.",
+    );
+    for (m, row) in METHODS.iter().zip(&RPC_COUNTS) {
+        for (code, n) in CODE_NAMES.iter().zip(row) {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(out, "{PREFIX}csi_requests_total{{method=\"{m}\",code=\"{code}\"}} {n}");
+            }
+        }
+    }
+    header(
+        &mut out,
+        "csi_request_duration_seconds",
+        "histogram",
+        "Time to answer a CSI call, by method.",
+    );
+    for (m, h) in METHODS.iter().zip(&RPC_DURATIONS) {
+        h.render(&mut out, "csi_request_duration_seconds", &format!("method=\"{m}\""));
+    }
+
+    for (name, help, v) in [
+        (
+            "volume_create_total",
+            "Volumes created (controller) or volume dirs created on this node.",
+            &VOLUME_CREATE_TOTAL,
+        ),
+        (
+            "volume_delete_total",
+            "Volumes deleted (controller) or volume dirs deleted on this node.",
+            &VOLUME_DELETE_TOTAL,
+        ),
+    ] {
+        header(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{PREFIX}{name} {}", v.load(Ordering::Relaxed));
+    }
+    header(
+        &mut out,
+        "mount_duration_seconds",
+        "histogram",
+        "Time to bind-mount (and remount) a volume at a target.",
+    );
+    MOUNT_DURATION.render(&mut out, "mount_duration_seconds", "");
+    header(
+        &mut out,
+        "cleanup_duration_seconds",
+        "histogram",
+        "Time to delete a volume's data on this node.",
+    );
+    CLEANUP_DURATION.render(&mut out, "cleanup_duration_seconds", "");
+
+    header(
+        &mut out,
+        "active_volumes",
+        "gauge",
+        "Volumes mounted on this node (node) or known to the controller.",
+    );
+    let active = ACTIVE_VOLUMES.get().map_or(0, |f| f());
+    let _ = writeln!(out, "{PREFIX}active_volumes {active}");
+    header(
+        &mut out,
+        "cleanup_pending",
+        "gauge",
+        "Volume cleanups requested and not yet finished.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}cleanup_pending {}",
+        CLEANUP_PENDING.load(Ordering::Relaxed)
+    );
+
+    header(
+        &mut out,
+        "kube_api_requests_total",
+        "counter",
+        "Kubernetes API requests, by verb and HTTP status (0: no response).",
+    );
+    for (verb, row) in KUBE_VERBS.iter().zip(&KUBE_COUNTS) {
+        for (code, n) in KUBE_CODES.iter().zip(row) {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "{PREFIX}kube_api_requests_total{{verb=\"{verb}\",code=\"{code}\"}} {n}"
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Limits that keep a slow or hostile scraper from tying up the endpoint.
+const MAX_CONNECTIONS: usize = 4;
+const MAX_REQUEST: usize = 8 * 1024;
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `:9809` means every address, port 9809.
+pub fn parse_addr(arg: &str) -> Result<SocketAddr, String> {
+    let full = if arg.starts_with(':') {
+        format!("0.0.0.0{arg}")
+    } else {
+        arg.to_owned()
+    };
+    full.parse().map_err(|e| format!("metrics address {arg:?}: {e}"))
+}
+
+/// Serves `/metrics` and `/healthz` on a thread of its own; `healthy` answers `/healthz`.
+/// Returns the bound address (the port may have been 0).
+pub fn serve(addr: SocketAddr, healthy: impl Fn() -> bool + Send + Sync + 'static) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    let healthy = Arc::new(healthy);
+    let open = Arc::new(AtomicUsize::new(0));
+    thread::Builder::new().name("metrics".into()).spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(stream) = conn else { continue };
+            if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                open.fetch_sub(1, Ordering::SeqCst);
+                debug!("metrics: too many open connections; closing a new one");
+                continue;
+            }
+            let (open, healthy) = (open.clone(), healthy.clone());
+            let spawned = thread::Builder::new().name("metrics-conn".into()).spawn(move || {
+                let _ = handle(stream, &*healthy);
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+            if let Err(e) = spawned {
+                warn!("metrics: cannot start a connection thread: {e}");
+            }
+        }
+    })?;
+    Ok(bound)
+}
+
+fn handle(mut stream: TcpStream, healthy: &dyn Fn() -> bool) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf.len() >= MAX_REQUEST {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request too large\n",
+            );
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    if method != b"GET" {
+        return respond(&mut stream, "405 Method Not Allowed", "text/plain", "only GET\n");
+    }
+    match path {
+        b"/metrics" => respond(
+            &mut stream,
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            &render(),
+        ),
+        b"/healthz" if healthy() => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
+        b"/healthz" => respond(&mut stream, "503 Service Unavailable", "text/plain", "not ready\n"),
+        _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n"),
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new();
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let mut out = String::new();
+        h.render(&mut out, "x_seconds", "method=\"m\"");
+        assert!(
+            out.contains("node_local_cache_x_seconds_bucket{method=\"m\",le=\"0.0005\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("node_local_cache_x_seconds_bucket{method=\"m\",le=\"0.005\"} 2\n"));
+        assert!(out.contains("node_local_cache_x_seconds_bucket{method=\"m\",le=\"+Inf\"} 3\n"));
+        assert!(out.contains("node_local_cache_x_seconds_count{method=\"m\"} 3\n"));
+    }
+
+    #[test]
+    fn rpc_counts_render_by_method_and_code() {
+        record_rpc("NodeGetInfo", RpcStatusCode::NOT_FOUND, Duration::from_millis(1));
+        record_rpc("SomethingElse", RpcStatusCode::OK, Duration::from_millis(1));
+        let text = render();
+        assert!(text.contains("csi_requests_total{method=\"NodeGetInfo\",code=\"NOT_FOUND\"}"));
+        assert!(text.contains("csi_requests_total{method=\"other\",code=\"OK\"}"));
+        assert!(text.contains("build_info{version=\""));
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_addr(":9809").unwrap(), "0.0.0.0:9809".parse().unwrap());
+        assert_eq!(parse_addr("127.0.0.1:1").unwrap(), "127.0.0.1:1".parse().unwrap());
+        assert!(parse_addr("nope").is_err());
+    }
+}

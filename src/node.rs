@@ -1,0 +1,578 @@
+//! The CSI Node service: each node keeps `<base-dir>/<volume-id>/` and bind-mounts it into the
+//! pods' target paths. Every step works on opened directory handles, decides "is it mounted"
+//! from mountinfo, and undoes what it made when a later step fails.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use grpcio::{RpcContext, UnarySink};
+use log::{debug, info, warn};
+use nix::errno::Errno;
+use nix::sys::stat::Mode;
+
+use crate::config::{Config, DataOnUnpublish};
+use crate::error::{Error, Result};
+use crate::inflight::{InFlight, TargetGuard};
+use crate::metrics;
+use crate::mounts::{self, BindSource, Binding};
+use crate::proto::csi::node_service_capability::rpc::Type as NodeRpc;
+use crate::proto::csi::volume_usage::Unit;
+use crate::proto::csi::{
+    node_service_capability, NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
+    NodeGetInfoResponse, NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse, NodePublishVolumeRequest,
+    NodePublishVolumeResponse, NodeServiceCapability, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse,
+    VolumeCondition, VolumeUsage,
+};
+use crate::proto::grpc;
+use crate::safedir::{self, Usage};
+use crate::server::Rpc;
+use crate::volume;
+
+/// Volume dirs are open to the pod's user; the base dir (0700) keeps other host users out.
+const VOLUME_DIR_MODE: u32 = 0o777;
+const BASE_DIR_MODE: u32 = 0o700;
+const TARGET_DIR_MODE: u32 = 0o750;
+/// Unmounts tried on one target in one unpublish (a crash may have stacked mounts there).
+const MAX_STACKED: usize = 16;
+
+pub struct NodeState {
+    cfg: Arc<Config>,
+    inflight: InFlight,
+    /// Volume usage by id, reused for `stats_cache_ttl`: kubelet asks every minute per volume.
+    usage_cache: Mutex<HashMap<String, (Instant, Usage)>>,
+}
+
+/// The base dir, opened without following a symlink at its last component.
+struct Base {
+    fd: OwnedFd,
+    real: PathBuf,
+}
+
+/// A target's parent dir (opened following the node's own symlinks) and the target's name in it.
+struct Target {
+    requested: PathBuf,
+    parent: OwnedFd,
+    name: OsString,
+    /// The target as mountinfo names it.
+    real: PathBuf,
+}
+
+impl NodeState {
+    pub fn new(cfg: Arc<Config>, inflight: InFlight) -> Arc<NodeState> {
+        Arc::new(NodeState {
+            cfg,
+            inflight,
+            usage_cache: Mutex::default(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Creates the base dir if it is missing; leaves an existing one (or a symlink) as it is.
+    pub fn prepare_base_dir(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        match std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(BASE_DIR_MODE)
+            .create(&self.cfg.base_dir)
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Ready when the base dir opens without following a symlink and is writable.
+    pub fn ready(&self) -> bool {
+        self.open_base("").is_ok() && nix::unistd::access(&self.cfg.base_dir, nix::unistd::AccessFlags::W_OK).is_ok()
+    }
+
+    fn open_base(&self, volume: &str) -> Result<Base> {
+        let path = &self.cfg.base_dir;
+        let not_ready = |reason: &str| Error::NodeNotReady {
+            volume: volume.to_owned(),
+            path: path.clone(),
+            reason: reason.to_owned(),
+        };
+        let fd = safedir::open_dir(path).map_err(|e| match e {
+            Errno::ENOENT => not_ready("base dir does not exist"),
+            Errno::ELOOP | Errno::ENOTDIR => {
+                not_ready("base dir is a symlink or not a directory; refusing to follow it")
+            }
+            e => not_ready(e.desc()),
+        })?;
+        let real = safedir::real_path(fd.as_fd()).map_err(|e| Error::sys("resolve base dir", volume, path, e))?;
+        Ok(Base { fd, real })
+    }
+
+    /// The base dir's path as mountinfo names it, even when the dir itself is unusable (so a
+    /// target can still be unpublished after someone removed the base dir).
+    fn base_real(&self, volume: &str) -> PathBuf {
+        self.open_base(volume)
+            .map(|b| b.real)
+            .unwrap_or_else(|_| self.cfg.base_dir.clone())
+    }
+
+    fn open_target(&self, volume: &str, target: &Path) -> Result<Target> {
+        let parent_path = target.parent().expect("checked targets have a parent");
+        let parent = safedir::open_dir_following(parent_path).map_err(|e| match e {
+            Errno::ENOENT => Error::not_found(volume, target, "parent directory does not exist"),
+            Errno::ENOTDIR => Error::bad_path(volume, target, "a parent is not a directory"),
+            e => Error::sys("open parent dir", volume, target, e),
+        })?;
+        let real_parent =
+            safedir::real_path(parent.as_fd()).map_err(|e| Error::sys("resolve parent dir", volume, target, e))?;
+        let kubelet = safedir::open_dir_following(&self.cfg.kubelet_dir)
+            .and_then(|fd| safedir::real_path(fd.as_fd()))
+            .map_err(|e| Error::NodeNotReady {
+                volume: volume.to_owned(),
+                path: self.cfg.kubelet_dir.clone(),
+                reason: e.desc().into(),
+            })?;
+        if !real_parent.starts_with(&kubelet) {
+            return Err(Error::bad_path(
+                volume,
+                target,
+                format!(
+                    "resolves to {}, outside the kubelet dir {}",
+                    real_parent.display(),
+                    kubelet.display()
+                ),
+            ));
+        }
+        let name = volume::file_name(target).to_owned();
+        Ok(Target {
+            requested: target.to_owned(),
+            real: real_parent.join(&name),
+            parent,
+            name,
+        })
+    }
+
+    fn mount_table(&self, volume: &str, path: &Path) -> Result<Vec<mounts::MountEntry>> {
+        mounts::read_table().map_err(|e| Error::sys("read /proc/self/mountinfo", volume, path, e))
+    }
+
+    fn bind_source(table: &[mounts::MountEntry], base_real: &Path, volume: &str) -> Result<BindSource> {
+        let dir = base_real.join(volume);
+        BindSource::of_dir(table, &dir).ok_or_else(|| Error::NodeNotReady {
+            volume: volume.to_owned(),
+            path: dir,
+            reason: "no mount in /proc/self/mountinfo contains the base dir".into(),
+        })
+    }
+
+    pub fn publish(&self, req: &NodePublishVolumeRequest) -> Result<()> {
+        let id = req.volume_id.as_str();
+        volume::check_id(id)?;
+        let target = volume::check_target(id, "target_path", &req.target_path, &self.cfg.kubelet_dir)?;
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Error::missing("volume_capability", id))?;
+        let mut flags = volume::check_capability(id, cap)?;
+        flags.read_only |= req.readonly;
+        let _guard = self.inflight.lock_target(id, &target)?;
+        if !self.cfg.test_publish_delay.is_zero() {
+            std::thread::sleep(self.cfg.test_publish_delay);
+        }
+
+        let base = self.open_base(id)?;
+        let t = self.open_target(id, &target)?;
+        let table = self.mount_table(id, &target)?;
+        let source = Self::bind_source(&table, &base.real, id)?;
+        if let Some(top) = mounts::at(&table, &t.real).last() {
+            return match source.classify(top) {
+                Binding::Ours | Binding::OursDeleted if flags.matches(top) => {
+                    debug!(
+                        "volume {id} already published at {} ({})",
+                        target.display(),
+                        flags.describe()
+                    );
+                    Ok(())
+                }
+                Binding::Ours | Binding::OursDeleted => Err(Error::conflict(
+                    id,
+                    &target,
+                    format!(
+                        "already published with options {}, not {}",
+                        top.options,
+                        flags.describe()
+                    ),
+                )),
+                Binding::Foreign => Err(Error::conflict(
+                    id,
+                    &target,
+                    format!(
+                        "already a mount of {} {} on {}",
+                        top.fs_type,
+                        top.root.display(),
+                        top.source
+                    ),
+                )),
+            };
+        }
+
+        let vol_path = base.real.join(id);
+        let (vol_fd, made_vol) = safedir::ensure_child(
+            base.fd.as_fd(),
+            OsStr::new(id),
+            Mode::from_bits_truncate(VOLUME_DIR_MODE),
+        )
+        .map_err(|e| match e {
+            Errno::ELOOP | Errno::ENOTDIR => Error::NodeNotReady {
+                volume: id.to_owned(),
+                path: vol_path.clone(),
+                reason: "volume dir is a symlink or not a directory; refusing to follow it".into(),
+            },
+            e => Error::sys("create volume dir", id, &vol_path, e),
+        })?;
+        let undo_vol = || {
+            if made_vol {
+                let _ = safedir::remove_child(base.fd.as_fd(), OsStr::new(id));
+            }
+        };
+        let (tgt_fd, made_tgt) =
+            match safedir::ensure_child(t.parent.as_fd(), &t.name, Mode::from_bits_truncate(TARGET_DIR_MODE)) {
+                Ok(v) => v,
+                Err(e) => {
+                    undo_vol();
+                    return Err(match e {
+                        Errno::ELOOP | Errno::ENOTDIR => {
+                            Error::bad_path(id, &target, "target is a symlink or not a directory")
+                        }
+                        e => Error::sys("create target dir", id, &target, e),
+                    });
+                }
+            };
+        let undo = |mounted: bool| {
+            if mounted {
+                if let Err(e) = mounts::unmount(&t.real) {
+                    warn!("volume {id}: undo mount at {}: {}", t.real.display(), e.desc());
+                }
+            }
+            if made_tgt {
+                let _ = safedir::remove_child(t.parent.as_fd(), &t.name);
+            }
+            undo_vol();
+        };
+
+        let started = Instant::now();
+        if let Err(e) = mounts::bind(&safedir::fd_path(vol_fd.as_fd()), &safedir::fd_path(tgt_fd.as_fd())) {
+            drop(tgt_fd);
+            undo(false);
+            return Err(Error::sys("bind mount", id, &target, e));
+        }
+        drop(tgt_fd);
+        // Opening the name again crosses into the new mount: proof that it landed on the target,
+        // and a handle on its root for the remount.
+        let want = safedir::identity(vol_fd.as_fd()).map_err(|e| Error::sys("stat volume dir", id, &vol_path, e))?;
+        let mount_root = match safedir::open_child(t.parent.as_fd(), &t.name) {
+            Ok(fd) if safedir::identity(fd.as_fd()) == Ok(want) => fd,
+            _ => {
+                undo(true);
+                return Err(Error::conflict(
+                    id,
+                    &target,
+                    "target changed while it was being mounted",
+                ));
+            }
+        };
+        if flags.needs_remount() {
+            if let Err(e) = mounts::remount_bind(&safedir::fd_path(mount_root.as_fd()), flags) {
+                drop(mount_root);
+                undo(true);
+                return Err(Error::sys("remount with the requested flags", id, &target, e));
+            }
+        }
+        metrics::MOUNT_DURATION.observe(started.elapsed());
+        if made_vol {
+            metrics::VOLUME_CREATE_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        info!(
+            "volume {id} published at {} ({})",
+            t.requested.display(),
+            flags.describe()
+        );
+        Ok(())
+    }
+
+    pub fn unpublish(&self, req: &NodeUnpublishVolumeRequest) -> Result<()> {
+        let id = req.volume_id.as_str();
+        volume::check_id(id)?;
+        let target = volume::check_target(id, "target_path", &req.target_path, &self.cfg.kubelet_dir)?;
+        let guard = self.inflight.lock_target(id, &target)?;
+        let t = match self.open_target(id, &target) {
+            Err(Error::NotFound { .. }) => {
+                debug!(
+                    "volume {id}: parent of {} is gone; nothing to unpublish",
+                    target.display()
+                );
+                return Ok(());
+            }
+            other => other?,
+        };
+        let base_real = self.base_real(id);
+        let mut unmounted = 0;
+        loop {
+            let table = self.mount_table(id, &target)?;
+            let Some(top) = mounts::at(&table, &t.real).last().copied() else {
+                break;
+            };
+            let source = Self::bind_source(&table, &base_real, id)?;
+            if source.classify(top) == Binding::Foreign {
+                return Err(Error::ForeignMount {
+                    volume: id.to_owned(),
+                    path: target,
+                    what: format!("{} {} on {}", top.fs_type, top.root.display(), top.source),
+                });
+            }
+            if unmounted == MAX_STACKED {
+                return Err(Error::sys(
+                    "unmount (too many stacked mounts)",
+                    id,
+                    &target,
+                    Errno::EBUSY,
+                ));
+            }
+            match mounts::unmount(&t.real) {
+                // EINVAL: no longer a mount point; someone else unmounted it first.
+                Ok(()) | Err(Errno::EINVAL) => unmounted += 1,
+                Err(e) => return Err(Error::sys("unmount", id, &target, e)),
+            }
+        }
+        match safedir::remove_child(t.parent.as_fd(), &t.name) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            // Never delete data: a non-empty dir that is not a mount was written by someone else.
+            Err(Errno::ENOTEMPTY | Errno::EEXIST) => {
+                warn!(
+                    "volume {id}: target {} is not empty and not a mount; leaving it",
+                    target.display()
+                )
+            }
+            Err(Errno::ENOTDIR) => {
+                return Err(Error::bad_path(
+                    id,
+                    &target,
+                    "target is a symlink or a file, not a directory; left in place",
+                ))
+            }
+            Err(e) => return Err(Error::sys("remove target dir", id, &target, e)),
+        }
+        if unmounted > 0 {
+            info!("volume {id} unpublished from {}", target.display());
+        } else {
+            debug!("volume {id}: nothing mounted at {}", target.display());
+        }
+        if self.cfg.data_on_unpublish == DataOnUnpublish::Delete {
+            self.delete_data(id, Some(&guard))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes this node's copy of a volume unless it is in use (mounted anywhere, or another
+    /// call on the volume is under way). Returns whether the data is gone.
+    pub fn delete_data(&self, id: &str, holding: Option<&TargetGuard>) -> Result<bool> {
+        let Some(_whole) = self.inflight.lock_volume(id, holding) else {
+            debug!("volume {id}: busy; data kept for now");
+            return Ok(false);
+        };
+        let base = self.open_base(id)?;
+        let vol_path = base.real.join(id);
+        let table = self.mount_table(id, &vol_path)?;
+        let source = Self::bind_source(&table, &base.real, id)?;
+        if let Some(m) = mounts::uses_of(&table, &source).first() {
+            debug!("volume {id}: still mounted at {}; data kept", m.mount_point.display());
+            return Ok(false);
+        }
+        let started = Instant::now();
+        let existed = safedir::open_child(base.fd.as_fd(), OsStr::new(id)).is_ok();
+        safedir::remove_tree(base.fd.as_fd(), OsStr::new(id))
+            .map_err(|e| Error::sys("delete volume data", id, vol_path.join(&e.at), e.errno))?;
+        self.usage_cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        if existed {
+            metrics::CLEANUP_DURATION.observe(started.elapsed());
+            metrics::VOLUME_DELETE_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            info!(
+                "volume {id}: data deleted from {} in {:.1}ms",
+                vol_path.display(),
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        Ok(true)
+    }
+
+    pub fn stats(&self, req: &NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse> {
+        let id = req.volume_id.as_str();
+        volume::check_id(id)?;
+        let path = volume::check_target(id, "volume_path", &req.volume_path, &self.cfg.kubelet_dir)?;
+        let not_published = || Error::not_found(id, &path, "not a publish target of this volume");
+        let t = match self.open_target(id, &path) {
+            Err(Error::NotFound { .. }) => return Err(not_published()),
+            other => other?,
+        };
+        let table = self.mount_table(id, &path)?;
+        let source = Self::bind_source(&table, &self.base_real(id), id)?;
+        let binding = mounts::at(&table, &t.real).last().map(|m| source.classify(m));
+        let mut condition = VolumeCondition::new();
+        match binding {
+            None | Some(Binding::Foreign) => return Err(not_published()),
+            Some(Binding::OursDeleted) => {
+                condition.abnormal = true;
+                condition.message = format!(
+                    "volume {id}: the node's data dir was deleted while mounted at {}",
+                    path.display()
+                );
+            }
+            Some(Binding::Ours) => {
+                if self
+                    .open_base(id)
+                    .and_then(|b| {
+                        safedir::open_child(b.fd.as_fd(), OsStr::new(id)).map_err(|e| Error::sys("open", id, &path, e))
+                    })
+                    .is_err()
+                {
+                    condition.abnormal = true;
+                    condition.message = format!(
+                        "volume {id}: the node's data dir {} is missing",
+                        self.cfg.base_dir.join(id).display()
+                    );
+                }
+            }
+        }
+        let root =
+            safedir::open_child(t.parent.as_fd(), &t.name).map_err(|e| Error::sys("open volume path", id, &path, e))?;
+        let vfs = nix::sys::statvfs::fstatvfs(root.as_fd()).map_err(|e| Error::sys("statvfs", id, &path, e))?;
+        let used = self.usage(id, root, &path)?;
+        let frsize = vfs.fragment_size() as i64;
+        let mut bytes = VolumeUsage::new();
+        bytes.unit = Unit::BYTES.into();
+        bytes.total = vfs.blocks() as i64 * frsize;
+        bytes.available = vfs.blocks_available() as i64 * frsize;
+        bytes.used = used.bytes as i64;
+        let mut inodes = VolumeUsage::new();
+        inodes.unit = Unit::INODES.into();
+        inodes.total = vfs.files() as i64;
+        inodes.available = vfs.files_available() as i64;
+        inodes.used = used.inodes as i64;
+        let mut r = NodeGetVolumeStatsResponse::new();
+        r.usage = vec![bytes, inodes];
+        r.volume_condition = Some(condition).into();
+        Ok(r)
+    }
+
+    fn usage(&self, id: &str, root: OwnedFd, path: &Path) -> Result<Usage> {
+        let ttl = self.cfg.stats_cache_ttl;
+        if let Some((at, u)) = self.usage_cache.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            if at.elapsed() < ttl {
+                return Ok(*u);
+            }
+        }
+        let u = safedir::usage(root).map_err(|e| Error::sys("measure volume usage", id, path, e))?;
+        if !ttl.is_zero() {
+            self.usage_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.to_owned(), (Instant::now(), u));
+        }
+        Ok(u)
+    }
+
+    /// Volumes bind-mounted on this node now (the `active_volumes` gauge).
+    pub fn mounted_volumes(&self) -> u64 {
+        let (Ok(table), Ok(base)) = (mounts::read_table(), self.open_base("")) else {
+            return 0;
+        };
+        BindSource::of_dir(&table, &base.real).map_or(0, |s| mounts::volumes_mounted(&table, &s) as u64)
+    }
+}
+
+#[derive(Clone)]
+pub struct Node {
+    state: Arc<NodeState>,
+    rpc: Rpc,
+}
+
+impl Node {
+    pub fn new(state: Arc<NodeState>, rpc: Rpc) -> Node {
+        Node { state, rpc }
+    }
+
+    fn capabilities() -> NodeGetCapabilitiesResponse {
+        let mut r = NodeGetCapabilitiesResponse::new();
+        for t in [NodeRpc::GET_VOLUME_STATS, NodeRpc::VOLUME_CONDITION] {
+            let mut rpc = node_service_capability::RPC::new();
+            rpc.type_ = t.into();
+            let mut cap = NodeServiceCapability::new();
+            cap.set_rpc(rpc);
+            r.capabilities.push(cap);
+        }
+        r
+    }
+}
+
+impl grpc::Node for Node {
+    fn node_publish_volume(
+        &mut self,
+        _: RpcContext,
+        req: NodePublishVolumeRequest,
+        sink: UnarySink<NodePublishVolumeResponse>,
+    ) {
+        let state = self.state.clone();
+        let subject = req.volume_id.clone();
+        self.rpc.blocking("NodePublishVolume", &subject, req, sink, move |req| {
+            state.publish(&req).map(|()| NodePublishVolumeResponse::new())
+        });
+    }
+
+    fn node_unpublish_volume(
+        &mut self,
+        _: RpcContext,
+        req: NodeUnpublishVolumeRequest,
+        sink: UnarySink<NodeUnpublishVolumeResponse>,
+    ) {
+        let state = self.state.clone();
+        let subject = req.volume_id.clone();
+        self.rpc
+            .blocking("NodeUnpublishVolume", &subject, req, sink, move |req| {
+                state.unpublish(&req).map(|()| NodeUnpublishVolumeResponse::new())
+            });
+    }
+
+    fn node_get_volume_stats(
+        &mut self,
+        _: RpcContext,
+        req: NodeGetVolumeStatsRequest,
+        sink: UnarySink<NodeGetVolumeStatsResponse>,
+    ) {
+        let state = self.state.clone();
+        let subject = req.volume_id.clone();
+        self.rpc
+            .blocking("NodeGetVolumeStats", &subject, req, sink, move |req| state.stats(&req));
+    }
+
+    fn node_get_capabilities(
+        &mut self,
+        _: RpcContext,
+        req: NodeGetCapabilitiesRequest,
+        sink: UnarySink<NodeGetCapabilitiesResponse>,
+    ) {
+        self.rpc
+            .inline("NodeGetCapabilities", req, sink, |_| Ok(Node::capabilities()));
+    }
+
+    fn node_get_info(&mut self, _: RpcContext, req: NodeGetInfoRequest, sink: UnarySink<NodeGetInfoResponse>) {
+        let node_id = self.state.cfg.node_name.clone();
+        self.rpc.inline("NodeGetInfo", req, sink, |_| {
+            let mut r = NodeGetInfoResponse::new();
+            r.node_id = node_id;
+            Ok(r)
+        });
+    }
+}

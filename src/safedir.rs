@@ -1,0 +1,431 @@
+//! Directory work that never follows a symlink where a directory must be: everything happens
+//! relative to opened directory handles (`openat` with `O_NOFOLLOW`), so a path swapped for a
+//! symlink after it was checked is refused instead of followed.
+
+use std::ffi::{CStr, OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::dir::{Dir, Type};
+use nix::errno::Errno;
+use nix::fcntl::{openat, renameat2, OFlag, RenameFlags};
+use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, Mode};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY.union(OFlag::O_DIRECTORY).union(OFlag::O_CLOEXEC);
+
+/// Opens a directory. Symlinks in the leading components are followed (a node may link its
+/// kubelet dir elsewhere); a symlink as the last component is refused with ELOOP or ENOTDIR.
+pub fn open_dir(path: &Path) -> Result<OwnedFd, Errno> {
+    nix::fcntl::open(path, DIR_FLAGS | OFlag::O_NOFOLLOW, Mode::empty())
+}
+
+/// Opens a directory, following symlinks all the way (for the parent of a target).
+pub fn open_dir_following(path: &Path) -> Result<OwnedFd, Errno> {
+    nix::fcntl::open(path, DIR_FLAGS, Mode::empty())
+}
+
+/// Opens `name` inside `parent`, refusing a symlink.
+pub fn open_child(parent: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd, Errno> {
+    openat(parent, name, DIR_FLAGS | OFlag::O_NOFOLLOW, Mode::empty())
+}
+
+/// Opens `name` inside `parent`, creating it with exactly `mode` (umask aside) if it is missing.
+/// Returns the handle and whether this call created the directory.
+pub fn ensure_child(parent: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> Result<(OwnedFd, bool), Errno> {
+    let created = match mkdirat(parent, name, mode) {
+        Ok(()) => true,
+        Err(Errno::EEXIST) => false,
+        Err(e) => return Err(e),
+    };
+    match open_child(parent, name) {
+        Ok(fd) => {
+            if created {
+                if let Err(e) = fchmod(fd.as_fd(), mode) {
+                    drop(fd);
+                    let _ = unlinkat(parent, name, UnlinkatFlags::RemoveDir);
+                    return Err(e);
+                }
+            }
+            Ok((fd, created))
+        }
+        Err(e) => {
+            if created {
+                let _ = unlinkat(parent, name, UnlinkatFlags::RemoveDir);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Removes the empty directory `name` inside `parent`.
+pub fn remove_child(parent: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
+    unlinkat(parent, name, UnlinkatFlags::RemoveDir)
+}
+
+/// A path through which syscalls that take only paths (mount) reach an opened handle.
+pub fn fd_path(fd: BorrowedFd<'_>) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// The absolute, symlink-free path of an opened directory, as the kernel names it (and as
+/// mountinfo does).
+pub fn real_path(fd: BorrowedFd<'_>) -> Result<PathBuf, Errno> {
+    nix::fcntl::readlink(&fd_path(fd)).map(PathBuf::from)
+}
+
+/// Device and inode: the identity of what a handle refers to.
+pub fn identity(fd: BorrowedFd<'_>) -> Result<(u64, u64), Errno> {
+    let st = fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Bytes and inodes used below a directory, like `du -s --apparent-size`'s block count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
+/// Walks a tree without following symlinks or crossing into other filesystems. Subtrees deeper
+/// than `MAX_OPEN_LEVELS` are not counted (handles stay bounded).
+pub fn usage(root: OwnedFd) -> Result<Usage, Errno> {
+    let st = fstat(root.as_fd())?;
+    let dev = st.st_dev;
+    let mut total = Usage {
+        bytes: st.st_blocks as u64 * 512,
+        inodes: 1,
+    };
+    let mut levels = vec![(Dir::from_fd(root)?, Vec::<std::ffi::CString>::new(), false)];
+    while let Some((dir, subdirs, listed)) = levels.last_mut() {
+        if !*listed {
+            *listed = true;
+            let mut names = Vec::new();
+            for entry in dir.iter() {
+                let entry = entry?;
+                if !is_dot(entry.file_name()) {
+                    names.push(entry.file_name().to_owned());
+                }
+            }
+            for name in names {
+                let st = match fstatat(dir.as_fd(), name.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    Ok(st) => st,
+                    // Deleted while we walked: a cache changes under us; count what is there.
+                    Err(Errno::ENOENT) => continue,
+                    Err(e) => return Err(e),
+                };
+                total.inodes += 1;
+                total.bytes += st.st_blocks as u64 * 512;
+                if st.st_mode & libc_s_ifmt() == libc_s_ifdir() && st.st_dev == dev {
+                    subdirs.push(name);
+                }
+            }
+        }
+        let Some(name) = subdirs.pop() else {
+            levels.pop();
+            continue;
+        };
+        let fd = match openat(
+            dir.as_fd(),
+            name.as_c_str(),
+            DIR_FLAGS | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => continue,
+            Err(e) => return Err(e),
+        };
+        if levels.len() < MAX_OPEN_LEVELS * 4 {
+            levels.push((Dir::from_fd(fd)?, Vec::new(), false));
+        }
+    }
+    Ok(total)
+}
+
+fn libc_s_ifmt() -> u32 {
+    nix::sys::stat::SFlag::S_IFMT.bits()
+}
+
+fn libc_s_ifdir() -> u32 {
+    nix::sys::stat::SFlag::S_IFDIR.bits()
+}
+
+fn is_dot(name: &CStr) -> bool {
+    matches!(name.to_bytes(), b"." | b"..")
+}
+
+/// Why a tree could not be removed completely.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoveError {
+    pub errno: Errno,
+    /// Path of the entry that failed, relative to the tree's root.
+    pub at: PathBuf,
+}
+
+/// Deletes `name` inside `parent` and everything below it. Never follows a symlink (a link is
+/// removed, not its target) and never descends into another filesystem: a mount inside the
+/// tree fails the removal with EXDEV and is left alone.
+pub fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr) -> Result<(), RemoveError> {
+    let top = Path::new(name);
+    let root = match open_child(parent, name) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => {
+            return Err(RemoveError {
+                errno: e,
+                at: top.to_owned(),
+            })
+        }
+    };
+    remove_contents(root, top)?;
+    match unlinkat(parent, name, UnlinkatFlags::RemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(RemoveError {
+            errno: e,
+            at: top.to_owned(),
+        }),
+    }
+}
+
+/// Open directory levels kept at once; deeper subtrees are moved up to the root first, so any
+/// depth is removed with bounded handles and no recursion.
+const MAX_OPEN_LEVELS: usize = 64;
+/// Re-reads of one directory that found entries left over before giving up with ENOTEMPTY.
+const MAX_REFILLS: u32 = 8;
+
+struct Level {
+    dir: Dir,
+    name: OsString,
+    at: PathBuf,
+    pending: Vec<(OsString, Option<Type>)>,
+    refills: u32,
+}
+
+impl Level {
+    fn open(fd: OwnedFd, name: OsString, at: PathBuf) -> Result<Level, RemoveError> {
+        let dir = Dir::from_fd(fd).map_err(|errno| RemoveError { errno, at: at.clone() })?;
+        Ok(Level {
+            dir,
+            name,
+            at,
+            pending: Vec::new(),
+            refills: 0,
+        })
+    }
+
+    /// Reads the directory again; false when it is empty.
+    fn refill(&mut self) -> Result<bool, RemoveError> {
+        if self.refills == MAX_REFILLS {
+            return Err(RemoveError {
+                errno: Errno::ENOTEMPTY,
+                at: self.at.clone(),
+            });
+        }
+        self.refills += 1;
+        // A fresh handle on the same directory reads it from the start.
+        let again = openat(self.dir.as_fd(), ".", DIR_FLAGS, Mode::empty()).and_then(Dir::from_fd);
+        self.dir = again.map_err(|errno| RemoveError {
+            errno,
+            at: self.at.clone(),
+        })?;
+        for entry in self.dir.iter() {
+            let entry = entry.map_err(|errno| RemoveError {
+                errno,
+                at: self.at.clone(),
+            })?;
+            if !is_dot(entry.file_name()) {
+                self.pending.push((
+                    OsStr::from_bytes(entry.file_name().to_bytes()).to_owned(),
+                    entry.file_type(),
+                ));
+            }
+        }
+        Ok(!self.pending.is_empty())
+    }
+}
+
+/// Empties the directory behind `root`.
+fn remove_contents(root: OwnedFd, at: &Path) -> Result<(), RemoveError> {
+    let fail = |errno, at: &Path| RemoveError {
+        errno,
+        at: at.to_owned(),
+    };
+    let dev = fstat(root.as_fd()).map_err(|e| fail(e, at))?.st_dev;
+    let mut levels = vec![Level::open(root, OsString::new(), at.to_owned())?];
+    let mut moved = 0u64;
+    while let Some(level) = levels.last_mut() {
+        let Some((name, kind)) = level.pending.pop() else {
+            if level.refill()? {
+                continue;
+            }
+            let done = levels.pop().expect("non-empty");
+            let Some(parent) = levels.last() else { return Ok(()) };
+            match unlinkat(parent.dir.as_fd(), done.name.as_os_str(), UnlinkatFlags::RemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(fail(e, &done.at)),
+            }
+        };
+        let child_at = level.at.join(&name);
+        let is_dir = match kind {
+            Some(Type::Directory) => true,
+            Some(_) => false,
+            None => match fstatat(
+                level.dir.as_fd(),
+                name.as_os_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                Ok(st) => st.st_mode & libc_s_ifmt() == libc_s_ifdir(),
+                Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(fail(e, &child_at)),
+            },
+        };
+        if !is_dir {
+            match unlinkat(level.dir.as_fd(), name.as_os_str(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => continue,
+                // Replaced by a directory since the listing was read.
+                Err(Errno::EISDIR) => {}
+                Err(e) => return Err(fail(e, &child_at)),
+            }
+        }
+        let child = match open_child(level.dir.as_fd(), &name) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => continue,
+            // Swapped for a symlink or a file since the listing was read: unlink that instead.
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                match unlinkat(level.dir.as_fd(), name.as_os_str(), UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => continue,
+                    Err(e) => return Err(fail(e, &child_at)),
+                }
+            }
+            Err(e) => return Err(fail(e, &child_at)),
+        };
+        if fstat(child.as_fd()).map_err(|e| fail(e, &child_at))?.st_dev != dev {
+            return Err(fail(Errno::EXDEV, &child_at));
+        }
+        if levels.len() < MAX_OPEN_LEVELS {
+            levels.push(Level::open(child, name, child_at)?);
+            continue;
+        }
+        // Too deep: move the subtree up to the root and take it from there later.
+        drop(child);
+        moved += 1;
+        let parent_fd = levels[levels.len() - 1].dir.as_fd();
+        let root_fd = levels[0].dir.as_fd();
+        loop {
+            moved += 1;
+            let new_name = OsString::from(format!(".nlc-deep-{moved}"));
+            match renameat2(
+                parent_fd,
+                name.as_os_str(),
+                root_fd,
+                new_name.as_os_str(),
+                RenameFlags::RENAME_NOREPLACE,
+            ) {
+                Ok(()) => break,
+                Err(Errno::EEXIST) => continue,
+                Err(e) => return Err(fail(e, &child_at)),
+            }
+        }
+        levels[0].refills = 0;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nlc-safedir-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn open_refuses_symlinked_last_component_only() {
+        let d = tmp("open");
+        fs::create_dir(d.join("real")).unwrap();
+        symlink(d.join("real"), d.join("link")).unwrap();
+        assert!(matches!(open_dir(&d.join("link")), Err(Errno::ELOOP | Errno::ENOTDIR)));
+        // A symlinked parent is fine.
+        fs::create_dir(d.join("real/inner")).unwrap();
+        open_dir(&d.join("link/inner")).unwrap();
+        let parent = open_dir(&d).unwrap();
+        assert!(matches!(
+            open_child(parent.as_fd(), OsStr::new("link")),
+            Err(Errno::ELOOP | Errno::ENOTDIR)
+        ));
+        assert_eq!(
+            real_path(open_dir(&d.join("link/inner")).unwrap().as_fd()).unwrap(),
+            d.join("real/inner")
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn ensure_child_creates_with_mode_and_is_idempotent() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tmp("ensure");
+        let parent = open_dir(&d).unwrap();
+        let (_, created) = ensure_child(parent.as_fd(), OsStr::new("v"), Mode::from_bits_truncate(0o777)).unwrap();
+        assert!(created);
+        assert_eq!(fs::metadata(d.join("v")).unwrap().permissions().mode() & 0o777, 0o777);
+        let (_, created) = ensure_child(parent.as_fd(), OsStr::new("v"), Mode::from_bits_truncate(0o777)).unwrap();
+        assert!(!created);
+        symlink("/etc", d.join("evil")).unwrap();
+        assert!(ensure_child(parent.as_fd(), OsStr::new("evil"), Mode::from_bits_truncate(0o777)).is_err());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn remove_tree_keeps_symlink_targets() {
+        let d = tmp("remove");
+        let outside = d.join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("precious"), b"keep").unwrap();
+        let vol = d.join("vol");
+        fs::create_dir_all(vol.join("a/b/c")).unwrap();
+        fs::write(vol.join("a/b/c/f"), b"x").unwrap();
+        fs::write(vol.join("top"), b"y").unwrap();
+        symlink(&outside, vol.join("a/link-dir")).unwrap();
+        symlink(outside.join("precious"), vol.join("link-file")).unwrap();
+        let parent = open_dir(&d).unwrap();
+        remove_tree(parent.as_fd(), OsStr::new("vol")).unwrap();
+        assert!(!vol.exists());
+        assert_eq!(fs::read(outside.join("precious")).unwrap(), b"keep");
+        // Already gone: nothing to do.
+        remove_tree(parent.as_fd(), OsStr::new("vol")).unwrap();
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn remove_tree_handles_any_depth() {
+        let d = tmp("deep");
+        let mut p = d.join("vol");
+        for _ in 0..300 {
+            p = p.join("d");
+        }
+        fs::create_dir_all(&p).unwrap();
+        fs::write(p.join("leaf"), b"x").unwrap();
+        let parent = open_dir(&d).unwrap();
+        remove_tree(parent.as_fd(), OsStr::new("vol")).unwrap();
+        assert!(!d.join("vol").exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn usage_counts_without_following_links() {
+        let d = tmp("usage");
+        fs::create_dir_all(d.join("v/sub")).unwrap();
+        fs::write(d.join("v/sub/f"), vec![1u8; 8192]).unwrap();
+        symlink("/usr", d.join("v/link")).unwrap();
+        let u = usage(open_dir(&d.join("v")).unwrap()).unwrap();
+        assert_eq!(u.inodes, 4);
+        assert!(u.bytes >= 8192, "{u:?}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,459 @@
+//! grpcio wiring: the Unix socket, the worker pool that runs blocking work off grpcio's poll
+//! threads, the per-RPC bookkeeping (request id, log line, status) and graceful shutdown.
+
+use std::future::Future;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Wake};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, TrySendError};
+use grpcio::{Environment, RpcStatusCode, UnarySink};
+use log::{debug, info, log, log_enabled, warn, Level};
+use protobuf::MessageFull;
+
+use crate::error::{Error, Result};
+use crate::logging::RequestScope;
+use crate::metrics;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Counts jobs queued or running, so shutdown can wait for them.
+#[derive(Default)]
+struct Busy {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl Busy {
+    fn add(&self, n: isize) {
+        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        *c = c.saturating_add_signed(n);
+        if *c == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    fn wait_idle(&self, timeout: Duration) -> bool {
+        let c = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        let (c, _) = self
+            .idle
+            .wait_timeout_while(c, timeout, |c| *c > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *c == 0
+    }
+}
+
+/// Threads fed by a bounded channel. A job that panics is contained to itself: the thread
+/// survives and the call gets INTERNAL (the sink's drop cancels it).
+struct Pool {
+    tx: Sender<Job>,
+    busy: Arc<Busy>,
+}
+
+impl Pool {
+    fn new(name: &str, threads: usize, queue: usize) -> Pool {
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(queue);
+        let busy = Arc::new(Busy::default());
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            let busy = busy.clone();
+            thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                            log::error!("a worker job panicked; the call was cancelled");
+                        }
+                        busy.add(-1);
+                    }
+                })
+                .expect("spawn worker thread");
+        }
+        Pool { tx, busy }
+    }
+
+    fn submit(&self, job: Job) -> std::result::Result<(), Job> {
+        self.busy.add(1);
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                self.busy.add(-1);
+                Err(job)
+            }
+        }
+    }
+}
+
+/// What every service handler uses to answer: inline for cheap calls, on the pool for anything
+/// that touches mounts, the disk or the network.
+#[derive(Clone)]
+pub struct Rpc {
+    pool: Arc<Pool>,
+    next_id: Arc<AtomicU64>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Rpc {
+    pub fn new(workers: usize, queue_depth: usize) -> Rpc {
+        Rpc {
+            pool: Arc::new(Pool::new("worker", workers, queue_depth)),
+            next_id: Arc::new(AtomicU64::new(1)),
+            stopping: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn begin<Req: MessageFull>(&self, method: &'static str, req: &Req) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if log_enabled!(Level::Debug) {
+            let _scope = RequestScope::enter(id);
+            debug!("{method} request: {}", redacted(req));
+        }
+        id
+    }
+
+    /// Answers on the calling (poll) thread. Only for work that cannot block.
+    pub fn inline<Req: MessageFull, Resp>(
+        &self,
+        method: &'static str,
+        req: Req,
+        sink: UnarySink<Resp>,
+        f: impl FnOnce(Req) -> Result<Resp>,
+    ) {
+        let started = Instant::now();
+        let id = self.begin(method, &req);
+        let _scope = RequestScope::enter(id);
+        finish(method, started, sink, f(req));
+    }
+
+    /// Answers from a worker thread; the poll thread returns at once. `volume` names the
+    /// volume in the refusal sent when the queue is full.
+    pub fn blocking<Req: MessageFull, Resp: Send + 'static>(
+        &self,
+        method: &'static str,
+        volume: &str,
+        req: Req,
+        sink: UnarySink<Resp>,
+        f: impl FnOnce(Req) -> Result<Resp> + Send + 'static,
+    ) {
+        let started = Instant::now();
+        let id = self.begin(method, &req);
+        let refuse = |sink, e| {
+            let _scope = RequestScope::enter(id);
+            finish(method, started, sink, Err(e));
+        };
+        if self.stopping.load(Ordering::SeqCst) {
+            return refuse(sink, Error::ShuttingDown);
+        }
+        // The sink waits in a slot the job takes it from, so a refused job hands it back.
+        let slot = Arc::new(Mutex::new(Some((req, sink))));
+        let job_slot = slot.clone();
+        let job: Job = Box::new(move || {
+            let taken = job_slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((req, sink)) = taken {
+                let _scope = RequestScope::enter(id);
+                finish(method, started, sink, f(req));
+            }
+        });
+        if self.pool.submit(job).is_err() {
+            let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((_, sink)) = taken {
+                let reason = "all workers busy and the queue is full; retry".to_owned();
+                refuse(
+                    sink,
+                    Error::Unavailable {
+                        volume: volume.to_owned(),
+                        reason,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Runs background work (not an RPC) on the pool; false when the queue is full.
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> bool {
+        self.pool.submit(Box::new(f)).is_ok()
+    }
+
+    fn stop_accepting(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    fn wait_idle(&self, timeout: Duration) -> bool {
+        self.pool.busy.wait_idle(timeout)
+    }
+}
+
+/// Calls that kubelet and the probes make every few seconds: logged at debug when they succeed.
+fn routine(method: &str) -> bool {
+    matches!(
+        method,
+        "Probe"
+            | "GetPluginInfo"
+            | "GetPluginCapabilities"
+            | "NodeGetCapabilities"
+            | "NodeGetInfo"
+            | "NodeGetVolumeStats"
+            | "ControllerGetCapabilities"
+    )
+}
+
+fn finish<Resp>(method: &'static str, started: Instant, sink: UnarySink<Resp>, result: Result<Resp>) {
+    let elapsed = started.elapsed();
+    let ms = elapsed.as_secs_f64() * 1e3;
+    let sent = match result {
+        Ok(resp) => {
+            metrics::record_rpc(method, RpcStatusCode::OK, elapsed);
+            let level = if routine(method) { Level::Debug } else { Level::Info };
+            log!(level, "{method} OK in {ms:.2}ms");
+            sink.success(resp)
+        }
+        Err(e) => {
+            let status = e.to_status();
+            metrics::record_rpc(method, status.code(), elapsed);
+            warn!("{method} {:?} in {ms:.2}ms: {e}", status.code());
+            sink.fail(status)
+        }
+    };
+    reaper().keep(Box::pin(async move {
+        if let Err(e) = sent.await {
+            debug!("{method}: reply not delivered: {e}");
+        }
+    }));
+}
+
+enum Reap {
+    Keep(Pin<Box<dyn Future<Output = ()> + Send>>),
+    Wake,
+}
+
+/// Holds each reply's future until gRPC reports it delivered. Dropping it earlier releases the
+/// last reference to the call, and the C core cancels a call released before it completes: the
+/// client would see CANCELLED instead of the answer.
+struct Reaper {
+    tx: Sender<Reap>,
+}
+
+struct ReapWaker(Sender<Reap>);
+
+impl Wake for ReapWaker {
+    fn wake(self: Arc<Self>) {
+        let _ = self.0.send(Reap::Wake);
+    }
+}
+
+impl Reaper {
+    fn start() -> Reaper {
+        let (tx, rx) = crossbeam_channel::unbounded::<Reap>();
+        let waker: std::task::Waker = Arc::new(ReapWaker(tx.clone())).into();
+        thread::Builder::new()
+            .name("grpc-reaper".into())
+            .spawn(move || {
+                let mut pending: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
+                let mut cx = Context::from_waker(&waker);
+                while let Ok(first) = rx.recv() {
+                    for msg in std::iter::once(first).chain(rx.try_iter()) {
+                        if let Reap::Keep(f) = msg {
+                            pending.push(f);
+                        }
+                    }
+                    pending.retain_mut(|f| f.as_mut().poll(&mut cx).is_pending());
+                }
+            })
+            .expect("spawn reaper thread");
+        Reaper { tx }
+    }
+
+    fn keep(&self, f: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        let _ = self.tx.send(Reap::Keep(f));
+    }
+}
+
+fn reaper() -> &'static Reaper {
+    static REAPER: std::sync::OnceLock<Reaper> = std::sync::OnceLock::new();
+    REAPER.get_or_init(Reaper::start)
+}
+
+/// The request as text with every `secrets` map emptied.
+fn redacted<M: MessageFull>(req: &M) -> String {
+    let mut copy = req.clone();
+    if let Some(field) = M::descriptor().field_by_name("secrets") {
+        field.clear_field(&mut copy);
+    }
+    protobuf::text_format::print_to_string(&copy)
+}
+
+/// `unix:///path`, `unix:/path` or a plain path.
+pub fn socket_path(arg: &str) -> PathBuf {
+    let p = arg
+        .strip_prefix("unix://")
+        .or_else(|| arg.strip_prefix("unix:"))
+        .unwrap_or(arg);
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_owned())
+    }
+}
+
+/// Creates the socket's directory and removes a stale socket; refuses to take over a socket
+/// that another process still serves, or a path that is not a socket.
+pub fn prepare_socket(path: &Path) -> std::result::Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create socket dir {}: {e}", dir.display()))?;
+    }
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("socket {}: {e}", path.display())),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(format!(
+            "socket {}: exists and is not a socket; refusing to replace it",
+            path.display()
+        ));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(format!("socket {}: another process is serving on it", path.display()));
+    }
+    info!("removing stale socket {}", path.display());
+    std::fs::remove_file(path).map_err(|e| format!("remove stale socket {}: {e}", path.display()))
+}
+
+pub struct Running {
+    server: grpcio::Server,
+    rpc: Rpc,
+    socket: PathBuf,
+    _env: Arc<Environment>,
+}
+
+pub fn start(socket: &Path, services: Vec<grpcio::Service>, rpc: Rpc) -> std::result::Result<Running, String> {
+    prepare_socket(socket)?;
+    // One completion queue: handlers only validate and hand off, so one poll thread keeps up.
+    let env = Arc::new(grpcio::EnvBuilder::new().cq_count(1).name_prefix("grpc-poll").build());
+    let mut builder = grpcio::ServerBuilder::new(env.clone());
+    for s in services {
+        builder = builder.register_service(s);
+    }
+    let mut server = builder.build().map_err(|e| format!("build gRPC server: {e}"))?;
+    let addr = format!("unix:{}", socket.display());
+    server
+        .add_listening_port(addr.clone(), grpcio::ServerCredentials::insecure())
+        .map_err(|e| format!("listen on {addr}: {e}"))?;
+    server.start();
+    Ok(Running {
+        server,
+        rpc,
+        socket: socket.to_owned(),
+        _env: env,
+    })
+}
+
+impl Running {
+    /// Stops taking calls, lets those in flight finish within `timeout`, removes the socket.
+    pub fn stop(mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        self.rpc.stop_accepting();
+        let drained = block_on_timeout(self.server.shutdown(), timeout).is_some();
+        if !drained {
+            warn!("calls still in flight after {timeout:?}; cancelling them");
+            self.server.cancel_all_calls();
+        }
+        if !self.rpc.wait_idle(deadline.saturating_duration_since(Instant::now())) {
+            warn!("worker jobs still running at exit");
+        }
+        if let Err(e) = std::fs::remove_file(&self.socket) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!("remove socket {}: {e}", self.socket.display());
+            }
+        }
+        info!("stopped");
+    }
+}
+
+struct ThreadWaker(thread::Thread);
+
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Polls a future on this thread until it is ready or `timeout` passes.
+pub fn block_on_timeout<F: Future>(fut: F, timeout: Duration) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let waker = Arc::new(ThreadWaker(thread::current())).into();
+    let mut cx = Context::from_waker(&waker);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return Some(v);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        thread::park_timeout(left);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths() {
+        assert_eq!(socket_path("unix:///csi/csi.sock"), Path::new("/csi/csi.sock"));
+        assert_eq!(socket_path("unix:/csi/csi.sock"), Path::new("/csi/csi.sock"));
+        assert_eq!(socket_path("/csi/csi.sock"), Path::new("/csi/csi.sock"));
+        assert!(socket_path("rel.sock").is_absolute());
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_live_one_refused() {
+        let dir = std::env::temp_dir().join(format!("nlc-sock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("sub/csi.sock");
+        prepare_socket(&path).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(prepare_socket(&path).unwrap_err().contains("another process"));
+        drop(listener);
+        prepare_socket(&path).unwrap();
+        assert!(!path.exists());
+        std::fs::write(&path, b"not a socket").unwrap();
+        assert!(prepare_socket(&path).unwrap_err().contains("not a socket"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pool_contains_panics_and_drains() {
+        let pool = Pool::new("t", 2, 4);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        pool.submit(Box::new(|| panic!("boom"))).ok().unwrap();
+        for i in 0..3 {
+            let tx = tx.clone();
+            pool.submit(Box::new(move || tx.send(i).unwrap())).ok().unwrap();
+        }
+        assert!(pool.busy.wait_idle(Duration::from_secs(5)));
+        let mut got: Vec<i32> = rx.try_iter().collect();
+        got.sort();
+        assert_eq!(got, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn block_on_times_out_on_a_pending_future() {
+        assert_eq!(
+            block_on_timeout(std::future::pending::<()>(), Duration::from_millis(10)),
+            None
+        );
+        assert_eq!(block_on_timeout(async { 7 }, Duration::from_millis(10)), Some(7));
+    }
+}

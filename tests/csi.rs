@@ -1,0 +1,704 @@
+//! End-to-end: the real binary on a temporary socket, every RPC over that socket with grpcio,
+//! real bind mounts in a temporary tree, and the mount table checked after each test.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use grpcio::RpcStatusCode;
+use node_local_cache::proto::csi;
+use node_local_cache::proto::csi::volume_capability::access_mode::Mode;
+
+#[test]
+fn identity_answers_in_both_modes() {
+    let tree = Tree::new("identity");
+    let ctl = Driver::controller(&tree, &[]);
+    let node = Driver::node(&tree, "node-a", &[]);
+    for d in [&ctl, &node] {
+        for _ in 0..2 {
+            let info = d.identity().get_plugin_info(&csi::GetPluginInfoRequest::new()).unwrap();
+            assert_eq!(info.name, "node-local-cache.csi.io");
+            assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+            let caps = d
+                .identity()
+                .get_plugin_capabilities(&csi::GetPluginCapabilitiesRequest::new())
+                .unwrap();
+            assert_eq!(caps.capabilities.len(), 1);
+            assert_eq!(
+                caps.capabilities[0].service().type_.enum_value(),
+                Ok(csi::plugin_capability::service::Type::CONTROLLER_SERVICE)
+            );
+            let probe = d.identity().probe(&csi::ProbeRequest::new()).unwrap();
+            assert!(probe.ready.value, "not ready");
+        }
+    }
+    tree.assert_no_mounts();
+}
+
+#[test]
+fn probe_is_not_ready_with_a_symlinked_base_dir() {
+    let tree = Tree::new("probe-symlink");
+    let real = tree.root.join("real-base");
+    fs::create_dir(&real).unwrap();
+    let link = tree.root.join("linked-base");
+    symlink(&real, &link).unwrap();
+    let node = Driver::start(
+        &tree,
+        "node-a",
+        &[
+            "--mode=node".into(),
+            "--node-name=node-a".into(),
+            format!("--base-dir={}", link.display()),
+            format!("--kubelet-dir={}", tree.kubelet().display()),
+        ],
+    );
+    let probe = node.identity().probe(&csi::ProbeRequest::new()).unwrap();
+    assert!(!probe.ready.value);
+    let vol = volume_id("pvc-symlinked-base");
+    let target = tree.target("pod1");
+    let (c, msg) = code(
+        node.node_client()
+            .node_publish_volume(&publish_req(&vol, &target, false)),
+    );
+    assert_eq!(c, RpcStatusCode::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains(&vol) && msg.contains(link.to_str().unwrap()), "{msg}");
+    assert!(
+        fs::read_dir(&real).unwrap().next().is_none(),
+        "nothing may be created through the link"
+    );
+    assert!(!target.exists());
+    tree.assert_no_mounts();
+}
+
+#[test]
+fn controller_creates_deletes_and_validates() {
+    let tree = Tree::new("controller");
+    let d = Driver::controller(&tree, &[]);
+    let c = d.controller_client();
+
+    let created = c.create_volume_opt(&create_req("pvc-1", 1 << 30), opt()).unwrap();
+    let v = created.volume.unwrap();
+    assert_eq!(v.volume_id, volume_id("pvc-1"));
+    assert!(v.volume_id.starts_with("nlc-") && v.volume_id.len() == 40);
+    assert_eq!(v.capacity_bytes, 1 << 30);
+    assert!(v.accessible_topology.is_empty(), "volumes must have no topology");
+    // Same name, compatible: same volume.
+    let again = c.create_volume(&create_req("pvc-1", 1 << 30)).unwrap();
+    assert_eq!(again.volume.volume_id, v.volume_id);
+    // Same name, larger than what exists: ALREADY_EXISTS.
+    let (code1, msg) = code(c.create_volume(&create_req("pvc-1", 2 << 30)));
+    assert_eq!(code1, RpcStatusCode::ALREADY_EXISTS);
+    assert!(msg.contains(&v.volume_id), "{msg}");
+
+    let mut no_name = create_req("", 0);
+    no_name.name.clear();
+    assert_eq!(code(c.create_volume(&no_name)).0, RpcStatusCode::INVALID_ARGUMENT);
+    let mut no_caps = create_req("pvc-2", 0);
+    no_caps.volume_capabilities.clear();
+    assert_eq!(code(c.create_volume(&no_caps)).0, RpcStatusCode::INVALID_ARGUMENT);
+    let mut block = create_req("pvc-3", 0);
+    block.volume_capabilities[0].set_block(Default::default());
+    assert_eq!(code(c.create_volume(&block)).0, RpcStatusCode::INVALID_ARGUMENT);
+    let mut mode = create_req("pvc-4", 0);
+    mode.volume_capabilities[0] = mount_cap(Mode::UNKNOWN, &[]);
+    assert_eq!(code(c.create_volume(&mode)).0, RpcStatusCode::INVALID_ARGUMENT);
+    let mut param = create_req("pvc-5", 0);
+    param.parameters.insert("color".into(), "blue".into());
+    assert_eq!(code(c.create_volume(&param)).0, RpcStatusCode::INVALID_ARGUMENT);
+    let mut provisioner_param = create_req("pvc-6", 0);
+    provisioner_param
+        .parameters
+        .insert("csi.storage.k8s.io/pvc/name".into(), "x".into());
+    c.create_volume(&provisioner_param).unwrap();
+    let mut bad_range = create_req("pvc-7", 10);
+    bad_range.capacity_range.as_mut().unwrap().limit_bytes = 5;
+    assert_eq!(code(c.create_volume(&bad_range)).0, RpcStatusCode::OUT_OF_RANGE);
+
+    let mut validate = csi::ValidateVolumeCapabilitiesRequest::new();
+    validate.volume_id = v.volume_id.clone();
+    validate.volume_capabilities.push(rw_cap());
+    for _ in 0..2 {
+        let r = c.validate_volume_capabilities(&validate).unwrap();
+        assert_eq!(r.confirmed.volume_capabilities.len(), 1, "{}", r.message);
+    }
+    validate.volume_capabilities[0].set_block(Default::default());
+    let r = c.validate_volume_capabilities(&validate).unwrap();
+    assert!(r.confirmed.is_none() && r.message.contains("block"), "{}", r.message);
+    validate.volume_id = "pvc-not-ours".into();
+    assert_eq!(
+        code(c.validate_volume_capabilities(&validate)).0,
+        RpcStatusCode::NOT_FOUND
+    );
+    validate.volume_id = v.volume_id.clone();
+    validate.volume_capabilities.clear();
+    assert_eq!(
+        code(c.validate_volume_capabilities(&validate)).0,
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+
+    for _ in 0..2 {
+        let caps = c
+            .controller_get_capabilities(&csi::ControllerGetCapabilitiesRequest::new())
+            .unwrap();
+        let types: Vec<_> = caps
+            .capabilities
+            .iter()
+            .map(|c| c.rpc().type_.enum_value().unwrap())
+            .collect();
+        assert_eq!(
+            types,
+            vec![csi::controller_service_capability::rpc::Type::CREATE_DELETE_VOLUME]
+        );
+    }
+
+    let mut del = csi::DeleteVolumeRequest::new();
+    assert_eq!(code(c.delete_volume(&del)).0, RpcStatusCode::INVALID_ARGUMENT);
+    del.volume_id = v.volume_id.clone();
+    c.delete_volume(&del).unwrap();
+    c.delete_volume(&del).unwrap();
+    del.volume_id = "something-else".into();
+    c.delete_volume(&del).unwrap();
+    // After deletion the name may be created again with another capacity.
+    assert_eq!(
+        c.create_volume(&create_req("pvc-1", 2 << 30))
+            .unwrap()
+            .volume
+            .capacity_bytes,
+        2 << 30
+    );
+
+    assert_eq!(
+        code(c.list_volumes(&csi::ListVolumesRequest::new())).0,
+        RpcStatusCode::UNIMPLEMENTED
+    );
+    assert_eq!(
+        code(c.controller_publish_volume(&csi::ControllerPublishVolumeRequest::new())).0,
+        RpcStatusCode::UNIMPLEMENTED
+    );
+    assert_eq!(
+        code(c.get_capacity(&csi::GetCapacityRequest::new())).0,
+        RpcStatusCode::UNIMPLEMENTED
+    );
+    tree.assert_no_mounts();
+}
+
+#[test]
+fn publish_unpublish_round_trip_is_idempotent_and_keeps_data() {
+    let tree = Tree::new("roundtrip");
+    let d = Driver::node(&tree, "node-a", &[]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-roundtrip");
+    let target = tree.target("pod1");
+
+    for _ in 0..2 {
+        n.node_publish_volume_opt(&publish_req(&vol, &target, false), opt())
+            .unwrap();
+        assert_eq!(mounted_at(&target), 1, "exactly one mount at the target");
+    }
+    fs::write(target.join("hello"), b"cached").unwrap();
+    assert_eq!(fs::read(tree.base().join(&vol).join("hello")).unwrap(), b"cached");
+
+    for _ in 0..2 {
+        let info = n.node_get_info(&csi::NodeGetInfoRequest::new()).unwrap();
+        assert_eq!(info.node_id, "node-a");
+        assert!(info.accessible_topology.is_none());
+        let caps = n
+            .node_get_capabilities(&csi::NodeGetCapabilitiesRequest::new())
+            .unwrap();
+        let types: Vec<_> = caps
+            .capabilities
+            .iter()
+            .map(|c| c.rpc().type_.enum_value().unwrap())
+            .collect();
+        use csi::node_service_capability::rpc::Type;
+        assert_eq!(types, vec![Type::GET_VOLUME_STATS, Type::VOLUME_CONDITION]);
+    }
+
+    for _ in 0..2 {
+        n.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
+        assert_eq!(mounted_at(&target), 0);
+        assert!(!target.exists(), "the target dir is removed");
+    }
+    // The node's copy survives for the next pod.
+    let target2 = tree.target("pod2");
+    n.node_publish_volume(&publish_req(&vol, &target2, false)).unwrap();
+    assert_eq!(fs::read(target2.join("hello")).unwrap(), b"cached");
+    n.node_unpublish_volume(&unpublish_req(&vol, &target2)).unwrap();
+
+    assert_eq!(
+        code(n.node_stage_volume(&csi::NodeStageVolumeRequest::new())).0,
+        RpcStatusCode::UNIMPLEMENTED
+    );
+    assert_eq!(
+        code(n.node_expand_volume(&csi::NodeExpandVolumeRequest::new())).0,
+        RpcStatusCode::UNIMPLEMENTED
+    );
+    tree.assert_no_mounts();
+}
+
+#[test]
+fn read_only_publish_refuses_writes() {
+    let tree = Tree::new("readonly");
+    let d = Driver::node(&tree, "node-a", &[]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-ro");
+    let rw = tree.target("writer");
+    n.node_publish_volume(&publish_req(&vol, &rw, false)).unwrap();
+    fs::write(rw.join("data"), b"x").unwrap();
+
+    let ro = tree.target("reader");
+    for _ in 0..2 {
+        n.node_publish_volume(&publish_req(&vol, &ro, true)).unwrap();
+    }
+    assert_eq!(fs::read(ro.join("data")).unwrap(), b"x");
+    let err = fs::write(ro.join("new"), b"y").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EROFS), "{err}");
+    // The read-write publish is unaffected by the read-only remount of the other bind.
+    fs::write(rw.join("still-writable"), b"z").unwrap();
+    // Same target, other flags: ALREADY_EXISTS.
+    let (c, msg) = code(n.node_publish_volume(&publish_req(&vol, &ro, false)));
+    assert_eq!(c, RpcStatusCode::ALREADY_EXISTS);
+    assert!(msg.contains(&vol) && msg.contains(ro.to_str().unwrap()), "{msg}");
+    // Read-only through the access mode and a mount flag too.
+    let ro2 = tree.target("reader2");
+    let mut req = publish_req(&vol, &ro2, false);
+    req.volume_capability = Some(mount_cap(Mode::MULTI_NODE_READER_ONLY, &["noexec"])).into();
+    n.node_publish_volume(&req).unwrap();
+    assert_eq!(
+        fs::write(ro2.join("new"), b"y").unwrap_err().raw_os_error(),
+        Some(nix::libc::EROFS)
+    );
+    let entry = tree.mounts().into_iter().find(|m| m.mount_point == ro2).unwrap();
+    assert!(entry.read_only() && entry.has_option("noexec"), "{}", entry.options);
+
+    for t in [&rw, &ro, &ro2] {
+        n.node_unpublish_volume(&unpublish_req(&vol, t)).unwrap();
+    }
+    tree.assert_no_mounts();
+}
+
+#[test]
+fn bad_input_gets_exact_codes_and_names_volume_and_path() {
+    let tree = Tree::new("badinput");
+    let d = Driver::node(&tree, "node-a", &[]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-bad");
+    let target = tree.target("pod1");
+    let t = target.to_str().unwrap();
+
+    let cases: Vec<(&str, csi::NodePublishVolumeRequest, RpcStatusCode)> = vec![
+        (
+            "bad id",
+            publish_req("pvc-123", &target, false),
+            RpcStatusCode::INVALID_ARGUMENT,
+        ),
+        (
+            "traversal id",
+            publish_req("../../etc", &target, false),
+            RpcStatusCode::INVALID_ARGUMENT,
+        ),
+        (
+            "uppercase id",
+            publish_req(&vol.to_uppercase(), &target, false),
+            RpcStatusCode::INVALID_ARGUMENT,
+        ),
+        (
+            "relative target",
+            publish_req(&vol, Path::new("kubelet/pods/x/mount"), false),
+            RpcStatusCode::INVALID_ARGUMENT,
+        ),
+        (
+            "dotdot target",
+            publish_req(&vol, &tree.kubelet().join("pods/../../base/mount"), false),
+            RpcStatusCode::INVALID_ARGUMENT,
+        ),
+        (
+            "outside kubelet dir",
+            publish_req(&vol, &tree.root.join("elsewhere"), false),
+            RpcStatusCode::INVALID_ARGUMENT,
+        ),
+        (
+            "no parent",
+            publish_req(&vol, &tree.kubelet().join("pods/none/x/mount"), false),
+            RpcStatusCode::NOT_FOUND,
+        ),
+    ];
+    for (what, req, want) in cases {
+        let (got, msg) = code(n.node_publish_volume(&req));
+        assert_eq!(got, want, "{what}: {msg}");
+        assert!(
+            msg.contains(&req.volume_id),
+            "{what}: message {msg:?} must name the volume"
+        );
+        if got != RpcStatusCode::INVALID_ARGUMENT || what.contains("target") || what.contains("kubelet") {
+            assert!(
+                msg.contains(&req.target_path),
+                "{what}: message {msg:?} must name the path"
+            );
+        }
+    }
+
+    let mut missing = publish_req(&vol, &target, false);
+    missing.volume_id.clear();
+    assert_eq!(code(n.node_publish_volume(&missing)).0, RpcStatusCode::INVALID_ARGUMENT);
+    let mut missing = publish_req(&vol, &target, false);
+    missing.target_path.clear();
+    let (c, msg) = code(n.node_publish_volume(&missing));
+    assert_eq!(c, RpcStatusCode::INVALID_ARGUMENT);
+    assert!(msg.contains("target_path") && msg.contains(&vol), "{msg}");
+    let mut missing = publish_req(&vol, &target, false);
+    missing.volume_capability = None.into();
+    assert_eq!(code(n.node_publish_volume(&missing)).0, RpcStatusCode::INVALID_ARGUMENT);
+    let mut block = publish_req(&vol, &target, false);
+    block.volume_capability.as_mut().unwrap().set_block(Default::default());
+    assert_eq!(code(n.node_publish_volume(&block)).0, RpcStatusCode::INVALID_ARGUMENT);
+    let mut flag = publish_req(&vol, &target, false);
+    flag.volume_capability = Some(mount_cap(Mode::SINGLE_NODE_WRITER, &["uid=1000"])).into();
+    assert_eq!(code(n.node_publish_volume(&flag)).0, RpcStatusCode::INVALID_ARGUMENT);
+
+    // A symlinked target is refused and nothing is mounted through it.
+    let victim = tree.root.join("victim");
+    fs::create_dir(&victim).unwrap();
+    symlink(&victim, &target).unwrap();
+    let (c, msg) = code(n.node_publish_volume(&publish_req(&vol, &target, false)));
+    assert_eq!(c, RpcStatusCode::INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains(t) && msg.contains(&vol), "{msg}");
+    assert_eq!(mounted_at(&victim), 0);
+    let (c, _) = code(n.node_unpublish_volume(&unpublish_req(&vol, &target)));
+    assert_eq!(c, RpcStatusCode::INVALID_ARGUMENT);
+    assert!(
+        fs::symlink_metadata(&target).unwrap().file_type().is_symlink(),
+        "the link is left alone"
+    );
+    fs::remove_file(&target).unwrap();
+
+    // A parent that links out of the kubelet dir is refused.
+    let pods = tree.kubelet().join("pods/escape");
+    symlink(&victim, &pods).unwrap();
+    let (c, msg) = code(n.node_publish_volume(&publish_req(&vol, &pods.join("mount"), false)));
+    assert_eq!(c, RpcStatusCode::INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("outside the kubelet dir"), "{msg}");
+
+    // A symlinked volume dir is refused without following it.
+    let vol2 = volume_id("pvc-linked-voldir");
+    symlink(&victim, tree.base().join(&vol2)).unwrap();
+    let (c, msg) = code(n.node_publish_volume(&publish_req(&vol2, &tree.target("pod2"), false)));
+    assert_eq!(c, RpcStatusCode::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains(&vol2), "{msg}");
+
+    // Unpublish and stats validate the same way.
+    assert_eq!(
+        code(n.node_unpublish_volume(&unpublish_req("nope", &target))).0,
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(n.node_unpublish_volume(&unpublish_req(&vol, Path::new("rel")))).0,
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+    let mut no_target = unpublish_req(&vol, &target);
+    no_target.target_path.clear();
+    assert_eq!(
+        code(n.node_unpublish_volume(&no_target)).0,
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+    let mut no_path = stats_req(&vol, &target);
+    no_path.volume_path.clear();
+    assert_eq!(
+        code(n.node_get_volume_stats(&no_path)).0,
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(n.node_get_volume_stats(&stats_req("x", &target))).0,
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(n.node_get_volume_stats(&stats_req(&vol, &target))).0,
+        RpcStatusCode::NOT_FOUND
+    );
+    // Unpublishing something never published is fine (kubelet retries otherwise).
+    n.node_unpublish_volume(&unpublish_req(&vol, &tree.target("never")))
+        .unwrap();
+    assert!(
+        fs::read_dir(&victim).unwrap().next().is_none(),
+        "nothing written through any link"
+    );
+    tree.assert_no_mounts();
+}
+
+#[test]
+fn foreign_mounts_are_never_ours() {
+    let tree = Tree::new("foreign");
+    let d = Driver::node(&tree, "node-a", &[]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-foreign");
+    let target = tree.target("pod1");
+    fs::create_dir(&target).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &target,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    let (c, msg) = code(n.node_publish_volume(&publish_req(&vol, &target, false)));
+    assert_eq!(c, RpcStatusCode::ALREADY_EXISTS, "{msg}");
+    let (c, msg) = code(n.node_unpublish_volume(&unpublish_req(&vol, &target)));
+    assert_eq!(c, RpcStatusCode::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains("tmpfs") && msg.contains(&vol), "{msg}");
+    assert_eq!(mounted_at(&target), 1, "the foreign mount stays");
+    // Another volume's bind is foreign too.
+    nix::mount::umount2(&target, nix::mount::MntFlags::empty()).unwrap();
+    let other = volume_id("pvc-other");
+    n.node_publish_volume(&publish_req(&other, &target, false)).unwrap();
+    assert_eq!(
+        code(n.node_publish_volume(&publish_req(&vol, &target, false))).0,
+        RpcStatusCode::ALREADY_EXISTS
+    );
+    assert_eq!(
+        code(n.node_unpublish_volume(&unpublish_req(&vol, &target))).0,
+        RpcStatusCode::FAILED_PRECONDITION
+    );
+    n.node_unpublish_volume(&unpublish_req(&other, &target)).unwrap();
+    tree.assert_no_mounts();
+}
+
+#[test]
+fn concurrent_publishes_and_in_flight_duplicates() {
+    let tree = Tree::new("concurrent");
+    let d = Driver::node(&tree, "node-a", &["--workers=8", "--test-publish-delay=200ms"]);
+    let vol = volume_id("pvc-shared");
+    let targets: Vec<_> = (0..32).map(|i| tree.target(&format!("pod{i}"))).collect();
+
+    // A duplicate of a call still in flight gets ABORTED, deterministically: the first call
+    // holds its lock through the publish delay.
+    let first = {
+        let (n, req) = (d.node_client(), publish_req(&vol, &targets[0], false));
+        thread::spawn(move || n.node_publish_volume_opt(&req, opt()))
+    };
+    thread::sleep(Duration::from_millis(80));
+    let (c, msg) = code(
+        d.node_client()
+            .node_publish_volume(&publish_req(&vol, &targets[0], false)),
+    );
+    assert_eq!(c, RpcStatusCode::ABORTED, "{msg}");
+    first.join().unwrap().unwrap();
+
+    // 32 publishes to distinct targets of one volume at once, each with a duplicate racing it.
+    let barrier = Arc::new(Barrier::new(64));
+    let calls: Vec<_> = targets
+        .iter()
+        .flat_map(|t| [t.clone(), t.clone()])
+        .map(|t| {
+            let (n, req, b) = (d.node_client(), publish_req(&vol, &t, false), barrier.clone());
+            thread::spawn(move || {
+                b.wait();
+                n.node_publish_volume_opt(&req, opt())
+            })
+        })
+        .collect();
+    let results: Vec<_> = calls.into_iter().map(|h| h.join().unwrap()).collect();
+    for (pair, t) in results.chunks(2).zip(&targets) {
+        let ok = pair.iter().filter(|r| r.is_ok()).count();
+        assert!(ok >= 1, "{}: {pair:?}; log:\n{}", t.display(), d.log_text());
+        for r in pair.iter().filter(|r| r.is_err()) {
+            assert!(
+                matches!(r, Err(grpcio::Error::RpcFailure(s)) if s.code() == RpcStatusCode::ABORTED),
+                "{r:?}; log:\n{}",
+                d.log_text()
+            );
+        }
+        assert_eq!(mounted_at(t), 1, "{} must be mounted exactly once", t.display());
+    }
+    // Writes through one target are seen through all: one volume, one node.
+    fs::write(targets[5].join("f"), b"1").unwrap();
+    assert_eq!(fs::read(targets[31].join("f")).unwrap(), b"1");
+
+    let calls: Vec<_> = targets
+        .iter()
+        .map(|t| {
+            let (n, req) = (d.node_client(), unpublish_req(&vol, t));
+            thread::spawn(move || n.node_unpublish_volume_opt(&req, opt()))
+        })
+        .collect();
+    for h in calls {
+        h.join().unwrap().unwrap();
+    }
+    tree.assert_no_mounts();
+}
+
+#[test]
+fn stats_report_usage_and_condition() {
+    let tree = Tree::new("stats");
+    let d = Driver::node(&tree, "node-a", &["--stats-cache-ttl=0s"]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-stats");
+    let target = tree.target("pod1");
+    n.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
+    for i in 0..3 {
+        fs::write(target.join(format!("f{i}")), vec![7u8; 4096]).unwrap();
+    }
+    fs::create_dir(target.join("sub")).unwrap();
+    for _ in 0..2 {
+        let s = n.node_get_volume_stats(&stats_req(&vol, &target)).unwrap();
+        use csi::volume_usage::Unit;
+        let bytes = s.usage.iter().find(|u| u.unit.enum_value() == Ok(Unit::BYTES)).unwrap();
+        let inodes = s
+            .usage
+            .iter()
+            .find(|u| u.unit.enum_value() == Ok(Unit::INODES))
+            .unwrap();
+        assert!(bytes.used >= 3 * 4096, "{bytes:?}");
+        assert!(
+            bytes.total > 0 && bytes.available > 0 && bytes.available <= bytes.total,
+            "{bytes:?}"
+        );
+        assert_eq!(inodes.used, 5, "the dir, three files and a subdir");
+        assert!(inodes.total >= inodes.available, "{inodes:?}");
+        assert!(!s.volume_condition.abnormal, "{}", s.volume_condition.message);
+    }
+    // A path that is not one of its publish targets.
+    let (c, msg) = code(n.node_get_volume_stats(&stats_req(&vol, &tree.target("elsewhere"))));
+    assert_eq!(c, RpcStatusCode::NOT_FOUND, "{msg}");
+    assert_eq!(
+        code(n.node_get_volume_stats(&stats_req(&volume_id("pvc-other"), &target))).0,
+        RpcStatusCode::NOT_FOUND
+    );
+
+    // The node's data dir vanishes under a live mount: reported, not hidden.
+    fs::remove_dir_all(tree.base().join(&vol)).unwrap_or_else(|_| {
+        // The mounted dir itself cannot go while busy on some kernels; empty it and rename it away.
+        fs::rename(tree.base().join(&vol), tree.root.join("moved")).unwrap();
+    });
+    let s = n.node_get_volume_stats(&stats_req(&vol, &target)).unwrap();
+    assert!(s.volume_condition.abnormal, "a vanished data dir must be reported");
+    assert!(
+        s.volume_condition.message.contains(&vol),
+        "{}",
+        s.volume_condition.message
+    );
+    n.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
+    tree.assert_no_mounts();
+}
+
+#[test]
+fn data_on_unpublish_delete_waits_for_the_last_user() {
+    let tree = Tree::new("scratch");
+    let d = Driver::node(&tree, "node-a", &["--data-on-unpublish=delete"]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-scratch");
+    let (a, b) = (tree.target("a"), tree.target("b"));
+    n.node_publish_volume(&publish_req(&vol, &a, false)).unwrap();
+    n.node_publish_volume(&publish_req(&vol, &b, false)).unwrap();
+    fs::write(a.join("tmp"), b"scratch").unwrap();
+    n.node_unpublish_volume(&unpublish_req(&vol, &a)).unwrap();
+    assert_eq!(fs::read(b.join("tmp")).unwrap(), b"scratch", "still used by b");
+    n.node_unpublish_volume(&unpublish_req(&vol, &b)).unwrap();
+    assert!(!tree.base().join(&vol).exists(), "deleted after the last unpublish");
+    tree.assert_no_mounts();
+}
+
+#[test]
+fn sigterm_lets_a_call_in_flight_finish() {
+    let tree = Tree::new("sigterm");
+    let mut d = Driver::node(&tree, "node-a", &["--test-publish-delay=1500ms"]);
+    let vol = volume_id("pvc-sigterm");
+    let target = tree.target("pod1");
+    let call = {
+        let (n, req) = (d.node_client(), publish_req(&vol, &target, false));
+        thread::spawn(move || n.node_publish_volume_opt(&req, opt()))
+    };
+    thread::sleep(Duration::from_millis(300));
+    let status = d.terminate();
+    assert!(status.success(), "exit status {status:?}; log:\n{}", d.log_text());
+    call.join().unwrap().expect("the call in flight completes");
+    assert_eq!(mounted_at(&target), 1);
+    assert!(!d.socket.exists(), "socket removed on exit");
+    assert!(d.log_text().contains("SIGTERM"), "{}", d.log_text());
+
+    // A new plugin process finds the mount and cleans it up.
+    let d2 = Driver::node(&tree, "node-a", &[]);
+    d2.node_client()
+        .node_publish_volume(&publish_req(&vol, &target, false))
+        .unwrap();
+    assert_eq!(mounted_at(&target), 1, "a restart does not stack a second mount");
+    d2.node_client()
+        .node_unpublish_volume(&unpublish_req(&vol, &target))
+        .unwrap();
+    tree.assert_no_mounts();
+}
+
+#[test]
+fn socket_is_taken_over_only_when_stale() {
+    let tree = Tree::new("socket");
+    let d = Driver::controller(&tree, &[]);
+    // A second process on a live socket refuses to start.
+    let out = std::process::Command::new(BIN)
+        .args(["--mode=controller", "--metrics-addr="])
+        .arg(format!("--csi-socket={}", d.socket.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another process is serving"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.identity().probe(&csi::ProbeRequest::new()).unwrap();
+    drop(d);
+
+    // After kill -9 the socket file is stale: the next start replaces it.
+    assert!(tree.socket("controller").exists());
+    let d = Driver::controller(&tree, &[]);
+    d.identity().probe(&csi::ProbeRequest::new()).unwrap();
+    assert!(d.log_text().contains("removing stale socket"), "{}", d.log_text());
+
+    // Node mode needs a node name.
+    let out = std::process::Command::new(BIN)
+        .args(["--mode=node", "--metrics-addr="])
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--node-name"));
+}
+
+#[test]
+fn json_logs_carry_one_request_id_per_call() {
+    let tree = Tree::new("jsonlog");
+    let d = Driver::node(&tree, "node-a", &["--log-format=json"]);
+    let vol = volume_id("pvc-json");
+    let target = tree.target("pod1");
+    d.node_client()
+        .node_publish_volume(&publish_req(&vol, &target, false))
+        .unwrap();
+    d.node_client()
+        .node_unpublish_volume(&unpublish_req(&vol, &target))
+        .unwrap();
+    let lines: Vec<serde_json::Value> = d
+        .log_text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    let publish: Vec<_> = lines
+        .iter()
+        .filter(|l| l["msg"].as_str().unwrap().contains("NodePublishVolume"))
+        .collect();
+    assert!(publish.len() >= 2, "request and outcome lines: {publish:#?}");
+    let id = &publish[0]["req"];
+    assert!(id.as_u64().unwrap() > 0);
+    assert!(publish.iter().all(|l| &l["req"] == id), "{publish:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| &l["req"] == id && l["msg"].as_str().unwrap().contains("published at")),
+        "the work logs under the same id"
+    );
+    tree.assert_no_mounts();
+}
