@@ -26,6 +26,11 @@ const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
 /// What to do when a volume is deleted: the cleanup protocol, or nothing in standalone mode.
 pub trait Deleter: Send + Sync {
     fn volume_deleted(&self, volume_id: &str) -> Result<()>;
+
+    /// Whether the deletion of an earlier volume with this id is still under way.
+    fn creation_blocked(&self, _volume_id: &str) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 struct Record {
@@ -89,7 +94,7 @@ impl Controller {
         }
         let capacity = if required > 0 { required } else { limit };
 
-        let mut volumes = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
+        let volumes = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = volumes.get(&id) {
             let fits = (required == 0 || existing.capacity >= required) && (limit == 0 || existing.capacity <= limit);
             if !fits {
@@ -103,8 +108,21 @@ impl Controller {
                 ));
             }
             debug!("volume {id} for name {:?} exists already", req.name);
-            return Ok(response(&id, existing.capacity));
+            return Ok(response(&id, &existing.name, existing.capacity));
         }
+        drop(volumes);
+        if let Some(d) = &self.deleter {
+            if d.creation_blocked(&id)? {
+                return Err(Error::Unavailable {
+                    volume: id,
+                    reason: format!(
+                        "name {:?}: the cleanup of an earlier volume with this name is still running; retry",
+                        req.name
+                    ),
+                });
+            }
+        }
+        let mut volumes = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
         volumes.insert(
             id.clone(),
             Record {
@@ -114,7 +132,7 @@ impl Controller {
         );
         metrics::VOLUME_CREATE_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         info!("created volume {id} for name {:?} ({capacity} bytes)", req.name);
-        Ok(response(&id, capacity))
+        Ok(response(&id, &req.name, capacity))
     }
 
     pub fn delete(&self, req: &DeleteVolumeRequest) -> Result<DeleteVolumeResponse> {
@@ -182,10 +200,13 @@ impl Controller {
     }
 }
 
-/// No accessible_topology: any node may use the volume, so the scheduler never pins a pod.
-fn response(id: &str, capacity: i64) -> CreateVolumeResponse {
+/// No accessible_topology: any node may use the volume, so the scheduler never pins a pod. The
+/// name travels to the nodes in the volume context (it is the PV name under csi-provisioner).
+fn response(id: &str, name: &str, capacity: i64) -> CreateVolumeResponse {
     let mut v = Volume::new();
     v.volume_id = id.to_owned();
+    v.volume_context
+        .insert(crate::node::CONTEXT_NAME.into(), name.to_owned());
     v.capacity_bytes = capacity;
     let mut r = CreateVolumeResponse::new();
     r.volume = Some(v).into();

@@ -1,10 +1,12 @@
 //! node-local-cache: a CSI driver for per-node cache volumes. See README.md for the design.
 
+pub mod cleanup;
 pub mod config;
 pub mod controller;
 pub mod error;
 pub mod identity;
 pub mod inflight;
+pub mod kube;
 pub mod logging;
 pub mod metrics;
 pub mod mounts;

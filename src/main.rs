@@ -9,10 +9,12 @@ use clap::{Parser, ValueEnum};
 use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
 
+use node_local_cache::cleanup::{self, CleanupConfig, NodeCleaner};
 use node_local_cache::config::{parse_duration, Config, DataOnUnpublish, Mode};
-use node_local_cache::controller::Controller;
+use node_local_cache::controller::{Controller, Deleter};
 use node_local_cache::identity::{Identity, Readiness};
 use node_local_cache::inflight::InFlight;
+use node_local_cache::kube::{self, KubeConfig, KubeFlags};
 use node_local_cache::logging::{self, LogFormat};
 use node_local_cache::metrics;
 use node_local_cache::node::{Node, NodeState};
@@ -74,6 +76,31 @@ struct Flags {
     /// Address for /metrics and /healthz (":9809" is every address); empty turns it off.
     #[arg(long, default_value = ":9809")]
     metrics_addr: String,
+    /// Kubernetes API URL (default: in-cluster from KUBERNETES_SERVICE_HOST/PORT). Without one
+    /// the driver runs standalone and DeleteVolume only logs.
+    #[arg(long)]
+    kube_api_url: Option<String>,
+    /// Bearer token file, re-read when it changes (default: the service account's).
+    #[arg(long)]
+    kube_token_file: Option<PathBuf>,
+    /// CA bundle the API server's certificate is verified against (default: the service account's).
+    #[arg(long)]
+    kube_ca_file: Option<PathBuf>,
+    /// Namespace holding the cleanup records (default: the service account's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// How often nodes (and the controller) poll for cleanup work, with jitter.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    cleanup_poll_interval: Duration,
+    /// How long the controller waits for every node before releasing a deleted volume's PV.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    cleanup_timeout: Duration,
+    /// How long a finished cleanup record is kept for nodes that were down.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cleanup_retention: Duration,
+    /// How long a node keeps a volume dir whose PV is gone before deleting it.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    orphan_grace: Duration,
     /// Log line format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: FormatArg,
@@ -139,6 +166,18 @@ fn main() -> ExitCode {
     };
     logging::init(format, flags.log_level.as_deref());
     let metrics_addr = flags.metrics_addr.clone();
+    let kube_flags = KubeFlags {
+        api_url: flags.kube_api_url.clone(),
+        token_file: flags.kube_token_file.clone(),
+        ca_file: flags.kube_ca_file.clone(),
+        namespace: flags.namespace.clone(),
+    };
+    let (poll_interval, timeout, retention, orphan_grace) = (
+        flags.cleanup_poll_interval,
+        flags.cleanup_timeout,
+        flags.cleanup_retention,
+        flags.orphan_grace,
+    );
     let cfg = match flags.config() {
         Ok(cfg) => Arc::new(cfg),
         Err(e) => {
@@ -154,6 +193,25 @@ fn main() -> ExitCode {
         error!("block signals: {e}");
         return ExitCode::FAILURE;
     }
+
+    let kube = match KubeConfig::resolve(kube_flags) {
+        None => {
+            info!("no Kubernetes API configured: running standalone; deleted volumes stay on the nodes");
+            None
+        }
+        Some(kc) => match kube::Client::new(kc) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                error!("Kubernetes client: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let mut cleanup_cfg = CleanupConfig::new(&cfg.driver_name, &cfg.node_name);
+    cleanup_cfg.poll_interval = poll_interval;
+    cleanup_cfg.timeout = timeout;
+    cleanup_cfg.retention = retention;
+    cleanup_cfg.orphan_grace = orphan_grace;
 
     let rpc = Rpc::new(cfg.workers, cfg.queue_depth);
     let identity_ready: Readiness;
@@ -174,11 +232,19 @@ fn main() -> ExitCode {
             identity_ready = Arc::new(move || probe_state.ready());
             let gauge_state = state.clone();
             metrics::set_active_volumes(move || gauge_state.mounted_volumes());
+            if let Some(kube) = &kube {
+                NodeCleaner::new(kube.clone(), state.clone(), cleanup_cfg).run();
+            }
             services.push(grpc::create_node(Node::new(state, rpc.clone())));
         }
         Mode::Controller => {
             identity_ready = Arc::new(|| true);
-            services.push(grpc::create_controller(Controller::new(rpc.clone(), None)));
+            let deleter = kube.map(|kube| {
+                let c = cleanup::Controller::new(kube, cleanup_cfg);
+                c.clone().run();
+                c as Arc<dyn Deleter>
+            });
+            services.push(grpc::create_controller(Controller::new(rpc.clone(), deleter)));
         }
     }
     services.push(grpc::create_identity(Identity::new(

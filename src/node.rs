@@ -7,7 +7,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use grpcio::{RpcContext, UnarySink};
 use log::{debug, info, warn};
@@ -44,7 +44,22 @@ pub struct NodeState {
     inflight: InFlight,
     /// Volume usage by id, reused for `stats_cache_ttl`: kubelet asks every minute per volume.
     usage_cache: Mutex<HashMap<String, (Instant, Usage)>>,
+    /// Volumes deleted cluster-wide and when, as last seen by the cleanup poller: a local copy
+    /// older than that belongs to a deleted incarnation and must not be published again.
+    deleted: Mutex<HashMap<String, SystemTime>>,
 }
+
+/// What a node records beside each volume dir it creates (in `<base-dir>/.meta/<id>`, out of the
+/// pods' sight): when, and for which CreateVolume name (the PV name under csi-provisioner).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMeta {
+    pub created: SystemTime,
+    pub name: String,
+}
+
+/// The volume_context key CreateVolume fills with its name, so nodes learn the PV name.
+pub const CONTEXT_NAME: &str = "node-local-cache.csi.io/name";
+const META_DIR: &str = ".meta";
 
 /// The base dir, opened without following a symlink at its last component.
 struct Base {
@@ -67,6 +82,7 @@ impl NodeState {
             cfg,
             inflight,
             usage_cache: Mutex::default(),
+            deleted: Mutex::default(),
         })
     }
 
@@ -220,6 +236,19 @@ impl NodeState {
         }
 
         let vol_path = base.real.join(id);
+        if let Some(deleted) = self.deleted_at(id) {
+            let stale = safedir::open_child(base.fd.as_fd(), OsStr::new(id)).is_ok()
+                && self.meta(id).is_none_or(|m| m.created < deleted);
+            if stale {
+                return Err(Error::Unavailable {
+                    volume: id.to_owned(),
+                    reason: format!(
+                        "{} holds data of a deleted volume with this id; it is being removed, retry",
+                        vol_path.display()
+                    ),
+                });
+            }
+        }
         let (vol_fd, made_vol) = safedir::ensure_child(
             base.fd.as_fd(),
             OsStr::new(id),
@@ -293,6 +322,14 @@ impl NodeState {
         }
         metrics::MOUNT_DURATION.observe(started.elapsed());
         if made_vol {
+            let name = req.volume_context.get(CONTEXT_NAME).cloned().unwrap_or_default();
+            if let Err(e) = self.write_meta(&base, id, &name) {
+                warn!(
+                    "volume {id}: record {}: {}",
+                    base.real.join(META_DIR).join(id).display(),
+                    e.desc()
+                );
+            }
             metrics::VOLUME_CREATE_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         info!(
@@ -396,6 +433,9 @@ impl NodeState {
         safedir::remove_tree(base.fd.as_fd(), OsStr::new(id))
             .map_err(|e| Error::sys("delete volume data", id, vol_path.join(&e.at), e.errno))?;
         self.usage_cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        if let Ok(meta_dir) = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)) {
+            let _ = nix::unistd::unlinkat(meta_dir.as_fd(), id, nix::unistd::UnlinkatFlags::NoRemoveDir);
+        }
         if existed {
             metrics::CLEANUP_DURATION.observe(started.elapsed());
             metrics::VOLUME_DELETE_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -406,6 +446,80 @@ impl NodeState {
             );
         }
         Ok(true)
+    }
+
+    fn write_meta(&self, base: &Base, id: &str, name: &str) -> std::result::Result<(), Errno> {
+        use nix::fcntl::OFlag;
+        use std::io::Write;
+        let (dir, _) = safedir::ensure_child(
+            base.fd.as_fd(),
+            OsStr::new(META_DIR),
+            Mode::from_bits_truncate(BASE_DIR_MODE),
+        )?;
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = nix::fcntl::openat(dir.as_fd(), id, flags, Mode::from_bits_truncate(0o600))?;
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let text = serde_json::json!({ "createdMs": created as u64, "name": name }).to_string();
+        std::fs::File::from(fd)
+            .write_all(text.as_bytes())
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+    }
+
+    /// The record written when this node created the volume dir, if any.
+    pub fn meta(&self, id: &str) -> Option<VolumeMeta> {
+        use std::io::Read;
+        let base = self.open_base(id).ok()?;
+        let dir = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)).ok()?;
+        let fd = nix::fcntl::openat(
+            dir.as_fd(),
+            id,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        )
+        .ok()?;
+        let mut text = String::new();
+        std::fs::File::from(fd).take(4096).read_to_string(&mut text).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some(VolumeMeta {
+            created: UNIX_EPOCH + std::time::Duration::from_millis(v["createdMs"].as_u64()?),
+            name: v["name"].as_str().unwrap_or_default().to_owned(),
+        })
+    }
+
+    /// Volume ids with a dir in the base dir.
+    pub fn local_volumes(&self) -> Result<Vec<String>> {
+        let base = self.open_base("")?;
+        let mut dir =
+            nix::dir::Dir::from_fd(base.fd).map_err(|e| Error::sys("read base dir", "", &self.cfg.base_dir, e))?;
+        let mut ids = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.map_err(|e| Error::sys("read base dir", "", &self.cfg.base_dir, e))?;
+            if let Ok(name) = entry.file_name().to_str() {
+                if volume::check_id(name).is_ok() {
+                    ids.push(name.to_owned());
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Whether this node holds a dir for `id`.
+    pub fn has_volume(&self, id: &str) -> bool {
+        self.open_base(id)
+            .is_ok_and(|b| safedir::open_child(b.fd.as_fd(), OsStr::new(id)).is_ok())
+    }
+
+    /// The cleanup poller's view of deleted volumes, replaced whole on every poll.
+    pub fn set_deleted(&self, deleted: HashMap<String, SystemTime>) {
+        *self.deleted.lock().unwrap_or_else(|p| p.into_inner()) = deleted;
+    }
+
+    fn deleted_at(&self, id: &str) -> Option<SystemTime> {
+        self.deleted.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied()
     }
 
     pub fn stats(&self, req: &NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse> {

@@ -1,0 +1,512 @@
+//! A small blocking Kubernetes REST client: plain HTTPS with ureq and serde_json, only the calls
+//! the cleanup protocol needs. TLS is always verified against the given CA; the bearer token is
+//! re-read whenever its file changes (projected tokens rotate about hourly).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use log::{debug, warn};
+use serde_json::Value;
+
+use crate::metrics;
+
+const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Largest response body read (a PV list in a big cluster).
+const MAX_BODY: u64 = 256 << 20;
+
+/// Where the API is and how to authenticate; flags override the in-cluster defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeConfig {
+    pub api_url: String,
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub namespace: String,
+    pub timeout: Duration,
+    /// Attempts for calls that are safe to retry.
+    pub attempts: u32,
+    /// First retry delay; doubled each time, with jitter.
+    pub backoff: Duration,
+}
+
+/// Flag values, all optional; in-cluster defaults fill the gaps.
+#[derive(Debug, Default, Clone)]
+pub struct KubeFlags {
+    pub api_url: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub namespace: Option<String>,
+}
+
+impl KubeConfig {
+    /// `None` when there is no API to talk to: outside a cluster and no `--kube-api-url`.
+    pub fn resolve(flags: KubeFlags) -> Option<KubeConfig> {
+        let api_url = flags.api_url.filter(|u| !u.is_empty()).or_else(|| {
+            let host = std::env::var("KUBERNETES_SERVICE_HOST")
+                .ok()
+                .filter(|h| !h.is_empty())?;
+            let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+            // An IPv6 service IP needs brackets in a URL.
+            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            Some(format!("https://{host}:{port}"))
+        })?;
+        let namespace = flags
+            .namespace
+            .filter(|n| !n.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string(Path::new(SA_DIR).join("namespace"))
+                    .ok()
+                    .map(|s| s.trim().to_owned())
+            })
+            .unwrap_or_else(|| "node-local-cache".into());
+        Some(KubeConfig {
+            api_url: api_url.trim_end_matches('/').to_owned(),
+            token_file: flags.token_file.unwrap_or_else(|| Path::new(SA_DIR).join("token")),
+            ca_file: flags.ca_file.unwrap_or_else(|| Path::new(SA_DIR).join("ca.crt")),
+            namespace,
+            timeout: Duration::from_secs(10),
+            attempts: 4,
+            backoff: Duration::from_millis(200),
+        })
+    }
+}
+
+/// What went wrong with a call, by what a caller does about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubeError {
+    NotFound,
+    /// 409: exists already, or a resourceVersion precondition failed.
+    Conflict(String),
+    /// 410: a list or watch position too old.
+    Gone,
+    /// 401/403.
+    Unauthorized(u16, String),
+    /// 429, with the server's Retry-After.
+    Throttled(Option<Duration>),
+    /// 5xx.
+    Server(u16, String),
+    /// Other 4xx (invalid request, forbidden change).
+    Rejected(u16, String),
+    /// No response: connection, TLS, timeout.
+    Transport(String),
+    /// A response we could not read.
+    BadResponse(String),
+}
+
+impl KubeError {
+    /// Worth trying again with the same request.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            KubeError::Throttled(_) | KubeError::Server(..) | KubeError::Transport(_)
+        )
+    }
+}
+
+impl fmt::Display for KubeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KubeError::NotFound => write!(f, "not found"),
+            KubeError::Conflict(m) => write!(f, "conflict: {m}"),
+            KubeError::Gone => write!(f, "gone (resource version too old)"),
+            KubeError::Unauthorized(c, m) => write!(f, "unauthorized ({c}): {m}"),
+            KubeError::Throttled(after) => write!(f, "throttled (retry after {after:?})"),
+            KubeError::Server(c, m) => write!(f, "server error {c}: {m}"),
+            KubeError::Rejected(c, m) => write!(f, "rejected ({c}): {m}"),
+            KubeError::Transport(m) => write!(f, "no response: {m}"),
+            KubeError::BadResponse(m) => write!(f, "unreadable response: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for KubeError {}
+
+pub type KubeResult<T> = Result<T, KubeError>;
+
+/// The token as last read, and the file's mtime it was read at.
+struct Token {
+    modified: Option<SystemTime>,
+    value: String,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    cfg: Arc<KubeConfig>,
+    agent: ureq::Agent,
+    token: Arc<Mutex<Token>>,
+}
+
+impl Client {
+    pub fn new(cfg: KubeConfig) -> Result<Client, String> {
+        let pem = std::fs::read(&cfg.ca_file).map_err(|e| format!("CA file {}: {e}", cfg.ca_file.display()))?;
+        let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("CA file {}: {e}", cfg.ca_file.display()))?;
+        if certs.is_empty() {
+            return Err(format!("CA file {}: no certificate in it", cfg.ca_file.display()));
+        }
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .timeout_global(Some(cfg.timeout))
+            .http_status_as_error(false)
+            .max_idle_connections(2)
+            .max_idle_connections_per_host(2)
+            .user_agent(concat!("node-local-cache/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .new_agent();
+        let client = Client {
+            cfg: Arc::new(cfg),
+            agent,
+            token: Arc::new(Mutex::new(Token {
+                modified: None,
+                value: String::new(),
+            })),
+        };
+        client.bearer().map_err(|e| e.to_string())?;
+        Ok(client)
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.cfg.namespace
+    }
+
+    /// The current token, re-read when its file's mtime moved.
+    fn bearer(&self) -> KubeResult<String> {
+        let path = &self.cfg.token_file;
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let mut token = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        if token.value.is_empty() || modified != token.modified {
+            let value = std::fs::read_to_string(path)
+                .map_err(|e| KubeError::Unauthorized(0, format!("token file {}: {e}", path.display())))?
+                .trim()
+                .to_owned();
+            if !token.value.is_empty() && value != token.value {
+                debug!("service account token rotated");
+            }
+            *token = Token { modified, value };
+        }
+        Ok(token.value.clone())
+    }
+
+    fn forget_token(&self) {
+        self.token.lock().unwrap_or_else(|p| p.into_inner()).value.clear();
+    }
+
+    /// One request, no retries. `verb` labels the metric.
+    fn once(&self, verb: &'static str, method: &str, path: &str, body: Option<(&str, &Value)>) -> KubeResult<Value> {
+        let url = format!("{}{path}", self.cfg.api_url);
+        let auth = format!("Bearer {}", self.bearer()?);
+        let result = match (method, body) {
+            ("GET", _) => self
+                .agent
+                .get(&url)
+                .header("Authorization", &auth)
+                .header("Accept", "application/json")
+                .call(),
+            ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call(),
+            ("POST", Some((kind, b))) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", kind)
+                .send(b.to_string()),
+            ("PATCH", Some((kind, b))) => self
+                .agent
+                .patch(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", kind)
+                .send(b.to_string()),
+            _ => unreachable!("request shapes are fixed by the callers in this module"),
+        };
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                metrics::record_kube(verb, 0);
+                return Err(KubeError::Transport(e.to_string()));
+            }
+        };
+        let status = resp.status().as_u16();
+        metrics::record_kube(verb, status);
+        let retry_after = resp
+            .headers()
+            .get("Retry-After")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY)
+            .read_to_string()
+            .map_err(|e| KubeError::Transport(e.to_string()))?;
+        let message = || {
+            serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| text.chars().take(200).collect())
+        };
+        match status {
+            200..=299 => serde_json::from_str(&text).map_err(|e| KubeError::BadResponse(e.to_string())),
+            404 => Err(KubeError::NotFound),
+            409 => Err(KubeError::Conflict(message())),
+            410 => Err(KubeError::Gone),
+            401 | 403 => Err(KubeError::Unauthorized(status, message())),
+            429 => Err(KubeError::Throttled(retry_after)),
+            500..=599 => Err(KubeError::Server(status, message())),
+            _ => Err(KubeError::Rejected(status, message())),
+        }
+    }
+
+    /// Retries what is safe to retry with jittered exponential backoff; a 401 re-reads the token
+    /// once (it may have rotated between our stat and the server's check).
+    fn call(&self, verb: &'static str, method: &str, path: &str, body: Option<(&str, &Value)>) -> KubeResult<Value> {
+        let mut delay = self.cfg.backoff;
+        let mut reread_token = true;
+        let mut attempt = 1;
+        loop {
+            match self.once(verb, method, path, body) {
+                Err(KubeError::Unauthorized(401, _)) if reread_token => {
+                    reread_token = false;
+                    self.forget_token();
+                }
+                Err(e) if e.retryable() && attempt < self.cfg.attempts => {
+                    let wait = match &e {
+                        KubeError::Throttled(Some(after)) => *after,
+                        _ => jitter(delay),
+                    };
+                    debug!("{method} {path}: {e}; retrying in {wait:?}");
+                    thread::sleep(wait);
+                    delay = delay.saturating_mul(2);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn ns_path(&self, resource: &str) -> String {
+        format!("/api/v1/namespaces/{}/{resource}", self.cfg.namespace)
+    }
+
+    pub fn get_configmap(&self, name: &str) -> KubeResult<Value> {
+        self.call("get", "GET", &format!("{}/{name}", self.ns_path("configmaps")), None)
+    }
+
+    /// Lists from the apiserver's watch cache (`resourceVersion=0`): cheap for the server, and
+    /// at most a moment behind.
+    pub fn list_configmaps(&self, label_selector: &str) -> KubeResult<Vec<Value>> {
+        let path = format!(
+            "{}?labelSelector={}&resourceVersion=0",
+            self.ns_path("configmaps"),
+            encode(label_selector)
+        );
+        items(self.call("list", "GET", &path, None)?)
+    }
+
+    pub fn create_configmap(&self, body: &Value) -> KubeResult<Value> {
+        self.call(
+            "create",
+            "POST",
+            &self.ns_path("configmaps"),
+            Some(("application/json", body)),
+        )
+    }
+
+    /// JSON merge patch. Put `metadata.resourceVersion` in the patch to make it conditional.
+    pub fn patch_configmap(&self, name: &str, patch: &Value) -> KubeResult<Value> {
+        self.call(
+            "patch",
+            "PATCH",
+            &format!("{}/{name}", self.ns_path("configmaps")),
+            Some(("application/merge-patch+json", patch)),
+        )
+    }
+
+    pub fn delete_configmap(&self, name: &str) -> KubeResult<()> {
+        match self.call(
+            "delete",
+            "DELETE",
+            &format!("{}/{name}", self.ns_path("configmaps")),
+            None,
+        ) {
+            Ok(_) | Err(KubeError::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn get_pv(&self, name: &str) -> KubeResult<Value> {
+        self.call(
+            "get",
+            "GET",
+            &format!("/api/v1/persistentvolumes/{}", encode(name)),
+            None,
+        )
+    }
+
+    pub fn list_pvs(&self) -> KubeResult<Vec<Value>> {
+        items(self.call("list", "GET", "/api/v1/persistentvolumes?resourceVersion=0", None)?)
+    }
+
+    /// JSON merge patch; with `metadata.resourceVersion` in it, a concurrent change gives 409
+    /// instead of being overwritten.
+    pub fn patch_pv(&self, name: &str, patch: &Value) -> KubeResult<Value> {
+        self.call(
+            "patch",
+            "PATCH",
+            &format!("/api/v1/persistentvolumes/{}", encode(name)),
+            Some(("application/merge-patch+json", patch)),
+        )
+    }
+
+    /// Names of the nodes whose CSINode lists `driver`: the nodes expected to acknowledge.
+    pub fn nodes_with_driver(&self, driver: &str) -> KubeResult<Vec<String>> {
+        let list = items(self.call(
+            "list",
+            "GET",
+            "/apis/storage.k8s.io/v1/csinodes?resourceVersion=0",
+            None,
+        )?)?;
+        Ok(list
+            .iter()
+            .filter(|n| {
+                n["spec"]["drivers"]
+                    .as_array()
+                    .is_some_and(|ds| ds.iter().any(|d| d["name"].as_str() == Some(driver)))
+            })
+            .filter_map(|n| n["metadata"]["name"].as_str().map(str::to_owned))
+            .collect())
+    }
+}
+
+fn items(list: Value) -> KubeResult<Vec<Value>> {
+    match list {
+        Value::Object(mut m) => match m.remove("items") {
+            Some(Value::Array(items)) => Ok(items),
+            Some(Value::Null) | None => Ok(Vec::new()),
+            Some(_) => Err(KubeError::BadResponse("items is not a list".into())),
+        },
+        _ => Err(KubeError::BadResponse("a list response is not an object".into())),
+    }
+}
+
+/// Percent-encoding for a query value or path segment.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// 50–150 % of `d`, so thousands of nodes retrying together spread out.
+pub fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos() as u64;
+    let seed = nanos ^ (std::process::id() as u64).rotate_left(17) ^ thread_id_bits();
+    let frac = 0.5 + (splitmix(seed) % 1000) as f64 / 1000.0;
+    d.mul_f64(frac)
+}
+
+fn thread_id_bits() -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    thread::current().id().hash(&mut h);
+    h.finish()
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Logs a failed call once per distinct error text, so an outage does not flood the log.
+pub struct QuietLog {
+    last: Mutex<String>,
+}
+
+impl QuietLog {
+    pub const fn new() -> QuietLog {
+        QuietLog {
+            last: Mutex::new(String::new()),
+        }
+    }
+
+    pub fn failed(&self, what: &str, e: &KubeError) {
+        let text = format!("{what}: {e}");
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != text {
+            warn!("Kubernetes API: {text}");
+            *last = text;
+        }
+    }
+
+    pub fn ok(&self) {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+impl Default for QuietLog {
+    fn default() -> Self {
+        QuietLog::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_selectors() {
+        assert_eq!(
+            encode("node-local-cache.csi.io/cleanup=pending"),
+            "node-local-cache.csi.io%2Fcleanup%3Dpending"
+        );
+    }
+
+    #[test]
+    fn jitter_stays_in_range() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(10));
+            assert!(j >= Duration::from_secs(5) && j <= Duration::from_secs(15), "{j:?}");
+        }
+    }
+
+    #[test]
+    fn standalone_without_cluster_env() {
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+            assert_eq!(KubeConfig::resolve(KubeFlags::default()), None);
+        }
+        let cfg = KubeConfig::resolve(KubeFlags {
+            api_url: Some("https://10.0.0.1:6443/".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.api_url, "https://10.0.0.1:6443");
+    }
+
+    #[test]
+    fn retryable_errors() {
+        assert!(KubeError::Server(503, String::new()).retryable());
+        assert!(KubeError::Throttled(None).retryable());
+        assert!(!KubeError::Conflict(String::new()).retryable());
+        assert!(!KubeError::NotFound.retryable());
+    }
+}

@@ -1,0 +1,483 @@
+//! The cross-node cleanup protocol against the fake API server: several simulated nodes (each
+//! with its own base dir and real bind mounts) and the controller, driven one poll at a time.
+
+mod common;
+mod fake_apiserver;
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use fake_apiserver::FakeApi;
+use grpcio::RpcStatusCode;
+use node_local_cache::cleanup::{self, CleanupConfig, NodeCleaner, FINALIZER};
+use node_local_cache::config::{Config, Mode};
+use node_local_cache::controller::{Controller, Deleter};
+use node_local_cache::inflight::InFlight;
+use node_local_cache::node::NodeState;
+use node_local_cache::proto::csi;
+use node_local_cache::server::Rpc;
+
+const DRIVER: &str = "node-local-cache.csi.io";
+const NS: &str = "nlc-system";
+
+struct SimNode {
+    name: String,
+    tree: Tree,
+    state: Arc<NodeState>,
+    cleaner: NodeCleaner,
+}
+
+impl SimNode {
+    fn new(api: &FakeApi, name: &str, cfg: &CleanupConfig) -> SimNode {
+        let tree = Tree::new(name);
+        let mut c = Config::new(Mode::Node);
+        c.node_name = name.to_owned();
+        c.base_dir = tree.base();
+        c.kubelet_dir = tree.kubelet();
+        let state = NodeState::new(Arc::new(c), InFlight::default());
+        let mut ccfg = cfg.clone();
+        ccfg.node_name = name.to_owned();
+        let cleaner = NodeCleaner::new(api.client(NS), state.clone(), ccfg);
+        api.add_node(name, DRIVER);
+        SimNode {
+            name: name.to_owned(),
+            tree,
+            state,
+            cleaner,
+        }
+    }
+
+    /// A pod on this node writes `file` into the volume, then goes away (the copy stays).
+    fn use_volume(&self, id: &str, pv: &str, file: &str) {
+        let target = self.tree.target(&format!("pod-{file}"));
+        let mut req = publish_req(id, &target, false);
+        req.volume_context
+            .insert(node_local_cache::node::CONTEXT_NAME.into(), pv.into());
+        self.state.publish(&req).unwrap();
+        fs::write(target.join(file), file).unwrap();
+        self.state.unpublish(&unpublish_req(id, &target)).unwrap();
+    }
+
+    fn has(&self, id: &str) -> bool {
+        self.tree.base().join(id).exists()
+    }
+
+    fn poll(&mut self) -> usize {
+        self.cleaner.poll_once().unwrap()
+    }
+}
+
+fn config(timeout: Duration) -> CleanupConfig {
+    let mut c = CleanupConfig::new(DRIVER, "");
+    c.poll_interval = Duration::from_millis(50);
+    c.timeout = timeout;
+    c.retention = Duration::from_secs(3600);
+    c.orphan_grace = Duration::from_secs(3600);
+    c
+}
+
+fn record(api: &FakeApi, id: &str) -> Option<serde_json::Value> {
+    api.object(&format!("configmaps/{NS}/{}", cleanup::record_name(id)))
+}
+
+fn state_of(api: &FakeApi, id: &str) -> String {
+    record(api, id)
+        .map(|r| {
+            r["metadata"]["labels"][cleanup::LABEL]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .unwrap_or_else(|| "gone".into())
+}
+
+fn pv_finalizers(api: &FakeApi, pv: &str) -> Option<Vec<String>> {
+    api.object(&format!("persistentvolumes//{pv}")).map(|p| {
+        p["metadata"]["finalizers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.as_str().map(str::to_owned))
+            .collect()
+    })
+}
+
+fn api(tag: &str) -> FakeApi {
+    FakeApi::start(&std::env::temp_dir().join(format!("nlc-fakeapi-{}-{tag}", std::process::id())))
+}
+
+#[test]
+fn deleted_volume_is_wiped_on_every_node_and_released() {
+    let api = api("all");
+    let cfg = config(Duration::from_secs(600));
+    let mut nodes: Vec<SimNode> = (0..3).map(|i| SimNode::new(&api, &format!("node-{i}"), &cfg)).collect();
+    let id = volume_id("pvc-all");
+    api.add_pv("pvc-all", DRIVER, &id);
+    for n in &nodes {
+        n.use_volume(&id, "pvc-all", "data");
+    }
+    // Another volume stays untouched throughout.
+    let other = volume_id("pvc-other");
+    api.add_pv("pvc-other", DRIVER, &other);
+    nodes[0].use_volume(&other, "pvc-other", "keep");
+
+    let mut cc = cfg.clone();
+    cc.retention = Duration::ZERO;
+    let ctl = cleanup::Controller::new(api.client(NS), cc);
+    ctl.volume_deleted(&id).unwrap();
+    ctl.volume_deleted(&id).unwrap();
+    assert_eq!(state_of(&api, &id), "pending");
+    assert_eq!(pv_finalizers(&api, "pvc-all").unwrap(), vec![FINALIZER.to_owned()]);
+    // The provisioner deletes the PV next; our finalizer holds it.
+    api.delete_pv("pvc-all");
+    assert!(pv_finalizers(&api, "pvc-all").is_some(), "held while nodes clean up");
+
+    ctl.poll_once().unwrap();
+    assert_eq!(state_of(&api, &id), "pending", "no node has acknowledged yet");
+    for n in &mut nodes {
+        assert_eq!(n.poll(), 1);
+        assert!(!n.has(&id), "{} still has the volume", n.name);
+    }
+    let acks: Vec<String> = record(&api, &id).unwrap()["data"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("ack."))
+        .cloned()
+        .collect();
+    assert_eq!(acks, vec!["ack.node-0", "ack.node-1", "ack.node-2"]);
+    ctl.poll_once().unwrap();
+    assert_eq!(pv_finalizers(&api, "pvc-all"), None, "the PV is released and gone");
+    assert_eq!(state_of(&api, &id), "complete");
+    ctl.poll_once().unwrap();
+    assert_eq!(state_of(&api, &id), "gone", "the record expires after its retention");
+    assert_eq!(
+        fs::read(nodes[0].tree.base().join(&other).join("keep")).unwrap(),
+        b"keep"
+    );
+    for n in &nodes {
+        n.tree.assert_no_mounts();
+    }
+}
+
+#[test]
+fn a_node_that_was_down_cleans_up_when_it_returns() {
+    let api = api("down");
+    let cfg = config(Duration::from_secs(2));
+    let mut nodes: Vec<SimNode> = (0..3).map(|i| SimNode::new(&api, &format!("node-{i}"), &cfg)).collect();
+    let id = volume_id("pvc-down");
+    api.add_pv("pvc-down", DRIVER, &id);
+    for n in &nodes {
+        n.use_volume(&id, "pvc-down", "data");
+    }
+    let ctl = cleanup::Controller::new(api.client(NS), cfg.clone());
+    ctl.volume_deleted(&id).unwrap();
+    nodes[0].poll();
+    nodes[1].poll();
+    ctl.poll_once().unwrap();
+    assert_eq!(
+        state_of(&api, &id),
+        "pending",
+        "node-2 has not acknowledged and the timeout has not passed: {}",
+        record(&api, &id).unwrap()
+    );
+    std::thread::sleep(Duration::from_millis(2100));
+    ctl.poll_once().unwrap();
+    assert_eq!(state_of(&api, &id), "complete", "the timeout releases the volume");
+    assert_eq!(pv_finalizers(&api, "pvc-down").unwrap(), Vec::<String>::new());
+    // node-2 comes back: the tombstone tells it to clean up.
+    assert!(nodes[2].has(&id));
+    assert_eq!(nodes[2].poll(), 1);
+    assert!(!nodes[2].has(&id));
+    assert_eq!(nodes[2].poll(), 0, "nothing left to do");
+}
+
+#[test]
+fn rapid_create_delete_create_keeps_the_new_volume() {
+    let api = api("rapid");
+    let cfg = config(Duration::from_millis(200));
+    let mut a = SimNode::new(&api, "node-a", &cfg);
+    let mut b = SimNode::new(&api, "node-b", &cfg);
+    let ctl = cleanup::Controller::new(api.client(NS), cfg.clone());
+    let controller = Controller::new(Rpc::new(1, 8), Some(ctl.clone() as Arc<dyn Deleter>));
+
+    let id = controller
+        .create(&create_req("pvc-rapid", 0))
+        .unwrap()
+        .volume
+        .volume_id
+        .clone();
+    api.add_pv("pvc-rapid", DRIVER, &id);
+    a.use_volume(&id, "pvc-rapid", "old");
+    b.use_volume(&id, "pvc-rapid", "old");
+    let mut del = csi::DeleteVolumeRequest::new();
+    del.volume_id = id.clone();
+    controller.delete(&del).unwrap();
+    // While the cleanup runs, the same name cannot come back.
+    let err = controller.create(&create_req("pvc-rapid", 0)).unwrap_err();
+    assert_eq!(err.code(), RpcStatusCode::UNAVAILABLE, "{err}");
+    a.poll();
+    assert!(!a.has(&id));
+    std::thread::sleep(Duration::from_millis(250));
+    ctl.poll_once().unwrap();
+    assert_eq!(
+        state_of(&api, &id),
+        "complete",
+        "released by the timeout; node-b was away"
+    );
+
+    // Created again under the same name (same id), used on node-a.
+    assert_eq!(
+        controller.create(&create_req("pvc-rapid", 0)).unwrap().volume.volume_id,
+        id
+    );
+    std::thread::sleep(Duration::from_millis(5));
+    a.use_volume(&id, "pvc-rapid", "new");
+    // node-b returns and removes only the old incarnation; node-a keeps the new one.
+    b.poll();
+    a.poll();
+    assert!(!b.has(&id));
+    assert_eq!(fs::read(a.tree.base().join(&id).join("new")).unwrap(), b"new");
+    assert!(!a.tree.base().join(&id).join("old").exists());
+}
+
+#[test]
+fn api_outage_delays_but_never_breaks_cleanup() {
+    let api = api("outage");
+    let cfg = config(Duration::from_secs(600));
+    let mut nodes: Vec<SimNode> = (0..2).map(|i| SimNode::new(&api, &format!("node-{i}"), &cfg)).collect();
+    let id = volume_id("pvc-outage");
+    let live = volume_id("pvc-live");
+    api.add_pv("pvc-outage", DRIVER, &id);
+    api.add_pv("pvc-live", DRIVER, &live);
+    for n in &nodes {
+        n.use_volume(&id, "pvc-outage", "data");
+        n.use_volume(&live, "pvc-live", "live");
+    }
+    let ctl = cleanup::Controller::new(api.client(NS), cfg.clone());
+
+    // DeleteVolume during an outage is refused with a retryable code, never a silent OK.
+    api.with(|s| {
+        s.faults.fail_next = 100;
+        s.faults.fail_status = 503;
+    });
+    let err = ctl.volume_deleted(&id).unwrap_err();
+    assert_eq!(err.code(), RpcStatusCode::UNAVAILABLE, "{err}");
+    assert!(err.to_string().contains(&id));
+    api.with(|s| s.faults.fail_next = 0);
+    ctl.volume_deleted(&id).unwrap();
+
+    // 500s and then answers slower than the client's timeout: polls fail, nothing is deleted.
+    api.with(|s| {
+        s.faults.fail_next = 20;
+        s.faults.fail_status = 500;
+    });
+    for n in &mut nodes {
+        assert!(n.cleaner.poll_once().is_err());
+        assert!(n.has(&id));
+    }
+    api.with(|s| {
+        s.faults.fail_next = 0;
+        s.faults.delay = Some(Duration::from_millis(2500));
+    });
+    assert!(nodes[0].cleaner.poll_once().is_err(), "timed out");
+    assert!(nodes[0].has(&id));
+    api.with(|s| s.faults.delay = None);
+
+    // Recovered: cleanup completes; the live volume is untouched everywhere.
+    for n in &mut nodes {
+        n.poll();
+        assert!(!n.has(&id));
+        assert_eq!(fs::read(n.tree.base().join(&live).join("live")).unwrap(), b"live");
+    }
+    // A 409 storm on the PV finalizer is retried through.
+    api.with(|s| s.faults.conflict_next = 3);
+    ctl.poll_once().unwrap();
+    assert_eq!(state_of(&api, &id), "complete");
+    assert_eq!(pv_finalizers(&api, "pvc-outage").unwrap(), Vec::<String>::new());
+    assert_eq!(pv_finalizers(&api, "pvc-live").unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn rotated_token_is_picked_up() {
+    let api = api("token");
+    let cfg = config(Duration::from_secs(600));
+    let mut n = SimNode::new(&api, "node-0", &cfg);
+    n.poll();
+    api.rotate_token("token-2");
+    n.poll();
+    let ctl = cleanup::Controller::new(api.client(NS), cfg);
+    ctl.poll_once().unwrap();
+    // The old token is refused outright.
+    api.with(|s| s.token = "token-3".into());
+    assert!(n.cleaner.poll_once().is_err());
+}
+
+#[test]
+fn symlinks_inside_a_volume_never_lead_the_deletion_outside() {
+    let api = api("symlink");
+    let cfg = config(Duration::from_secs(600));
+    let mut n = SimNode::new(&api, "node-0", &cfg);
+    let id = volume_id("pvc-link");
+    api.add_pv("pvc-link", DRIVER, &id);
+    let outside = n.tree.root.join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("precious"), b"keep").unwrap();
+    n.use_volume(&id, "pvc-link", "data");
+    let vol = n.tree.base().join(&id);
+    symlink(&outside, vol.join("escape-dir")).unwrap();
+    symlink(outside.join("precious"), vol.join("escape-file")).unwrap();
+    fs::create_dir_all(vol.join("a/b")).unwrap();
+    symlink("../../../../outside", vol.join("a/b/up")).unwrap();
+
+    cleanup::Controller::new(api.client(NS), cfg)
+        .volume_deleted(&id)
+        .unwrap();
+    assert_eq!(n.poll(), 1);
+    assert!(!vol.exists());
+    assert_eq!(fs::read(outside.join("precious")).unwrap(), b"keep");
+}
+
+#[test]
+fn a_mounted_volume_waits_until_unmounted() {
+    let api = api("mounted");
+    let cfg = config(Duration::from_secs(600));
+    let mut n = SimNode::new(&api, "node-0", &cfg);
+    let id = volume_id("pvc-mounted");
+    api.add_pv("pvc-mounted", DRIVER, &id);
+    let target = n.tree.target("busy-pod");
+    n.state.publish(&publish_req(&id, &target, false)).unwrap();
+    fs::write(target.join("in-use"), b"x").unwrap();
+    cleanup::Controller::new(api.client(NS), cfg)
+        .volume_deleted(&id)
+        .unwrap();
+    assert_eq!(n.poll(), 0);
+    assert_eq!(
+        fs::read(target.join("in-use")).unwrap(),
+        b"x",
+        "data in use is never deleted"
+    );
+    assert!(
+        !record(&api, &id).unwrap()["data"]
+            .as_object()
+            .unwrap()
+            .contains_key("ack.node-0"),
+        "no ack while mounted"
+    );
+    n.state.unpublish(&unpublish_req(&id, &target)).unwrap();
+    assert_eq!(n.poll(), 1);
+    assert!(!n.has(&id));
+    assert!(record(&api, &id).unwrap()["data"]
+        .as_object()
+        .unwrap()
+        .contains_key("ack.node-0"));
+    n.tree.assert_no_mounts();
+}
+
+#[test]
+fn orphans_go_after_the_grace_and_retained_volumes_stay() {
+    let api = api("orphan");
+    let mut cfg = config(Duration::from_secs(600));
+    cfg.orphan_grace = Duration::from_millis(200);
+    let mut n = SimNode::new(&api, "node-0", &cfg);
+    let orphan = volume_id("pvc-orphan");
+    let retained = volume_id("pvc-retained");
+    let unnamed = volume_id("pvc-unnamed");
+    api.add_pv("pvc-retained", DRIVER, &retained);
+    n.use_volume(&orphan, "pvc-orphan", "x");
+    n.use_volume(&retained, "pvc-retained", "x");
+    // A dir that does not know its PV's name is checked against the full PV list.
+    fs::create_dir(n.tree.base().join(&unnamed)).unwrap();
+    assert_eq!(n.poll(), 0, "first sighting starts the grace period");
+    assert!(n.has(&orphan) && n.has(&unnamed));
+    std::thread::sleep(Duration::from_millis(250));
+    assert_eq!(n.poll(), 2);
+    assert!(!n.has(&orphan) && !n.has(&unnamed));
+    assert!(n.has(&retained), "a volume with a live PV is never an orphan");
+    let pv_lists = api
+        .requests()
+        .iter()
+        .filter(|(m, p)| m == "GET" && p.starts_with("/api/v1/persistentvolumes?"))
+        .count();
+    assert!(pv_lists >= 1);
+}
+
+#[test]
+fn every_list_is_served_from_the_watch_cache() {
+    let api = api("cache");
+    let cfg = config(Duration::from_secs(600));
+    let mut n = SimNode::new(&api, "node-0", &cfg);
+    api.clear_log();
+    for _ in 0..5 {
+        n.poll();
+    }
+    let log = api.requests();
+    assert_eq!(log.len(), 5, "an idle node makes one request per poll: {log:?}");
+    assert!(
+        log.iter().all(|(m, p)| m == "GET" && p.contains("resourceVersion=0")),
+        "{log:?}"
+    );
+}
+
+/// The real binaries, wired to the fake API by flags: DeleteVolume over gRPC ends with the
+/// node's copy gone and the PV released.
+#[test]
+fn binaries_run_the_protocol_end_to_end() {
+    let api = api("binaries");
+    let tree = Tree::new("cleanup-e2e");
+    let kube_flags = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec![
+            format!("--kube-api-url={}", api.url),
+            format!("--kube-token-file={}", api.token_file.display()),
+            format!("--kube-ca-file={}", api.ca_file.display()),
+            format!("--namespace={NS}"),
+            "--cleanup-poll-interval=200ms".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let ctl = Driver::controller(&tree, &kube_flags(&[]).iter().map(String::as_str).collect::<Vec<_>>());
+    let node_args = kube_flags(&[]);
+    let node = Driver::node(
+        &tree,
+        "node-0",
+        &node_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    api.add_node("node-0", DRIVER);
+
+    let created = ctl
+        .controller_client()
+        .create_volume(&create_req("pvc-e2e", 0))
+        .unwrap();
+    let v = created.volume.unwrap();
+    api.add_pv("pvc-e2e", DRIVER, &v.volume_id);
+    let target = tree.target("pod1");
+    let mut req = publish_req(&v.volume_id, &target, false);
+    req.volume_context = v.volume_context.clone();
+    node.node_client().node_publish_volume(&req).unwrap();
+    fs::write(target.join("f"), b"x").unwrap();
+    node.node_client()
+        .node_unpublish_volume(&unpublish_req(&v.volume_id, &target))
+        .unwrap();
+    assert!(tree.base().join(&v.volume_id).exists());
+
+    let mut del = csi::DeleteVolumeRequest::new();
+    del.volume_id = v.volume_id.clone();
+    ctl.controller_client().delete_volume(&del).unwrap();
+    api.delete_pv("pvc-e2e");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tree.base().join(&v.volume_id).exists() || state_of(&api, &v.volume_id) != "complete" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cleanup did not finish; node log:\n{}\ncontroller log:\n{}",
+            node.log_text(),
+            ctl.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(pv_finalizers(&api, "pvc-e2e"), None, "the PV is released and gone");
+    tree.assert_no_mounts();
+}
