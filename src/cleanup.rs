@@ -498,16 +498,16 @@ impl NodeCleaner {
                     Ok(_) => self.log.ok(),
                     Err(e) => self.log.failed("cleanup poll", &e),
                 }
-                thread::sleep(jitter_narrow(self.cfg.poll_interval));
+                thread::sleep(poll_delay(self.cfg.poll_interval));
             })
             .expect("spawn cleanup thread");
     }
 }
 
-/// 90–110 % of the interval: enough to keep thousands of nodes from polling in step, while the
-/// worst case from request to clean stays close to one interval.
-fn jitter_narrow(d: Duration) -> Duration {
-    d.mul_f64(0.9) + jitter(d / 10)
+/// 100–110 % of the interval: never more often than asked, and spread enough that thousands of
+/// nodes do not poll in step, while the worst case from request to clean stays near one interval.
+pub fn poll_delay(d: Duration) -> Duration {
+    d.mul_f64(0.95) + jitter(d / 10)
 }
 
 #[cfg(test)]
@@ -545,7 +545,7 @@ mod tests {
     #[test]
     fn narrow_jitter_bounds() {
         for _ in 0..100 {
-            let d = jitter_narrow(Duration::from_secs(30));
+            let d = poll_delay(Duration::from_secs(30));
             assert!(
                 d >= Duration::from_millis(28_500) && d <= Duration::from_millis(31_500),
                 "{d:?}"

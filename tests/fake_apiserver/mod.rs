@@ -305,6 +305,8 @@ fn read_request(r: &mut impl BufRead) -> Option<Request> {
 }
 
 fn serve_conn(tcp: TcpStream, config: Arc<rustls::ServerConfig>, state: Arc<Mutex<State>>) {
+    // Answers go out whole at once; without this, delayed ACKs cost ~40 ms a request.
+    let _ = tcp.set_nodelay(true);
     let conn = rustls::ServerConnection::new(config).unwrap();
     let tls = rustls::StreamOwned::new(conn, tcp);
     let mut reader = BufReader::new(tls);
@@ -322,8 +324,7 @@ fn serve_conn(tcp: TcpStream, config: Arc<rustls::ServerConfig>, state: Arc<Mute
         );
         let out = reader.get_mut();
         if out
-            .write_all(head.as_bytes())
-            .and_then(|_| out.write_all(text.as_bytes()))
+            .write_all(format!("{head}{text}").as_bytes())
             .and_then(|_| out.flush())
             .is_err()
         {
