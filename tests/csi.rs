@@ -702,3 +702,106 @@ fn json_logs_carry_one_request_id_per_call() {
     );
     tree.assert_no_mounts();
 }
+
+/// One HTTP/1.1 exchange with the metrics endpoint: (status, body).
+fn http(addr: &str, request: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Checks one exposition line of the Prometheus text format (0.0.4).
+fn valid_prometheus_line(line: &str) -> bool {
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    if let Some(rest) = line.strip_prefix("# HELP ") {
+        return rest
+            .split_once(' ')
+            .is_some_and(|(n, help)| name_ok(n) && !help.is_empty());
+    }
+    if let Some(rest) = line.strip_prefix("# TYPE ") {
+        return rest
+            .split_once(' ')
+            .is_some_and(|(n, t)| name_ok(n) && ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t));
+    }
+    let (series, value) = match line.rsplit_once(' ') {
+        Some(x) => x,
+        None => return false,
+    };
+    let value_ok = value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value);
+    let (name, labels) = match series.split_once('{') {
+        Some((n, l)) => (n, l.strip_suffix('}')),
+        None => (series, Some("")),
+    };
+    let Some(labels) = labels else { return false };
+    let labels_ok = labels.is_empty()
+        || labels.split("\",").all(|pair| {
+            pair.split_once("=\"")
+                .is_some_and(|(k, v)| name_ok(k) && !v.trim_end_matches('"').contains('"'))
+        });
+    name_ok(name) && value_ok && labels_ok
+}
+
+#[test]
+fn metrics_after_real_calls_are_valid_prometheus_text() {
+    let tree = Tree::new("metrics");
+    let d = Driver::node(&tree, "node-a", &["--metrics-addr=127.0.0.1:0"]);
+    let addr = d.metrics_addr();
+    let n = d.node_client();
+    let vol = volume_id("pvc-metrics");
+    let target = tree.target("pod1");
+    n.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
+    let _ = n.node_publish_volume(&publish_req("bad", &target, false));
+
+    let (status, body) = http(&addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 200);
+    for line in body.lines() {
+        assert!(valid_prometheus_line(line), "not Prometheus text: {line:?}");
+    }
+    for want in [
+        "node_local_cache_csi_requests_total{method=\"NodePublishVolume\",code=\"OK\"} 1",
+        "node_local_cache_csi_requests_total{method=\"NodePublishVolume\",code=\"INVALID_ARGUMENT\"} 1",
+        "node_local_cache_mount_duration_seconds_count 1",
+        "node_local_cache_volume_create_total 1",
+        "node_local_cache_active_volumes 1",
+        "node_local_cache_build_info{version=\"",
+        "node_local_cache_csi_request_duration_seconds_bucket{method=\"NodePublishVolume\",le=\"+Inf\"} 2",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in:\n{body}");
+    }
+    assert_eq!(http(&addr, b"GET /healthz HTTP/1.1\r\n\r\n").0, 200);
+    assert_eq!(http(&addr, b"GET /nope HTTP/1.1\r\n\r\n").0, 404);
+    assert_eq!(http(&addr, b"POST /metrics HTTP/1.1\r\n\r\n").0, 405);
+    assert_eq!(http(&addr, &[b'A'; 20_000]).0, 431, "an oversized request is refused");
+
+    // Clients that connect and say nothing hold no more than the connection cap; CSI calls
+    // carry on meanwhile, and the endpoint serves again once they time out or leave.
+    let idle: Vec<_> = (0..8).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    n.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = http(&addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        if status == 200 {
+            assert!(body.contains("node_local_cache_active_volumes 0"), "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "metrics endpoint did not recover");
+        thread::sleep(Duration::from_millis(100));
+    }
+    tree.assert_no_mounts();
+}

@@ -135,11 +135,14 @@ impl Driver {
     pub fn start(tree: &Tree, name: &str, args: &[String]) -> Driver {
         let socket = tree.socket(name);
         let log = tree.root.join(format!("{name}.log"));
-        let child = Command::new(BIN)
-            .args(args)
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
             .arg(format!("--csi-socket=unix://{}", socket.display()))
-            .arg("--metrics-addr=")
-            .arg("--log-level=debug")
+            .arg("--log-level=debug");
+        if !args.iter().any(|a| a.starts_with("--metrics-addr")) {
+            cmd.arg("--metrics-addr=");
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
@@ -174,6 +177,17 @@ impl Driver {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The metrics address the driver logged (started with `--metrics-addr=127.0.0.1:0`).
+    pub fn metrics_addr(&self) -> String {
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("metrics on http://"))
+            .expect("metrics endpoint logged");
+        let start = line.find("http://").unwrap() + "http://".len();
+        line[start..].trim_end_matches("/metrics").to_owned()
     }
 
     pub fn log_text(&self) -> String {
