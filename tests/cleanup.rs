@@ -166,7 +166,7 @@ fn deleted_volume_is_wiped_on_every_node_and_released() {
 #[test]
 fn a_node_that_was_down_cleans_up_when_it_returns() {
     let api = api("down");
-    let cfg = config(Duration::from_secs(2));
+    let cfg = config(Duration::from_secs(5));
     let mut nodes: Vec<SimNode> = (0..3).map(|i| SimNode::new(&api, &format!("node-{i}"), &cfg)).collect();
     let id = volume_id("pvc-down");
     api.add_pv("pvc-down", DRIVER, &id);
@@ -184,7 +184,7 @@ fn a_node_that_was_down_cleans_up_when_it_returns() {
         "node-2 has not acknowledged and the timeout has not passed: {}",
         record(&api, &id).unwrap()
     );
-    std::thread::sleep(Duration::from_millis(2100));
+    std::thread::sleep(Duration::from_millis(5100));
     ctl.poll_once().unwrap();
     assert_eq!(state_of(&api, &id), "complete", "the timeout releases the volume");
     assert_eq!(pv_finalizers(&api, "pvc-down").unwrap(), Vec::<String>::new());

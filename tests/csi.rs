@@ -472,7 +472,7 @@ fn foreign_mounts_are_never_ours() {
 #[test]
 fn concurrent_publishes_and_in_flight_duplicates() {
     let tree = Tree::new("concurrent");
-    let d = Driver::node(&tree, "node-a", &["--workers=8", "--test-publish-delay=200ms"]);
+    let d = Driver::node(&tree, "node-a", &["--workers=8", "--test-publish-delay=500ms"]);
     let vol = volume_id("pvc-shared");
     let targets: Vec<_> = (0..32).map(|i| tree.target(&format!("pod{i}"))).collect();
 
@@ -482,7 +482,9 @@ fn concurrent_publishes_and_in_flight_duplicates() {
         let (n, req) = (d.node_client(), publish_req(&vol, &targets[0], false));
         thread::spawn(move || n.node_publish_volume_opt(&req, opt()))
     };
-    thread::sleep(Duration::from_millis(80));
+    // Logged as the call is handed to a worker, which takes the lock at once.
+    d.wait_for_log("NodePublishVolume request", 1);
+    thread::sleep(Duration::from_millis(100));
     let (c, msg) = code(
         d.node_client()
             .node_publish_volume(&publish_req(&vol, &targets[0], false)),
@@ -614,7 +616,8 @@ fn sigterm_lets_a_call_in_flight_finish() {
         let (n, req) = (d.node_client(), publish_req(&vol, &target, false));
         thread::spawn(move || n.node_publish_volume_opt(&req, opt()))
     };
-    thread::sleep(Duration::from_millis(300));
+    d.wait_for_log("NodePublishVolume request", 1);
+    thread::sleep(Duration::from_millis(200));
     let status = d.terminate();
     assert!(status.success(), "exit status {status:?}; log:\n{}", d.log_text());
     call.join().unwrap().expect("the call in flight completes");
