@@ -276,6 +276,11 @@ pub fn remount_bind(mount_root: &Path, flags: BindFlags) -> Result<(), Errno> {
     nix::mount::mount(None::<&Path>, mount_root, None::<&Path>, ms, None::<&Path>)
 }
 
+/// Takes a mount made moments ago off `mount_point` at once, even while something holds it open.
+pub fn detach(mount_point: &Path) -> Result<(), Errno> {
+    nix::mount::umount2(mount_point, MntFlags::UMOUNT_NOFOLLOW | MntFlags::MNT_DETACH)
+}
+
 /// Unmounts the top mount at `target`, never following a symlink there.
 pub fn unmount(target: &Path) -> Result<(), Errno> {
     nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW)

@@ -276,14 +276,18 @@ impl NodeState {
                         Errno::ELOOP | Errno::ENOTDIR => {
                             Error::bad_path(id, &target, "target is a symlink or not a directory")
                         }
+                        Errno::ENOENT => Error::conflict(id, &target, "target changed while it was being created"),
                         e => Error::sys("create target dir", id, &target, e),
                     });
                 }
             };
-        let undo = |mounted: bool| {
+        // The bind sits on the directory we opened, wherever a rename may since have moved it:
+        // undo takes it off there, not at whatever now has the target's name.
+        let undo = |tgt_fd: &OwnedFd, mounted: bool| {
             if mounted {
-                if let Err(e) = mounts::unmount(&t.real) {
-                    warn!("volume {id}: undo mount at {}: {}", t.real.display(), e.desc());
+                let landed = safedir::real_path(tgt_fd.as_fd()).unwrap_or_else(|_| t.real.clone());
+                if let Err(e) = mounts::detach(&landed) {
+                    warn!("volume {id}: undo mount at {}: {}", landed.display(), e.desc());
                 }
             }
             if made_tgt {
@@ -294,18 +298,20 @@ impl NodeState {
 
         let started = Instant::now();
         if let Err(e) = mounts::bind(&safedir::fd_path(vol_fd.as_fd()), &safedir::fd_path(tgt_fd.as_fd())) {
-            drop(tgt_fd);
-            undo(false);
-            return Err(Error::sys("bind mount", id, &target, e));
+            undo(&tgt_fd, false);
+            return Err(match e {
+                Errno::ENOENT => Error::conflict(id, &target, "target changed while it was being mounted"),
+                e => Error::sys("bind mount", id, &target, e),
+            });
         }
-        drop(tgt_fd);
         // Opening the name again crosses into the new mount: proof that it landed on the target,
         // and a handle on its root for the remount.
         let want = safedir::identity(vol_fd.as_fd()).map_err(|e| Error::sys("stat volume dir", id, &vol_path, e))?;
+        let landed_here = safedir::real_path(tgt_fd.as_fd()).is_ok_and(|p| p == t.real);
         let mount_root = match safedir::open_child(t.parent.as_fd(), &t.name) {
-            Ok(fd) if safedir::identity(fd.as_fd()) == Ok(want) => fd,
+            Ok(fd) if landed_here && safedir::identity(fd.as_fd()) == Ok(want) => fd,
             _ => {
-                undo(true);
+                undo(&tgt_fd, true);
                 return Err(Error::conflict(
                     id,
                     &target,
@@ -316,7 +322,7 @@ impl NodeState {
         if flags.needs_remount() {
             if let Err(e) = mounts::remount_bind(&safedir::fd_path(mount_root.as_fd()), flags) {
                 drop(mount_root);
-                undo(true);
+                undo(&tgt_fd, true);
                 return Err(Error::sys("remount with the requested flags", id, &target, e));
             }
         }

@@ -34,29 +34,34 @@ pub fn open_child(parent: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd, Errno
 /// Opens `name` inside `parent`, creating it with exactly `mode` (umask aside) if it is missing.
 /// Returns the handle and whether this call created the directory.
 pub fn ensure_child(parent: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> Result<(OwnedFd, bool), Errno> {
-    let created = match mkdirat(parent, name, mode) {
-        Ok(()) => true,
-        Err(Errno::EEXIST) => false,
-        Err(e) => return Err(e),
-    };
-    match open_child(parent, name) {
-        Ok(fd) => {
-            if created {
-                if let Err(e) = fchmod(fd.as_fd(), mode) {
-                    drop(fd);
-                    let _ = unlinkat(parent, name, UnlinkatFlags::RemoveDir);
-                    return Err(e);
+    // A name removed between mkdirat's EEXIST and the open is made again, a few times.
+    for _ in 0..3 {
+        let created = match mkdirat(parent, name, mode) {
+            Ok(()) => true,
+            Err(Errno::EEXIST) => false,
+            Err(e) => return Err(e),
+        };
+        match open_child(parent, name) {
+            Ok(fd) => {
+                if created {
+                    if let Err(e) = fchmod(fd.as_fd(), mode) {
+                        drop(fd);
+                        let _ = unlinkat(parent, name, UnlinkatFlags::RemoveDir);
+                        return Err(e);
+                    }
                 }
+                return Ok((fd, created));
             }
-            Ok((fd, created))
-        }
-        Err(e) => {
-            if created {
-                let _ = unlinkat(parent, name, UnlinkatFlags::RemoveDir);
+            Err(Errno::ENOENT) if !created => continue,
+            Err(e) => {
+                if created {
+                    let _ = unlinkat(parent, name, UnlinkatFlags::RemoveDir);
+                }
+                return Err(e);
             }
-            Err(e)
         }
     }
+    Err(Errno::ENOENT)
 }
 
 /// Removes the empty directory `name` inside `parent`.
