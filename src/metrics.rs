@@ -84,7 +84,8 @@ const METHODS: [&str; 13] = [
 ];
 const CODES: usize = 17;
 
-const CODE_NAMES: [&str; CODES] = [
+/// gRPC's canonical status names, indexed by code; callers outside this module use `code_name`.
+pub const CODE_NAMES: [&str; CODES] = [
     "OK",
     "CANCELLED",
     "UNKNOWN",
@@ -103,6 +104,14 @@ const CODE_NAMES: [&str; CODES] = [
     "DATA_LOSS",
     "UNAUTHENTICATED",
 ];
+
+/// "NOT_FOUND" for NOT_FOUND; `None` for a code outside gRPC's table.
+pub fn code_name(code: RpcStatusCode) -> Option<&'static str> {
+    usize::try_from(i32::from(code))
+        .ok()
+        .and_then(|i| CODE_NAMES.get(i))
+        .copied()
+}
 
 static RPC_COUNTS: [[AtomicU64; CODES]; METHODS.len()] =
     [const { [const { AtomicU64::new(0) }; CODES] }; METHODS.len()];

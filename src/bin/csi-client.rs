@@ -77,33 +77,10 @@ impl From<grpcio::Error> for Failure {
     }
 }
 
-/// gRPC's canonical names, so scripts can match on "NOT_FOUND" rather than on grpcio's Debug text.
-const STATUS_NAMES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
+/// gRPC's canonical name, so scripts can match on "NOT_FOUND" rather than on grpcio's Debug text.
 fn status_name(s: &RpcStatus) -> String {
-    let code = i32::from(s.code());
-    usize::try_from(code)
-        .ok()
-        .and_then(|i| STATUS_NAMES.get(i))
-        .map_or_else(|| format!("CODE_{code}"), |n| (*n).to_owned())
+    node_local_cache::metrics::code_name(s.code())
+        .map_or_else(|| format!("CODE_{}", i32::from(s.code())), str::to_owned)
 }
 
 // ---- the RPC table ----
