@@ -477,20 +477,29 @@ fn concurrent_publishes_and_in_flight_duplicates() {
     let targets: Vec<_> = (0..32).map(|i| tree.target(&format!("pod{i}"))).collect();
 
     // A duplicate of a call still in flight gets ABORTED, deterministically: the first call
-    // holds its lock through the publish delay.
-    let first = {
-        let (n, req) = (d.node_client(), publish_req(&vol, &targets[0], false));
-        thread::spawn(move || n.node_publish_volume_opt(&req, opt()))
-    };
-    // Logged as the call is handed to a worker, which takes the lock at once.
-    d.wait_for_log("NodePublishVolume request", 1);
-    thread::sleep(Duration::from_millis(100));
-    let (c, msg) = code(
-        d.node_client()
-            .node_publish_volume(&publish_req(&vol, &targets[0], false)),
-    );
-    assert_eq!(c, RpcStatusCode::ABORTED, "{msg}");
-    first.join().unwrap().unwrap();
+    // holds its lock through a long publish delay (its own plugin, so the rest stays quick).
+    {
+        let tree = Tree::new("inflight");
+        let slow = Driver::node(&tree, "node-a", &["--test-publish-delay=3s"]);
+        let target = tree.target("pod0");
+        let first = {
+            let (n, req) = (slow.node_client(), publish_req(&vol, &target, false));
+            thread::spawn(move || n.node_publish_volume_opt(&req, opt()))
+        };
+        // Logged as the call is handed to a worker, which takes the lock at once.
+        slow.wait_for_log("NodePublishVolume request", 1);
+        thread::sleep(Duration::from_millis(200));
+        let (c, msg) = code(
+            slow.node_client()
+                .node_publish_volume(&publish_req(&vol, &target, false)),
+        );
+        assert_eq!(c, RpcStatusCode::ABORTED, "{msg}");
+        first.join().unwrap().unwrap();
+        slow.node_client()
+            .node_unpublish_volume(&unpublish_req(&vol, &target))
+            .unwrap();
+        tree.assert_no_mounts();
+    }
 
     // 32 publishes to distinct targets of one volume at once, each with a duplicate racing it.
     let barrier = Arc::new(Barrier::new(64));

@@ -217,9 +217,9 @@ struct Phase {
 }
 
 impl Phase {
-    /// Completed cycles per second of wall time.
-    fn throughput(&self) -> f64 {
-        let done = self.record.latencies.get("cycle").map_or(0, Vec::len);
+    /// Completed `op`s (cycles, calls) per second of wall time.
+    fn throughput(&self, op: &str) -> f64 {
+        let done = self.record.latencies.get(op).map_or(0, Vec::len);
         done as f64 / self.wall.as_secs_f64().max(1e-9)
     }
 }
@@ -497,6 +497,8 @@ struct Report {
     plugin: String,
     volume: String,
     target_root: PathBuf,
+    /// NodeGetCapabilities at the same concurrency: what a call costs with no work in it.
+    round_trip: Phase,
     driver: Phase,
     floor: Option<Phase>,
     create_delete: Option<Phase>,
@@ -520,7 +522,8 @@ impl Report {
         }
         o.insert(
             "throughput_per_s".into(),
-            json!((phase.throughput() * 10.0).round() / 10.0),
+            // The last op is the whole one: "cycle" or "call".
+            json!((phase.throughput(ops.last().copied().unwrap_or("cycle")) * 10.0).round() / 10.0),
         );
         o.insert("wall_ms".into(), json!(ms_json(phase.wall)));
         let errors: serde_json::Map<String, Value> = phase
@@ -541,6 +544,7 @@ impl Report {
             "cycles": flags.cycles,
             "concurrency": flags.concurrency,
             "readonly": flags.readonly,
+            "round_trip": Self::phase_json(&self.round_trip, &["call"]),
             "driver": Self::phase_json(&self.driver, &["publish", "unpublish", "cycle"]),
             "floor": self.floor.as_ref().map(|p| Self::phase_json(p, &["publish", "unpublish", "cycle"])),
             "cycle_p50_vs_floor": self.ratio().map(|r| (r * 100.0).round() / 100.0),
@@ -584,6 +588,7 @@ impl Report {
         row("publish", d.summary("publish"));
         row("unpublish", d.summary("unpublish"));
         row("cycle", d.summary("cycle"));
+        row("NodeGetCapabilities", self.round_trip.record.summary("call"));
         if let Some(f) = &self.floor {
             row("floor mkdir+mount", f.record.summary("publish"));
             row("floor umount+rmdir", f.record.summary("unpublish"));
@@ -593,15 +598,16 @@ impl Report {
             row("CreateVolume", cd.record.summary("create"));
             row("DeleteVolume", cd.record.summary("delete"));
         }
-        let _ = write!(out, "throughput: {:.1} cycles/s", self.driver.throughput());
+        let _ = write!(out, "throughput: {:.1} cycles/s", self.driver.throughput("cycle"));
         if let Some(f) = &self.floor {
-            let _ = write!(out, " (floor {:.1} cycles/s)", f.throughput());
+            let _ = write!(out, " (floor {:.1} cycles/s)", f.throughput("cycle"));
         }
         out.push('\n');
         if let Some(r) = self.ratio() {
             let _ = writeln!(out, "cycle p50 vs floor p50: {r:.2}x");
         }
         let phases = [
+            ("", Some(&self.round_trip)),
             ("", Some(&self.driver)),
             ("floor ", self.floor.as_ref()),
             ("", self.create_delete.as_ref()),
@@ -688,6 +694,22 @@ fn release_volume(c: &Clients, vol: &Volume) -> Result<(), String> {
     Ok(())
 }
 
+/// NodeGetCapabilities calls, as many and as concurrent as the cycles: the plugin's and gRPC's
+/// cost of any call, which publish and unpublish pay on top of their own work.
+fn round_trip_phase(c: &Clients, flags: &Flags) -> Phase {
+    let req = csi::NodeGetCapabilitiesRequest::new();
+    run_phase(flags.concurrency, flags.cycles, |_, r| {
+        let started = Instant::now();
+        match c.node.node_get_capabilities_opt(&req, c.call()) {
+            Ok(_) => r.took("call", started.elapsed()),
+            Err(e) => {
+                let (code, msg) = describe(&e);
+                r.failed("NodeGetCapabilities", &code, msg);
+            }
+        }
+    })
+}
+
 fn driver_phase(
     c: &Clients,
     flags: &Flags,
@@ -769,6 +791,9 @@ fn run(flags: &Flags) -> Result<ExitCode, String> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    if flags.concurrency == 0 {
+        return Err("--concurrency must be at least 1".into());
+    }
     let root = flags
         .target_root
         .as_ref()
@@ -776,9 +801,6 @@ fn run(flags: &Flags) -> Result<ExitCode, String> {
     std::fs::create_dir_all(root).map_err(|e| format!("create {}: {e}", root.display()))?;
     // As the kernel names it, so mountinfo comparisons hold.
     let root = std::fs::canonicalize(root).map_err(|e| format!("{}: {e}", root.display()))?;
-    if flags.concurrency == 0 {
-        return Err("--concurrency must be at least 1".into());
-    }
 
     let call = CallOption::default().timeout(flags.timeout);
     let clients = Clients {
@@ -797,6 +819,7 @@ fn run(flags: &Flags) -> Result<ExitCode, String> {
 
     let cap = capability(flags.access_mode);
     let vol = prepare_volume(&clients, flags, &root, &cap)?;
+    let round_trip = round_trip_phase(&clients, flags);
     let driver = driver_phase(&clients, flags, &root, &vol, &cap)?;
     let mounts_left = mounts_below(&root)?;
     let floor = if flags.no_floor {
@@ -811,6 +834,7 @@ fn run(flags: &Flags) -> Result<ExitCode, String> {
         plugin,
         volume: vol.id.clone(),
         target_root: root,
+        round_trip,
         driver,
         floor,
         create_delete,
@@ -822,7 +846,8 @@ fn run(flags: &Flags) -> Result<ExitCode, String> {
         print!("{}", report.table(flags));
     }
     released?;
-    let failed = report.driver.record.failure_count()
+    let failed = report.round_trip.record.failure_count()
+        + report.driver.record.failure_count()
         + report.create_delete.as_ref().map_or(0, |p| p.record.failure_count())
         + report.floor.as_ref().map_or(0, |p| p.record.failure_count());
     if !report.mounts_left.is_empty() {
@@ -926,7 +951,8 @@ mod tests {
             record,
             wall: Duration::from_millis(500),
         };
-        assert!((phase.throughput() - 100.0).abs() < 1e-9);
+        assert!((phase.throughput("cycle") - 100.0).abs() < 1e-9);
+        assert_eq!(phase.throughput("call"), 0.0);
     }
 
     #[test]
