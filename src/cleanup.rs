@@ -137,6 +137,11 @@ impl Record {
     }
 }
 
+/// Every cleanup record, pending and complete, from one cached list.
+fn list_records(kube: &Client) -> KubeResult<Vec<Record>> {
+    Ok(kube.list_configmaps(LABEL)?.iter().filter_map(Record::parse).collect())
+}
+
 fn unavailable(volume: &str, what: &str, e: &KubeError) -> Error {
     Error::Unavailable {
         volume: volume.to_owned(),
@@ -262,12 +267,7 @@ impl Controller {
     /// One pass: complete records that every node acknowledged or that timed out; expire
     /// tombstones past their retention.
     pub fn poll_once(&self) -> KubeResult<()> {
-        let records: Vec<Record> = self
-            .kube
-            .list_configmaps(LABEL)?
-            .iter()
-            .filter_map(Record::parse)
-            .collect();
+        let records = list_records(&self.kube)?;
         let pending: Vec<&Record> = records.iter().filter(|r| r.pending).collect();
         metrics::CLEANUP_PENDING.store(pending.len() as u64, Ordering::Relaxed);
         let now = SystemTime::now();
@@ -370,12 +370,7 @@ impl NodeCleaner {
 
     /// One pass over the records; returns how many local copies were deleted.
     pub fn poll_once(&mut self) -> KubeResult<usize> {
-        let records: Vec<Record> = self
-            .kube
-            .list_configmaps(LABEL)?
-            .iter()
-            .filter_map(Record::parse)
-            .collect();
+        let records = list_records(&self.kube)?;
         self.node
             .set_deleted(records.iter().map(|r| (r.volume_id.clone(), r.requested)).collect());
         let mut deleted = 0;
