@@ -3,7 +3,8 @@
 //! deleting it with `safedir::remove_tree` next to `rm -rf`.
 //!
 //! `cargo bench --bench fs`, as root. `NLC_BENCH_FILES` sets the tree size (default 100000, in
-//! 100 directories); `NLC_BENCH_JSON=<path>` also writes the figures as one JSON object.
+//! 100 directories); `NLC_BENCH_JSON=<path>` also writes the figures as one JSON object. The bench
+//! profile inherits release, so this reuses the release build's gRPC C core.
 //!
 //! Cold runs of the tree walk start after `sync` and `echo 3 > /proc/sys/vm/drop_caches`, so every
 //! directory and inode comes from disk (where that file is not writable they are warm, and the
@@ -303,7 +304,7 @@ impl Tmpfs {
             &dir,
             Some("tmpfs"),
             nix::mount::MsFlags::empty(),
-            Some("size=4g,mode=0700"),
+            Some("size=50%,mode=0700"),
         )
         .expect("mount tmpfs");
         Tmpfs(dir)

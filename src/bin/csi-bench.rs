@@ -4,7 +4,10 @@
 //!
 //! Each worker owns one target, `<target-root>/bench-<i>/mount`, and makes the parent itself as
 //! kubelet does; the plugin makes and removes `mount`. A plugin that asks for staging gets one
-//! NodeStageVolume first; with `--controller-socket` the volume comes from CreateVolume.
+//! NodeStageVolume first; with `--controller-socket` the volume comes from CreateVolume. As many
+//! NodeGetCapabilities calls, at the same concurrency, show what any call costs with no work in
+//! it. `--probe` only times how soon the plugin answers a ready Probe (after starting it, when
+//! given its command line after `--`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -359,6 +362,9 @@ fn floor_cycle(source: &Path, target: &Path, readonly: bool, r: &mut Record) {
     r.took("publish", started.elapsed());
     let unmount_started = Instant::now();
     if let Err(e) = nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+        // Detached so the floor leaves nothing behind; the failure still counts.
+        let _ = nix::mount::umount2(target, MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(target);
         return fail(r, "umount", e);
     }
     if let Err(e) = std::fs::remove_dir(target) {
