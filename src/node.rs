@@ -47,6 +47,9 @@ pub struct NodeState {
     /// Volumes deleted cluster-wide and when, as last seen by the cleanup poller: a local copy
     /// older than that belongs to a deleted incarnation and must not be published again.
     deleted: Mutex<HashMap<String, SystemTime>>,
+    /// The kubelet dir with the node's own symlinks resolved, once it has resolved: every
+    /// publish, unpublish and stats call compares against it.
+    kubelet_real: std::sync::OnceLock<PathBuf>,
 }
 
 /// What a node records beside each volume dir it creates (in `<base-dir>/.meta/<id>`, out of the
@@ -83,6 +86,7 @@ impl NodeState {
             inflight,
             usage_cache: Mutex::default(),
             deleted: Mutex::default(),
+            kubelet_real: std::sync::OnceLock::new(),
         })
     }
 
@@ -135,6 +139,20 @@ impl NodeState {
             .unwrap_or_else(|_| self.cfg.base_dir.clone())
     }
 
+    fn kubelet_real(&self, volume: &str) -> Result<&Path> {
+        if let Some(p) = self.kubelet_real.get() {
+            return Ok(p);
+        }
+        let real = safedir::open_dir_following(&self.cfg.kubelet_dir)
+            .and_then(|fd| safedir::real_path(fd.as_fd()))
+            .map_err(|e| Error::NodeNotReady {
+                volume: volume.to_owned(),
+                path: self.cfg.kubelet_dir.clone(),
+                reason: e.desc().into(),
+            })?;
+        Ok(self.kubelet_real.get_or_init(|| real))
+    }
+
     fn open_target(&self, volume: &str, target: &Path) -> Result<Target> {
         let parent_path = target.parent().expect("checked targets have a parent");
         let parent = safedir::open_dir_following(parent_path).map_err(|e| match e {
@@ -144,14 +162,8 @@ impl NodeState {
         })?;
         let real_parent =
             safedir::real_path(parent.as_fd()).map_err(|e| Error::sys("resolve parent dir", volume, target, e))?;
-        let kubelet = safedir::open_dir_following(&self.cfg.kubelet_dir)
-            .and_then(|fd| safedir::real_path(fd.as_fd()))
-            .map_err(|e| Error::NodeNotReady {
-                volume: volume.to_owned(),
-                path: self.cfg.kubelet_dir.clone(),
-                reason: e.desc().into(),
-            })?;
-        if !real_parent.starts_with(&kubelet) {
+        let kubelet = self.kubelet_real(volume)?;
+        if !real_parent.starts_with(kubelet) {
             return Err(Error::bad_path(
                 volume,
                 target,
