@@ -316,6 +316,12 @@ impl NodeState {
                 e => Error::sys("bind mount", id, &target, e),
             });
         }
+        // A rename that began before the bind may still move the new mount point; after this
+        // the mount stays where it is, so the checks below hold once they pass.
+        if let Err(e) = safedir::settle_renames(tgt_fd.as_fd()) {
+            undo(&tgt_fd, true);
+            return Err(Error::sys("wait for renames next to the target", id, &target, e));
+        }
         // Opening the name again crosses into the new mount: proof that it landed on the target,
         // and a handle on its root for the remount.
         let want = safedir::identity(vol_fd.as_fd()).map_err(|e| Error::sys("stat volume dir", id, &vol_path, e))?;

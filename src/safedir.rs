@@ -6,11 +6,13 @@ use std::ffi::{CStr, OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::dir::{Dir, Type};
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat2, OFlag, RenameFlags};
 use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, Mode};
+use nix::time::{clock_gettime, ClockId};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
 const DIR_FLAGS: OFlag = OFlag::O_RDONLY.union(OFlag::O_DIRECTORY).union(OFlag::O_CLOEXEC);
@@ -67,6 +69,37 @@ pub fn ensure_child(parent: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> Result<
 /// Removes the empty directory `name` inside `parent`.
 pub fn remove_child(parent: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
     unlinkat(parent, name, UnlinkatFlags::RemoveDir)
+}
+
+/// Waits for any rename under way in the directory that holds `dir`.
+///
+/// The kernel checks that a rename does not move a mount point before it takes the lock a mount
+/// takes, so a rename in a target's directory that started before a bind can still carry the
+/// new mount point away under another name. Every rename holds its directory's lock from before
+/// that check until it is done, and a lookup of a name the kernel has never seen takes the same
+/// lock; once it returns, a mount placed on `dir` stays where it is.
+pub fn settle_renames(dir: BorrowedFd<'_>) -> Result<(), Errno> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let parent = openat(
+        dir,
+        "..",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // A fresh name every time: one the dentry cache already knows (even as absent) is found
+    // without the lock. Monotonic time keeps names fresh across restarts of the plugin.
+    let now = clock_gettime(ClockId::CLOCK_MONOTONIC)?;
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let name = format!(".node-local-cache-settle.{}.{}.{seq}", now.tv_sec(), now.tv_nsec());
+    match openat(
+        parent.as_fd(),
+        name.as_str(),
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(_) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// A path through which syscalls that take only paths (mount) reach an opened handle.
