@@ -5,12 +5,16 @@
 #   - RSS grew less than 10 % from the sample after the first chunk to the last,
 #   - open fds grew by at most FD_SLACK from the start,
 #   - no call failed and no mount is left.
+# During the second chunk the node also carries NOISE_MOUNTS bind mounts that are not the
+# plugin's (a busy node has thousands: every pod brings several), so the memory check covers a
+# mount table that grows and shrinks again.
 # The plugin runs in a temporary tree (its own kubelet and base dirs, no metrics port), is stopped
 # with SIGTERM and everything is unmounted and removed on exit. Needs root (it bind-mounts).
 #
 #   scripts/soak.sh [CYCLES]      e.g. scripts/soak.sh 2000 for a quick run
 #
-# Environment: SOAK_CONCURRENCY (32), SOAK_CHUNK (10000), CARGO_TARGET_DIR (target), and
+# Environment: SOAK_CONCURRENCY (32), SOAK_CHUNK (10000), SOAK_NOISE_MOUNTS (2000),
+# CARGO_TARGET_DIR (target), and
 # SOAK_PLUGIN_ENV: VAR=value words for the plugin's environment (e.g. MALLOC_ARENA_MAX=2, to tell
 # the allocator's per-thread arenas apart from a leak).
 set -euo pipefail
@@ -20,6 +24,7 @@ concurrency="${SOAK_CONCURRENCY:-32}"
 chunk="${SOAK_CHUNK:-10000}"
 max_rss_growth_pct=10
 fd_slack=4
+noise_mounts="${SOAK_NOISE_MOUNTS:-2000}"
 
 case "$cycles" in
 '' | *[!0-9]*)
@@ -68,6 +73,21 @@ mounts_in() {
     awk -v dir="$1/" 'index($5, dir) == 1 { print $5 }' /proc/self/mountinfo
 }
 
+# Other mounts on the node: binds of one dir inside a tmpfs of their own, all gone with it.
+add_noise() {
+    mkdir -p "$work/noise"
+    mount -t tmpfs -o size=1m,mode=0700 noise "$work/noise"
+    mkdir "$work/noise/src"
+    for i in $(seq 1 "$noise_mounts"); do
+        mkdir "$work/noise/m$i"
+        mount --bind "$work/noise/src" "$work/noise/m$i"
+    done
+}
+
+remove_noise() {
+    umount -l "$work/noise"
+}
+
 rss_kib() {
     awk '/^VmRSS:/ { print $2 }' "/proc/$plugin_pid/status"
 }
@@ -108,6 +128,11 @@ while [ "$done_cycles" -lt "$cycles" ]; do
         n=$chunk
     fi
     out="$work/chunk-$done_cycles.json"
+    noisy=""
+    if [ -n "$rss_base" ] && [ "$done_cycles" -eq "$chunk" ] && [ "$noise_mounts" -gt 0 ]; then
+        add_noise
+        noisy=" (+$noise_mounts other mounts)"
+    fi
     # Failures are counted from the JSON below; a mount left behind makes csi-bench exit 1.
     if ! "$bin_dir/csi-bench" \
         --node-socket="$socket" \
@@ -121,6 +146,9 @@ while [ "$done_cycles" -lt "$cycles" ]; do
         cat "$out" >&2
         exit 1
     fi
+    if [ -n "$noisy" ]; then
+        remove_noise
+    fi
     done_cycles=$((done_cycles + n))
     failed=$(jq '[.driver.errors[]?.count, .round_trip.errors[]?.count] | add // 0' "$out")
     failed_total=$((failed_total + failed))
@@ -132,7 +160,7 @@ while [ "$done_cycles" -lt "$cycles" ]; do
         rss_base=$rss
     fi
     printf '%-10s %-10s %-8s %-12s %s\n' "$done_cycles" "$rss" "$(open_fds)" \
-        "$(jq '.driver.throughput_per_s' "$out")" "$failed"
+        "$(jq '.driver.throughput_per_s' "$out")" "$failed$noisy"
 done
 elapsed=$((SECONDS - started))
 

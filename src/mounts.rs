@@ -73,6 +73,13 @@ impl BindSource {
         })
     }
 
+    /// Whether `m` shows this directory or anything inside it, live or deleted.
+    pub fn shown_by(&self, m: &MountEntry) -> bool {
+        let root = m.root.as_os_str().as_bytes();
+        let root = Path::new(OsStr::from_bytes(root.strip_suffix(b"//deleted").unwrap_or(root)));
+        m.dev == self.dev && root.starts_with(&self.root)
+    }
+
     pub fn classify(&self, m: &MountEntry) -> Binding {
         if m.dev != self.dev {
             return Binding::Foreign;
@@ -99,14 +106,7 @@ pub fn at<'a>(table: &'a [MountEntry], path: &Path) -> Vec<&'a MountEntry> {
 /// Every mount anywhere that shows the volume dir or anything inside it (a pod's subPath), live
 /// or deleted: while one exists, the volume's data is in use.
 pub fn uses_of<'a>(table: &'a [MountEntry], source: &BindSource) -> Vec<&'a MountEntry> {
-    table
-        .iter()
-        .filter(|m| {
-            let root = m.root.as_os_str().as_bytes();
-            let root = Path::new(OsStr::from_bytes(root.strip_suffix(b"//deleted").unwrap_or(root)));
-            m.dev == source.dev && root.starts_with(&source.root)
-        })
-        .collect()
+    table.iter().filter(|m| source.shown_by(m)).collect()
 }
 
 /// How many distinct volume dirs directly below `base` are bind-mounted somewhere.
@@ -121,9 +121,48 @@ pub fn volumes_mounted(table: &[MountEntry], base: &BindSource) -> usize {
     names.len()
 }
 
+/// The whole mount table.
 pub fn read_table() -> Result<Vec<MountEntry>, Errno> {
-    let raw = std::fs::read("/proc/self/mountinfo").map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
-    parse(&raw).map_err(|_| Errno::EINVAL)
+    read_matching(|_| true)
+}
+
+/// The entries of the mount table that `keep` accepts, in table order. The table is read a line
+/// at a time, so memory stays one line plus what is kept: a busy node has thousands of mounts,
+/// and holding them all on every call left the allocator's high-water mark at the largest
+/// table ever seen.
+pub fn read_matching(keep: impl FnMut(&MountEntry) -> bool) -> Result<Vec<MountEntry>, Errno> {
+    let file = std::fs::File::open("/proc/self/mountinfo").map_err(io_errno)?;
+    filter_lines(std::io::BufReader::with_capacity(READ_CHUNK, file), keep)
+}
+
+/// One read of mountinfo: the kernel hands it out a page at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+fn io_errno(e: std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32))
+}
+
+/// The lines of a mount table that parse and that `keep` accepts; EINVAL for a malformed line.
+fn filter_lines(
+    mut reader: impl std::io::BufRead,
+    mut keep: impl FnMut(&MountEntry) -> bool,
+) -> Result<Vec<MountEntry>, Errno> {
+    let mut kept = Vec::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).map_err(io_errno)? == 0 {
+            return Ok(kept);
+        }
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        if text.is_empty() {
+            continue;
+        }
+        let entry = parse_line(text).ok_or(Errno::EINVAL)?;
+        if keep(&entry) {
+            kept.push(entry);
+        }
+    }
 }
 
 /// A mountinfo line that does not have the shape proc(5) gives.
@@ -316,6 +355,27 @@ mod tests {
         assert_eq!(t[2].fs_type, "ext4");
         assert_eq!(t[2].source, "/dev/sda1");
         assert!(t[4].read_only() && t[4].has_option("nosuid"));
+    }
+
+    #[test]
+    fn filtering_reader_keeps_matches_in_order_across_chunk_boundaries() {
+        let all = table();
+        let wanted = |m: &MountEntry| m.id % 2 == 0;
+        let expect: Vec<MountEntry> = all.iter().filter(|m| wanted(m)).cloned().collect();
+        assert!(!expect.is_empty() && expect.len() < all.len());
+        for chunk in [1, 7, 64, 1 << 16] {
+            let reader = std::io::BufReader::with_capacity(chunk, SAMPLE.as_bytes());
+            assert_eq!(filter_lines(reader, wanted).unwrap(), expect, "chunk {chunk}");
+        }
+        let mut seen = 0;
+        filter_lines(SAMPLE.as_bytes(), |_| {
+            seen += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(seen, all.len());
+        let broken = format!("{SAMPLE}not a mountinfo line\n");
+        assert_eq!(filter_lines(broken.as_bytes(), |_| true), Err(Errno::EINVAL));
     }
 
     #[test]

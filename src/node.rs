@@ -183,15 +183,27 @@ impl NodeState {
         })
     }
 
-    fn mount_table(&self, volume: &str, path: &Path) -> Result<Vec<mounts::MountEntry>> {
-        mounts::read_table().map_err(|e| Error::sys("read /proc/self/mountinfo", volume, path, e))
+    /// The mounts `keep` accepts; `path` names what the caller is working on, for errors.
+    fn mounts_where(
+        volume: &str,
+        path: &Path,
+        keep: impl FnMut(&mounts::MountEntry) -> bool,
+    ) -> Result<Vec<mounts::MountEntry>> {
+        mounts::read_matching(keep).map_err(|e| Error::sys("read /proc/self/mountinfo", volume, path, e))
     }
 
-    fn bind_source(table: &[mounts::MountEntry], base_real: &Path, volume: &str) -> Result<BindSource> {
-        let dir = base_real.join(volume);
-        BindSource::of_dir(table, &dir).ok_or_else(|| Error::NodeNotReady {
+    /// The mounts that hold a volume's dir (what `bind_source` needs) and those stacked at
+    /// `target`: all a publish, unpublish or stats call looks at.
+    fn mounts_for(volume: &str, vol_dir: &Path, target: &Path, path: &Path) -> Result<Vec<mounts::MountEntry>> {
+        Self::mounts_where(volume, path, |m| {
+            m.mount_point == target || vol_dir.starts_with(&m.mount_point)
+        })
+    }
+
+    fn bind_source(table: &[mounts::MountEntry], vol_dir: &Path, volume: &str) -> Result<BindSource> {
+        BindSource::of_dir(table, vol_dir).ok_or_else(|| Error::NodeNotReady {
             volume: volume.to_owned(),
-            path: dir,
+            path: vol_dir.to_owned(),
             reason: "no mount in /proc/self/mountinfo contains the base dir".into(),
         })
     }
@@ -213,8 +225,9 @@ impl NodeState {
 
         let base = self.open_base(id)?;
         let t = self.open_target(id, &target)?;
-        let table = self.mount_table(id, &target)?;
-        let source = Self::bind_source(&table, &base.real, id)?;
+        let vol_path = base.real.join(id);
+        let table = Self::mounts_for(id, &vol_path, &t.real, &target)?;
+        let source = Self::bind_source(&table, &vol_path, id)?;
         if let Some(top) = mounts::at(&table, &t.real).last() {
             return match source.classify(top) {
                 Binding::Ours | Binding::OursDeleted if flags.matches(top) => {
@@ -247,7 +260,6 @@ impl NodeState {
             };
         }
 
-        let vol_path = base.real.join(id);
         if let Some(deleted) = self.deleted_at(id) {
             let stale = safedir::open_child(base.fd.as_fd(), OsStr::new(id)).is_ok()
                 && self.meta(id).is_none_or(|m| m.created < deleted);
@@ -379,14 +391,14 @@ impl NodeState {
             }
             other => other?,
         };
-        let base_real = self.base_real(id);
+        let vol_dir = self.base_real(id).join(id);
         let mut unmounted = 0;
         loop {
-            let table = self.mount_table(id, &target)?;
+            let table = Self::mounts_for(id, &vol_dir, &t.real, &target)?;
             let Some(top) = mounts::at(&table, &t.real).last().copied() else {
                 break;
             };
-            let source = Self::bind_source(&table, &base_real, id)?;
+            let source = Self::bind_source(&table, &vol_dir, id)?;
             if source.classify(top) == Binding::Foreign {
                 return Err(Error::ForeignMount {
                     volume: id.to_owned(),
@@ -446,9 +458,9 @@ impl NodeState {
         };
         let base = self.open_base(id)?;
         let vol_path = base.real.join(id);
-        let table = self.mount_table(id, &vol_path)?;
-        let source = Self::bind_source(&table, &base.real, id)?;
-        if let Some(m) = mounts::uses_of(&table, &source).first() {
+        let holding = Self::mounts_where(id, &vol_path, |m| vol_path.starts_with(&m.mount_point))?;
+        let source = Self::bind_source(&holding, &vol_path, id)?;
+        if let Some(m) = Self::mounts_where(id, &vol_path, |m| source.shown_by(m))?.first() {
             debug!("volume {id}: still mounted at {}; data kept", m.mount_point.display());
             return Ok(false);
         }
@@ -555,8 +567,9 @@ impl NodeState {
             Err(Error::NotFound { .. }) => return Err(not_published()),
             other => other?,
         };
-        let table = self.mount_table(id, &path)?;
-        let source = Self::bind_source(&table, &self.base_real(id), id)?;
+        let vol_dir = self.base_real(id).join(id);
+        let table = Self::mounts_for(id, &vol_dir, &t.real, &path)?;
+        let source = Self::bind_source(&table, &vol_dir, id)?;
         let binding = mounts::at(&table, &t.real).last().map(|m| source.classify(m));
         let mut condition = VolumeCondition::new();
         match binding {
@@ -624,10 +637,17 @@ impl NodeState {
 
     /// Volumes bind-mounted on this node now (the `active_volumes` gauge).
     pub fn mounted_volumes(&self) -> u64 {
-        let (Ok(table), Ok(base)) = (mounts::read_table(), self.open_base("")) else {
+        let Ok(base) = self.open_base("") else {
             return 0;
         };
-        BindSource::of_dir(&table, &base.real).map_or(0, |s| mounts::volumes_mounted(&table, &s) as u64)
+        let Some(source) = mounts::read_matching(|m| base.real.starts_with(&m.mount_point))
+            .ok()
+            .and_then(|holding| BindSource::of_dir(&holding, &base.real))
+        else {
+            return 0;
+        };
+        mounts::read_matching(|m| m.dev == source.dev && m.root.parent() == Some(source.root.as_path()))
+            .map_or(0, |binds| mounts::volumes_mounted(&binds, &source) as u64)
     }
 }
 
