@@ -208,6 +208,32 @@ impl NodeState {
         })
     }
 
+    /// Whether anything may be mounted at the target: statx says so or cannot tell. "No" is
+    /// final, so the common publish and unpublish never read the mount table.
+    fn maybe_mounted(t: &Target) -> bool {
+        match mounts::is_mount_point(t.parent.as_fd(), &t.name) {
+            Ok(Some(mounted)) => mounted,
+            Err(Errno::ENOENT) => false,
+            Ok(None) | Err(_) => true,
+        }
+    }
+
+    /// Whether the top mount at the target shows this volume's dir itself (same device and
+    /// inode): our own bind, known without the mount table. Anything else (a foreign mount, a
+    /// volume dir gone or unreadable) is left to the table to tell apart.
+    fn shows_volume(&self, id: &str, t: &Target) -> bool {
+        let Ok(base) = self.open_base(id) else {
+            return false;
+        };
+        let (Ok(vol), Ok(top)) = (
+            safedir::open_child(base.fd.as_fd(), OsStr::new(id)),
+            safedir::open_child(t.parent.as_fd(), &t.name),
+        ) else {
+            return false;
+        };
+        matches!((safedir::identity(vol.as_fd()), safedir::identity(top.as_fd())), (Ok(a), Ok(b)) if a == b)
+    }
+
     pub fn publish(&self, req: &NodePublishVolumeRequest) -> Result<()> {
         let id = req.volume_id.as_str();
         volume::check_id(id)?;
@@ -226,9 +252,13 @@ impl NodeState {
         let base = self.open_base(id)?;
         let t = self.open_target(id, &target)?;
         let vol_path = base.real.join(id);
-        let table = Self::mounts_for(id, &vol_path, &t.real, &target)?;
-        let source = Self::bind_source(&table, &vol_path, id)?;
+        let table = if Self::maybe_mounted(&t) {
+            Self::mounts_for(id, &vol_path, &t.real, &target)?
+        } else {
+            Vec::new()
+        };
         if let Some(top) = mounts::at(&table, &t.real).last() {
+            let source = Self::bind_source(&table, &vol_path, id)?;
             return match source.classify(top) {
                 Binding::Ours | Binding::OursDeleted if flags.matches(top) => {
                     debug!(
@@ -391,20 +421,22 @@ impl NodeState {
             }
             other => other?,
         };
-        let vol_dir = self.base_real(id).join(id);
         let mut unmounted = 0;
-        loop {
-            let table = Self::mounts_for(id, &vol_dir, &t.real, &target)?;
-            let Some(top) = mounts::at(&table, &t.real).last().copied() else {
-                break;
-            };
-            let source = Self::bind_source(&table, &vol_dir, id)?;
-            if source.classify(top) == Binding::Foreign {
-                return Err(Error::ForeignMount {
-                    volume: id.to_owned(),
-                    path: target,
-                    what: format!("{} {} on {}", top.fs_type, top.root.display(), top.source),
-                });
+        while Self::maybe_mounted(&t) {
+            if !self.shows_volume(id, &t) {
+                let vol_dir = self.base_real(id).join(id);
+                let table = Self::mounts_for(id, &vol_dir, &t.real, &target)?;
+                let Some(top) = mounts::at(&table, &t.real).last().copied() else {
+                    break;
+                };
+                let source = Self::bind_source(&table, &vol_dir, id)?;
+                if source.classify(top) == Binding::Foreign {
+                    return Err(Error::ForeignMount {
+                        volume: id.to_owned(),
+                        path: target,
+                        what: format!("{} {} on {}", top.fs_type, top.root.display(), top.source),
+                    });
+                }
             }
             if unmounted == MAX_STACKED {
                 return Err(Error::sys(
