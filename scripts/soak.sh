@@ -92,6 +92,12 @@ rss_kib() {
     awk '/^VmRSS:/ { print $2 }' "/proc/$plugin_pid/status"
 }
 
+# Anonymous and file-backed parts of the RSS: code pages first touched late in a run show up in
+# the second, memory the plugin allocates in the first.
+rss_split() {
+    awk '/^RssAnon:/ { a = $2 } /^RssFile:/ { f = $2 } END { print a "/" f }' "/proc/$plugin_pid/status"
+}
+
 open_fds() {
     find "/proc/$plugin_pid/fd" -mindepth 1 -maxdepth 1 | wc -l
 }
@@ -115,8 +121,8 @@ plugin_pid=$!
 volume="nlc-$(cat /proc/sys/kernel/random/uuid)"
 fds_start="$(open_fds)"
 rss_start="$(rss_kib)"
-printf '%-10s %-10s %-8s %-12s %s\n' cycles rss_kib fds cycles_per_s failed_calls
-printf '%-10s %-10s %-8s %-12s %s\n' 0 "$rss_start" "$fds_start" - -
+printf '%-10s %-10s %-14s %-8s %-12s %s\n' cycles rss_kib anon/file_kib fds cycles_per_s failed_calls
+printf '%-10s %-10s %-14s %-8s %-12s %s\n' 0 "$rss_start" "$(rss_split)" "$fds_start" - -
 
 done_cycles=0
 rss_base=""
@@ -159,7 +165,7 @@ while [ "$done_cycles" -lt "$cycles" ]; do
     if [ -z "$rss_base" ]; then
         rss_base=$rss
     fi
-    printf '%-10s %-10s %-8s %-12s %s\n' "$done_cycles" "$rss" "$(open_fds)" \
+    printf '%-10s %-10s %-14s %-8s %-12s %s\n' "$done_cycles" "$rss" "$(rss_split)" "$(open_fds)" \
         "$(jq '.driver.throughput_per_s' "$out")" "$failed$noisy"
 done
 elapsed=$((SECONDS - started))
