@@ -8,6 +8,7 @@ pub mod identity;
 pub mod inflight;
 pub mod kube;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod mounts;
 pub mod node;

@@ -16,10 +16,10 @@ use node_local_cache::identity::{Identity, Readiness};
 use node_local_cache::inflight::InFlight;
 use node_local_cache::kube::{self, KubeConfig, KubeFlags};
 use node_local_cache::logging::{self, LogFormat};
-use node_local_cache::metrics;
 use node_local_cache::node::{Node, NodeState};
 use node_local_cache::proto::grpc;
 use node_local_cache::server::{self, Rpc};
+use node_local_cache::{memory, metrics};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ModeArg {
@@ -262,6 +262,7 @@ fn main() -> ExitCode {
         }
     }
 
+    memory::start_trimming(memory::TRIM_INTERVAL);
     let running = match server::start(&cfg.csi_socket, services, rpc) {
         Ok(r) => r,
         Err(e) => {
