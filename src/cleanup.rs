@@ -409,14 +409,16 @@ impl NodeCleaner {
         (self.cfg.orphan_grace / 4).min(Duration::from_secs(900))
     }
 
-    /// Deletes the local copy of `id` if it predates `before` (any age when `None`) and nothing
+    /// Deletes the local copy of `id` if it was made no later than `before` (any age when `None`) and nothing
     /// uses it. `None`: nothing to delete here; `Some(false)`: in use or busy, try later.
     fn clean_local(&self, id: &str, before: Option<SystemTime>) -> Result<Option<bool>> {
         if !self.node.has_volume(id) {
             return Ok(None);
         }
+        // A copy made in the very millisecond of the request is the old incarnation's: a new one
+        // cannot be created until the cleanup has finished.
         if let (Some(before), Some(meta)) = (before, self.node.meta(id)) {
-            if meta.created >= before {
+            if meta.created > before {
                 debug!("volume {id}: local copy is newer than the deletion; kept");
                 return Ok(None);
             }

@@ -292,7 +292,7 @@ impl NodeState {
 
         if let Some(deleted) = self.deleted_at(id) {
             let stale = safedir::open_child(base.fd.as_fd(), OsStr::new(id)).is_ok()
-                && self.meta(id).is_none_or(|m| m.created < deleted);
+                && self.meta(id).is_none_or(|m| m.created <= deleted);
             if stale {
                 return Err(Error::Unavailable {
                     volume: id.to_owned(),
