@@ -185,6 +185,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    memory::limit_arenas(memory::MAX_ARENAS);
     // Blocked before any thread starts, so every thread inherits the mask and only sigwait sees them.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
