@@ -94,17 +94,6 @@ fn state_of(api: &FakeApi, id: &str) -> String {
         .unwrap_or_else(|| "gone".into())
 }
 
-fn pv_finalizers(api: &FakeApi, pv: &str) -> Option<Vec<String>> {
-    api.object(&format!("persistentvolumes//{pv}")).map(|p| {
-        p["metadata"]["finalizers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|f| f.as_str().map(str::to_owned))
-            .collect()
-    })
-}
-
 fn api(tag: &str) -> FakeApi {
     FakeApi::start(&std::env::temp_dir().join(format!("nlc-fakeapi-{}-{tag}", std::process::id())))
 }
@@ -130,10 +119,10 @@ fn deleted_volume_is_wiped_on_every_node_and_released() {
     ctl.volume_deleted(&id).unwrap();
     ctl.volume_deleted(&id).unwrap();
     assert_eq!(state_of(&api, &id), "pending");
-    assert_eq!(pv_finalizers(&api, "pvc-all").unwrap(), vec![FINALIZER.to_owned()]);
+    assert_eq!(api.pv_finalizers("pvc-all").unwrap(), vec![FINALIZER.to_owned()]);
     // The provisioner deletes the PV next; our finalizer holds it.
     api.delete_pv("pvc-all");
-    assert!(pv_finalizers(&api, "pvc-all").is_some(), "held while nodes clean up");
+    assert!(api.pv_finalizers("pvc-all").is_some(), "held while nodes clean up");
 
     ctl.poll_once().unwrap();
     assert_eq!(state_of(&api, &id), "pending", "no node has acknowledged yet");
@@ -150,7 +139,7 @@ fn deleted_volume_is_wiped_on_every_node_and_released() {
         .collect();
     assert_eq!(acks, vec!["ack.node-0", "ack.node-1", "ack.node-2"]);
     ctl.poll_once().unwrap();
-    assert_eq!(pv_finalizers(&api, "pvc-all"), None, "the PV is released and gone");
+    assert_eq!(api.pv_finalizers("pvc-all"), None, "the PV is released and gone");
     assert_eq!(state_of(&api, &id), "complete");
     ctl.poll_once().unwrap();
     assert_eq!(state_of(&api, &id), "gone", "the record expires after its retention");
@@ -187,7 +176,7 @@ fn a_node_that_was_down_cleans_up_when_it_returns() {
     std::thread::sleep(Duration::from_millis(5100));
     ctl.poll_once().unwrap();
     assert_eq!(state_of(&api, &id), "complete", "the timeout releases the volume");
-    assert_eq!(pv_finalizers(&api, "pvc-down").unwrap(), Vec::<String>::new());
+    assert_eq!(api.pv_finalizers("pvc-down").unwrap(), Vec::<String>::new());
     // node-2 comes back: the tombstone tells it to clean up.
     assert!(nodes[2].has(&id));
     assert_eq!(nodes[2].poll(), 1);
@@ -297,8 +286,8 @@ fn api_outage_delays_but_never_breaks_cleanup() {
     api.with(|s| s.faults.conflict_next = 3);
     ctl.poll_once().unwrap();
     assert_eq!(state_of(&api, &id), "complete");
-    assert_eq!(pv_finalizers(&api, "pvc-outage").unwrap(), Vec::<String>::new());
-    assert_eq!(pv_finalizers(&api, "pvc-live").unwrap(), Vec::<String>::new());
+    assert_eq!(api.pv_finalizers("pvc-outage").unwrap(), Vec::<String>::new());
+    assert_eq!(api.pv_finalizers("pvc-live").unwrap(), Vec::<String>::new());
 }
 
 #[test]
@@ -478,6 +467,6 @@ fn binaries_run_the_protocol_end_to_end() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(pv_finalizers(&api, "pvc-e2e"), None, "the PV is released and gone");
+    assert_eq!(api.pv_finalizers("pvc-e2e"), None, "the PV is released and gone");
     tree.assert_no_mounts();
 }

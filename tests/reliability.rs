@@ -857,19 +857,6 @@ fn record_state(api: &FakeApi, id: &str) -> String {
         .unwrap_or_else(|| "gone".into())
 }
 
-fn finalizers(api: &FakeApi, pv: &str) -> Vec<String> {
-    api.object(&format!("persistentvolumes//{pv}"))
-        .map(|p| {
-            p["metadata"]["finalizers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|f| f.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// A pod on the node writes into the volume and goes away; the node keeps its copy.
 fn use_volume(state: &NodeState, tree: &Tree, id: &str, pv: &str) {
     let target = tree.target(&format!("pod-{pv}"));
@@ -904,7 +891,10 @@ fn expired_token_stops_cleanup_until_the_file_is_rotated() {
     assert_eq!(node.poll_once().unwrap(), 0, "the first token works");
     let ctl = cleanup::Controller::new(api.client(NS), cleanup_config(""));
     ctl.volume_deleted(&gone).unwrap();
-    assert_eq!(finalizers(&api, "pvc-expiry"), vec![FINALIZER.to_owned()]);
+    assert_eq!(
+        api.pv_finalizers("pvc-expiry").unwrap_or_default(),
+        vec![FINALIZER.to_owned()]
+    );
 
     // Expired: refused by the server; the token file still holds the old one.
     api.with(|s| s.token = "token-2".into());
@@ -922,7 +912,11 @@ fn expired_token_stops_cleanup_until_the_file_is_rotated() {
     assert!(refused >= 2 * FAILED_POLLS, "the polls reached the server: {refused}");
     assert!(record_acks(&api, &gone).is_empty());
     assert_eq!(record_state(&api, &gone), "pending");
-    assert_eq!(finalizers(&api, "pvc-expiry"), vec![FINALIZER.to_owned()], "PV held");
+    assert_eq!(
+        api.pv_finalizers("pvc-expiry").unwrap_or_default(),
+        vec![FINALIZER.to_owned()],
+        "PV held"
+    );
 
     // The kubelet writes the new token: the next polls finish the job.
     api.rotate_token("token-2");
@@ -931,9 +925,15 @@ fn expired_token_stops_cleanup_until_the_file_is_rotated() {
     assert_eq!(record_acks(&api, &gone), vec!["ack.node-0".to_owned()]);
     ctl.poll_once().unwrap();
     assert_eq!(record_state(&api, &gone), "complete");
-    assert!(finalizers(&api, "pvc-expiry").is_empty(), "the PV is released");
+    assert!(
+        api.pv_finalizers("pvc-expiry").unwrap_or_default().is_empty(),
+        "the PV is released"
+    );
     assert_eq!(read_all(&tree.base().join(&live).join("data")), "pvc-expiry-live");
-    assert_eq!(finalizers(&api, "pvc-expiry-live"), Vec::<String>::new());
+    assert_eq!(
+        api.pv_finalizers("pvc-expiry-live").unwrap_or_default(),
+        Vec::<String>::new()
+    );
     tree.assert_no_mounts();
     println!(
         "token expiry: {FAILED_POLLS} node and {FAILED_POLLS} controller polls refused (401, {refused} requests), \

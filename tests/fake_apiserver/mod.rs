@@ -163,6 +163,18 @@ impl FakeApi {
         self.with(|s| s.objects.get(key).cloned())
     }
 
+    /// The finalizers of PV `pv`; `None` once the PV is gone.
+    pub fn pv_finalizers(&self, pv: &str) -> Option<Vec<String>> {
+        self.object(&format!("persistentvolumes//{pv}")).map(|p| {
+            p["metadata"]["finalizers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.as_str().map(str::to_owned))
+                .collect()
+        })
+    }
+
     pub fn rotate_token(&self, token: &str) {
         std::fs::write(&self.token_file, format!("{token}\n")).unwrap();
         self.with(|s| s.token = token.to_owned());
