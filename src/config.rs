@@ -42,6 +42,13 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Testing only: every publish sleeps this long before mounting.
     pub test_publish_delay: Duration,
+    /// The node's cache budget: bytes all copies together may hold (0: no limit of its own).
+    pub max_cache_bytes: u64,
+    /// The node's cache budget: free space to keep on the base dir's filesystem, in percent of
+    /// its size (0: none).
+    pub min_free_percent: u8,
+    /// How often the eviction pass looks at the node's copies.
+    pub eviction_interval: Duration,
 }
 
 impl Config {
@@ -60,6 +67,11 @@ impl Config {
             stats_cache_ttl: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(10),
             test_publish_delay: Duration::ZERO,
+            max_cache_bytes: 0,
+            // kubelet's default hard eviction starts at 15 % free on the image filesystem, which
+            // is the root filesystem on most nodes: 5 points above it leave a pass time to act.
+            min_free_percent: 20,
+            eviction_interval: Duration::from_secs(60),
         }
     }
 }
@@ -82,6 +94,42 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `50Gi`, `512Mi`, `10G`, `1000000`: binary (Ki, Mi, Gi, Ti) or decimal (k, M, G, T) units; a
+/// bare number is bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 50Gi, 10G, 1048576)"))?;
+    let scale: u64 = match unit {
+        "" => 1,
+        "k" => 1000,
+        "M" => 1000u64.pow(2),
+        "G" => 1000u64.pow(3),
+        "T" => 1000u64.pow(4),
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use Ki, Mi, Gi, Ti, k, M, G or T)"
+            ))
+        }
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// A percentage from 0 to 99.
+pub fn parse_percent(s: &str) -> Result<u8, String> {
+    match s.trim().trim_end_matches('%').parse::<u8>() {
+        Ok(p) if p < 100 => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 99")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +142,22 @@ mod tests {
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
         for bad in ["", "s", "1d", "-1s", "1.5s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_percentages() {
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("50Gi").unwrap(), 50 << 30);
+        assert_eq!(parse_size("10G").unwrap(), 10_000_000_000);
+        assert_eq!(parse_size("0").unwrap(), 0);
+        for bad in ["", "Gi", "1.5Gi", "-1", "1GB", "99999999999Ti"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_percent("20").unwrap(), 20);
+        assert_eq!(parse_percent("15%").unwrap(), 15);
+        for bad in ["100", "-1", "x", ""] {
+            assert!(parse_percent(bad).is_err(), "{bad}");
         }
     }
 }

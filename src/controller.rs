@@ -8,6 +8,7 @@ use grpcio::{RpcContext, UnarySink};
 use log::{debug, info};
 
 use crate::error::{Error, Result};
+use crate::eviction::{self, Limits, Policy};
 use crate::metrics;
 use crate::proto::csi::controller_service_capability::rpc::Type as RpcType;
 use crate::proto::csi::{
@@ -20,7 +21,7 @@ use crate::proto::grpc;
 use crate::server::Rpc;
 use crate::volume;
 
-/// StorageClass parameters that csi-provisioner adds itself; everything else is refused.
+/// StorageClass parameters that csi-provisioner adds itself; beside them only `eviction` is taken.
 const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// What to do when a volume is deleted: the cleanup protocol, or nothing in standalone mode.
@@ -36,6 +37,7 @@ pub trait Deleter: Send + Sync {
 struct Record {
     name: String,
     capacity: i64,
+    eviction: Policy,
 }
 
 #[derive(Clone)]
@@ -76,12 +78,20 @@ impl Controller {
                 "volume_content_source (no snapshots or clones of a cache)",
             ));
         }
-        if let Some(key) = req.parameters.keys().find(|k| !k.starts_with(PROVISIONER_PREFIX)) {
+        if let Some(key) = req
+            .parameters
+            .keys()
+            .find(|k| !k.starts_with(PROVISIONER_PREFIX) && *k != eviction::PARAMETER)
+        {
             return Err(Error::unsupported(
                 &id,
-                format!("StorageClass parameter {key:?} (this driver takes none)"),
+                format!(
+                    "StorageClass parameter {key:?} (this driver takes only {:?})",
+                    eviction::PARAMETER
+                ),
             ));
         }
+        let policy = Policy::from_parameters(&id, &req.parameters)?;
         let (required, limit) = req
             .capacity_range
             .as_ref()
@@ -97,6 +107,18 @@ impl Controller {
         let volumes = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = volumes.get(&id) {
             let fits = (required == 0 || existing.capacity >= required) && (limit == 0 || existing.capacity <= limit);
+            if existing.eviction != policy {
+                return Err(Error::conflict(
+                    &id,
+                    "",
+                    format!(
+                        "name {:?} exists with eviction {}, not {}",
+                        existing.name,
+                        existing.eviction.as_str(),
+                        policy.as_str()
+                    ),
+                ));
+            }
             if !fits {
                 return Err(Error::conflict(
                     &id,
@@ -108,7 +130,7 @@ impl Controller {
                 ));
             }
             debug!("volume {id} for name {:?} exists already", req.name);
-            return Ok(response(&id, &existing.name, existing.capacity));
+            return Ok(response(&id, &existing.name, existing.capacity, policy));
         }
         drop(volumes);
         if let Some(d) = &self.deleter {
@@ -128,11 +150,16 @@ impl Controller {
             Record {
                 name: req.name.clone(),
                 capacity,
+                eviction: policy,
             },
         );
         metrics::VOLUME_CREATE_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        info!("created volume {id} for name {:?} ({capacity} bytes)", req.name);
-        Ok(response(&id, &req.name, capacity))
+        info!(
+            "created volume {id} for name {:?} ({capacity} bytes, eviction {})",
+            req.name,
+            policy.as_str()
+        );
+        Ok(response(&id, &req.name, capacity, policy))
     }
 
     pub fn delete(&self, req: &DeleteVolumeRequest) -> Result<DeleteVolumeResponse> {
@@ -201,12 +228,18 @@ impl Controller {
 }
 
 /// No accessible_topology: any node may use the volume, so the scheduler never pins a pod. The
-/// name travels to the nodes in the volume context (it is the PV name under csi-provisioner).
-fn response(id: &str, name: &str, capacity: i64) -> CreateVolumeResponse {
+/// name (the PV name under csi-provisioner), the capacity and the eviction policy travel to the
+/// nodes in the volume context: each node holds its copy to them.
+fn response(id: &str, name: &str, capacity: i64, eviction: Policy) -> CreateVolumeResponse {
     let mut v = Volume::new();
     v.volume_id = id.to_owned();
     v.volume_context
         .insert(crate::node::CONTEXT_NAME.into(), name.to_owned());
+    Limits {
+        capacity: capacity.max(0) as u64,
+        policy: eviction,
+    }
+    .to_context(&mut v.volume_context);
     v.capacity_bytes = capacity;
     let mut r = CreateVolumeResponse::new();
     r.volume = Some(v).into();

@@ -1,23 +1,33 @@
 //! Which operations are under way, keyed by volume id and target path. Two pods using one volume
 //! on one node hold different keys and never wait for each other; a duplicate of a call still in
 //! flight is refused (ABORTED) rather than queued, as the CSI spec asks. Whole-volume work
-//! (deleting the node's data) excludes every target operation on that volume.
+//! (deleting the node's data) excludes every target operation on that volume; background work
+//! that can stop half-way (trimming a cache) holds a yielding lock, which a target operation asks
+//! to give way and waits for, briefly, instead of being refused.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+
+/// How long a publish or unpublish waits for yielding work on its volume to stop.
+pub const YIELD_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct VolumeOps {
     targets: Vec<PathBuf>,
     whole_volume: bool,
+    /// Set when the whole-volume holder yields: raised to ask it to stop.
+    stop: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Default, Clone)]
 pub struct InFlight {
     ops: Arc<Mutex<HashMap<String, VolumeOps>>>,
+    released: Arc<Condvar>,
 }
 
 /// Held while an operation on (volume, target) runs; released on drop.
@@ -31,6 +41,14 @@ pub struct TargetGuard {
 pub struct VolumeGuard {
     owner: InFlight,
     volume: String,
+    stop: Option<Arc<AtomicBool>>,
+}
+
+impl VolumeGuard {
+    /// Whether a target operation on the volume is waiting for this (yielding) work to stop.
+    pub fn yield_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed))
+    }
 }
 
 impl InFlight {
@@ -39,15 +57,35 @@ impl InFlight {
         self.ops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A target operation. Yielding whole-volume work is asked to stop and waited for up to
+    /// `YIELD_WAIT`; anything else in the way refuses the call at once.
     pub fn lock_target(&self, volume: &str, target: &Path) -> Result<TargetGuard> {
+        let deadline = Instant::now() + YIELD_WAIT;
         let mut map = self.map();
-        let ops = map.entry(volume.to_owned()).or_default();
-        if ops.whole_volume || ops.targets.iter().any(|t| t == target) {
-            return Err(Error::InFlight {
+        loop {
+            let ops = map.entry(volume.to_owned()).or_default();
+            let busy = Error::InFlight {
                 volume: volume.to_owned(),
                 path: target.to_owned(),
-            });
+            };
+            if ops.targets.iter().any(|t| t == target) {
+                return Err(busy);
+            }
+            if !ops.whole_volume {
+                break;
+            }
+            let Some(stop) = &ops.stop else { return Err(busy) };
+            stop.store(true, Ordering::Relaxed);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(busy);
+            }
+            map = match self.released.wait_timeout(map, left) {
+                Ok((m, _)) => m,
+                Err(p) => p.into_inner().0,
+            };
         }
+        let ops = map.entry(volume.to_owned()).or_default();
         ops.targets.push(target.to_owned());
         Ok(TargetGuard {
             owner: self.clone(),
@@ -59,6 +97,16 @@ impl InFlight {
     /// Whole-volume work; `None` while any other operation on the volume runs. `except` lets the
     /// holder of one target lock (an unpublish that deletes the data after it) take it too.
     pub fn lock_volume(&self, volume: &str, except: Option<&TargetGuard>) -> Option<VolumeGuard> {
+        self.take_volume(volume, except, false)
+    }
+
+    /// Whole-volume work that stops when a target operation on the volume asks it to (see
+    /// `VolumeGuard::yield_requested`); `None` while any other operation on the volume runs.
+    pub fn lock_volume_yielding(&self, volume: &str) -> Option<VolumeGuard> {
+        self.take_volume(volume, None, true)
+    }
+
+    fn take_volume(&self, volume: &str, except: Option<&TargetGuard>, yielding: bool) -> Option<VolumeGuard> {
         let mut map = self.map();
         let ops = map.entry(volume.to_owned()).or_default();
         let others = ops
@@ -70,9 +118,11 @@ impl InFlight {
             return None;
         }
         ops.whole_volume = true;
+        ops.stop = yielding.then(Arc::default);
         Some(VolumeGuard {
             owner: self.clone(),
             volume: volume.to_owned(),
+            stop: ops.stop.clone(),
         })
     }
 
@@ -93,12 +143,16 @@ impl InFlight {
         if let Some(ops) = map.get_mut(volume) {
             match target {
                 Some(t) => ops.targets.retain(|x| x != t),
-                None => ops.whole_volume = false,
+                None => {
+                    ops.whole_volume = false;
+                    ops.stop = None;
+                }
             }
             if ops.targets.is_empty() && !ops.whole_volume {
                 map.remove(volume);
             }
         }
+        self.released.notify_all();
     }
 }
 
@@ -146,5 +200,36 @@ mod tests {
         assert!(f.is_empty());
         let _g = f.lock_volume("v", None).unwrap();
         assert!(f.lock_target("v", Path::new("/t/3")).is_err());
+    }
+
+    #[test]
+    fn a_target_call_asks_yielding_work_to_stop_and_gets_the_volume() {
+        let f = InFlight::default();
+        let work = f.lock_volume_yielding("v").unwrap();
+        assert!(!work.yield_requested());
+        assert!(f.lock_volume("v", None).is_none());
+        let publisher = {
+            let f = f.clone();
+            std::thread::spawn(move || f.lock_target("v", Path::new("/t/1")).map(drop))
+        };
+        while !work.yield_requested() {
+            std::thread::yield_now();
+        }
+        drop(work);
+        publisher.join().unwrap().unwrap();
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn yielding_work_that_never_stops_gets_the_target_call_aborted() {
+        let f = InFlight::default();
+        let work = f.lock_volume_yielding("v").unwrap();
+        let err = f.lock_target("v", Path::new("/t/1")).err().unwrap();
+        assert_eq!(err.code(), RpcStatusCode::ABORTED);
+        assert!(work.yield_requested());
+        // Whole-volume work that does not yield (deleting the data) is not waited for.
+        drop(work);
+        let _delete = f.lock_volume("v", None).unwrap();
+        assert!(f.lock_target("v", Path::new("/t/1")).is_err());
     }
 }

@@ -10,8 +10,9 @@ use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
 
 use node_local_cache::cleanup::{self, CleanupConfig, NodeCleaner};
-use node_local_cache::config::{parse_duration, Config, DataOnUnpublish, Mode};
+use node_local_cache::config::{parse_duration, parse_percent, parse_size, Config, DataOnUnpublish, Mode};
 use node_local_cache::controller::{Controller, Deleter};
+use node_local_cache::eviction::Evictor;
 use node_local_cache::identity::{Identity, Readiness};
 use node_local_cache::inflight::InFlight;
 use node_local_cache::kube::{self, KubeConfig, KubeFlags};
@@ -101,6 +102,17 @@ struct Flags {
     /// How long a node keeps a volume dir whose PV is gone before deleting it.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     orphan_grace: Duration,
+    /// The node's cache budget: bytes all copies together may hold (50Gi, 10G, …; 0: no limit of
+    /// its own). Over it, idle copies are evicted, least recently used first.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    max_cache_bytes: u64,
+    /// The node's cache budget: percent of the base dir's filesystem to keep free (0: none).
+    /// The default stays clear of kubelet's default DiskPressure threshold (15 % free).
+    #[arg(long, default_value = "20", value_parser = parse_percent)]
+    min_free_percent: u8,
+    /// How often the node looks at its copies' sizes against their capacities and the budget.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    eviction_interval: Duration,
     /// Log line format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: FormatArg,
@@ -154,6 +166,12 @@ impl Flags {
         cfg.stats_cache_ttl = self.stats_cache_ttl;
         cfg.shutdown_timeout = self.shutdown_timeout;
         cfg.test_publish_delay = self.test_publish_delay;
+        cfg.max_cache_bytes = self.max_cache_bytes;
+        cfg.min_free_percent = self.min_free_percent;
+        if self.eviction_interval.is_zero() {
+            return Err("--eviction-interval must be longer than 0s".into());
+        }
+        cfg.eviction_interval = self.eviction_interval;
         Ok(cfg)
     }
 }
@@ -219,7 +237,8 @@ fn main() -> ExitCode {
     let mut services = Vec::new();
     match cfg.mode {
         Mode::Node => {
-            let state = NodeState::new(cfg.clone(), InFlight::default());
+            let inflight = InFlight::default();
+            let state = NodeState::new(cfg.clone(), inflight.clone());
             if let Err(e) = state.prepare_base_dir() {
                 warn!("base dir {}: {e}", cfg.base_dir.display());
             }
@@ -235,6 +254,10 @@ fn main() -> ExitCode {
             metrics::set_active_volumes(move || gauge_state.mounted_volumes());
             if let Some(kube) = &kube {
                 NodeCleaner::new(kube.clone(), state.clone(), cleanup_cfg).run();
+            }
+            if let Err(e) = Evictor::new(state.clone(), inflight).start() {
+                error!("cannot start the eviction thread: {e}");
+                return ExitCode::FAILURE;
             }
             services.push(grpc::create_node(Node::new(state, rpc.clone())));
         }

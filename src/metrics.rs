@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -122,6 +122,49 @@ pub static VOLUME_DELETE_TOTAL: AtomicU64 = AtomicU64::new(0);
 pub static MOUNT_DURATION: Histogram = Histogram::new();
 pub static CLEANUP_DURATION: Histogram = Histogram::new();
 pub static CLEANUP_PENDING: AtomicU64 = AtomicU64::new(0);
+
+/// Why the eviction pass freed space: a copy over its own capacity, or the node over its budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictionReason {
+    Capacity,
+    Budget,
+}
+
+/// How it freed it: some files of a copy, or the whole copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictionAction {
+    Trim,
+    Evict,
+}
+
+const EVICTION_REASONS: [&str; 2] = ["capacity", "budget"];
+const EVICTION_ACTIONS: [&str; 2] = ["trim", "evict"];
+static EVICTION_FREED: [[AtomicU64; 2]; 2] = [const { [const { AtomicU64::new(0) }; 2] }; 2];
+static COPIES_EVICTED: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
+/// Copies in use (so left alone) that are over their capacity, as of the last pass.
+pub static COPIES_OVER_CAPACITY: AtomicU64 = AtomicU64::new(0);
+/// Unix time of the end of the last eviction pass.
+pub static EVICTION_LAST_PASS: AtomicU64 = AtomicU64::new(0);
+pub static EVICTION_PASS_DURATION: Histogram = Histogram::new();
+/// Bytes per copy on this node, by volume id, as of the last pass.
+static COPY_BYTES: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
+
+pub fn record_freed(reason: EvictionReason, action: EvictionAction, bytes: u64) {
+    EVICTION_FREED[reason as usize][action as usize].fetch_add(bytes, Ordering::Relaxed);
+    if action == EvictionAction::Evict {
+        COPIES_EVICTED[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Bytes freed so far for `reason` by `action` (for tests and the demo).
+pub fn freed(reason: EvictionReason, action: EvictionAction) -> u64 {
+    EVICTION_FREED[reason as usize][action as usize].load(Ordering::Relaxed)
+}
+
+/// Replaces the per-copy sizes shown by `copy_bytes`.
+pub fn set_copy_bytes(copies: Vec<(String, u64)>) {
+    *COPY_BYTES.lock().unwrap_or_else(|p| p.into_inner()) = copies;
+}
 
 /// Kubernetes API calls by verb and HTTP status class; status 0 means no response.
 const KUBE_VERBS: [&str; 6] = ["get", "list", "create", "patch", "delete", "other"];
@@ -255,6 +298,8 @@ pub fn render() -> String {
         CLEANUP_PENDING.load(Ordering::Relaxed)
     );
 
+    render_eviction(&mut out);
+
     header(
         &mut out,
         "kube_api_requests_total",
@@ -273,6 +318,72 @@ pub fn render() -> String {
         }
     }
     out
+}
+
+fn render_eviction(out: &mut String) {
+    header(
+        out,
+        "copy_bytes",
+        "gauge",
+        "Bytes each copy on this node holds, by volume id.",
+    );
+    for (id, bytes) in COPY_BYTES.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(out, "{PREFIX}copy_bytes{{volume=\"{id}\"}} {bytes}");
+    }
+    header(
+        out,
+        "eviction_freed_bytes_total",
+        "counter",
+        "Bytes freed by eviction, by reason (capacity, budget) and action (trim, evict).",
+    );
+    for (reason, row) in EVICTION_REASONS.iter().zip(&EVICTION_FREED) {
+        for (action, n) in EVICTION_ACTIONS.iter().zip(row) {
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{PREFIX}eviction_freed_bytes_total{{reason=\"{reason}\",action=\"{action}\"}} {n}"
+            );
+        }
+    }
+    header(
+        out,
+        "copies_evicted_total",
+        "counter",
+        "Whole copies evicted from this node, by reason.",
+    );
+    for (reason, n) in EVICTION_REASONS.iter().zip(&COPIES_EVICTED) {
+        let n = n.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{PREFIX}copies_evicted_total{{reason=\"{reason}\"}} {n}");
+    }
+    header(
+        out,
+        "copies_over_capacity",
+        "gauge",
+        "Copies over their capacity that pods still mount, so cannot be trimmed yet.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}copies_over_capacity {}",
+        COPIES_OVER_CAPACITY.load(Ordering::Relaxed)
+    );
+    header(
+        out,
+        "eviction_last_pass_timestamp_seconds",
+        "gauge",
+        "Unix time the last eviction pass finished.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}eviction_last_pass_timestamp_seconds {}",
+        EVICTION_LAST_PASS.load(Ordering::Relaxed)
+    );
+    header(
+        out,
+        "eviction_pass_duration_seconds",
+        "histogram",
+        "Time an eviction pass took, trims and evictions included.",
+    );
+    EVICTION_PASS_DURATION.render(out, "eviction_pass_duration_seconds", "");
 }
 
 /// Limits that keep a slow or hostile scraper from tying up the endpoint.
@@ -396,6 +507,20 @@ mod tests {
         assert!(text.contains("csi_requests_total{method=\"NodeGetInfo\",code=\"NOT_FOUND\"}"));
         assert!(text.contains("csi_requests_total{method=\"other\",code=\"OK\"}"));
         assert!(text.contains("build_info{version=\""));
+    }
+
+    #[test]
+    fn eviction_metrics_render_by_reason_action_and_copy() {
+        let before = freed(EvictionReason::Budget, EvictionAction::Evict);
+        record_freed(EvictionReason::Budget, EvictionAction::Evict, 4096);
+        assert_eq!(freed(EvictionReason::Budget, EvictionAction::Evict), before + 4096);
+        set_copy_bytes(vec![("nlc-a".into(), 123)]);
+        let text = render();
+        assert!(text.contains("copy_bytes{volume=\"nlc-a\"} 123\n"), "{text}");
+        assert!(text.contains("eviction_freed_bytes_total{reason=\"budget\",action=\"evict\"}"));
+        assert!(text.contains("eviction_freed_bytes_total{reason=\"capacity\",action=\"trim\"}"));
+        assert!(text.contains("copies_evicted_total{reason=\"budget\"}"));
+        assert!(text.contains("eviction_last_pass_timestamp_seconds "));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use nix::sys::stat::Mode;
 
 use crate::config::{Config, DataOnUnpublish};
 use crate::error::{Error, Result};
+use crate::eviction;
 use crate::inflight::{InFlight, TargetGuard};
 use crate::metrics;
 use crate::mounts::{self, BindSource, Binding};
@@ -244,6 +245,7 @@ impl NodeState {
             .ok_or_else(|| Error::missing("volume_capability", id))?;
         let mut flags = volume::check_capability(id, cap)?;
         flags.read_only |= req.readonly;
+        let limits = eviction::Limits::from_context(id, &req.volume_context)?;
         let _guard = self.inflight.lock_target(id, &target)?;
         if !self.cfg.test_publish_delay.is_zero() {
             std::thread::sleep(self.cfg.test_publish_delay);
@@ -398,6 +400,13 @@ impl NodeState {
             }
             metrics::VOLUME_CREATE_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        if let Err(e) = eviction::note_publish(base.fd.as_fd(), id, limits) {
+            warn!(
+                "volume {id}: record its capacity under {}: {}",
+                base.real.display(),
+                e.desc()
+            );
+        }
         info!(
             "volume {id} published at {} ({})",
             t.requested.display(),
@@ -471,6 +480,15 @@ impl NodeState {
             Err(e) => return Err(Error::sys("remove target dir", id, &target, e)),
         }
         if unmounted > 0 {
+            if let Ok(base) = self.open_base(id) {
+                if let Err(e) = eviction::note_unpublish(base.fd.as_fd(), id, SystemTime::now()) {
+                    warn!(
+                        "volume {id}: record its last use under {}: {}",
+                        base.real.display(),
+                        e.desc()
+                    );
+                }
+            }
             info!("volume {id} unpublished from {}", target.display());
         } else {
             debug!("volume {id}: nothing mounted at {}", target.display());
@@ -633,6 +651,16 @@ impl NodeState {
             safedir::open_child(t.parent.as_fd(), &t.name).map_err(|e| Error::sys("open volume path", id, &path, e))?;
         let vfs = nix::sys::statvfs::fstatvfs(root.as_fd()).map_err(|e| Error::sys("statvfs", id, &path, e))?;
         let used = self.usage(id, root, &path)?;
+        if !condition.abnormal {
+            let over = self
+                .open_base(id)
+                .ok()
+                .and_then(|b| eviction::over_capacity(b.fd.as_fd(), id, used.bytes));
+            if let Some(message) = over {
+                condition.abnormal = true;
+                condition.message = message;
+            }
+        }
         let frsize = vfs.fragment_size() as i64;
         let mut bytes = VolumeUsage::new();
         bytes.unit = Unit::BYTES.into();
@@ -665,6 +693,22 @@ impl NodeState {
                 .insert(id.to_owned(), (Instant::now(), u));
         }
         Ok(u)
+    }
+
+    /// Drops a volume's cached usage (its copy was trimmed).
+    pub fn forget_usage(&self, id: &str) {
+        self.usage_cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    /// Forgets a copy that eviction took away, so the next publish starts afresh, as on a node
+    /// that never had it.
+    pub fn forget_copy(&self, id: &str) {
+        self.forget_usage(id);
+        if let Ok(base) = self.open_base(id) {
+            if let Ok(meta_dir) = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)) {
+                let _ = nix::unistd::unlinkat(meta_dir.as_fd(), id, nix::unistd::UnlinkatFlags::NoRemoveDir);
+            }
+        }
     }
 
     /// Volumes bind-mounted on this node now (the `active_volumes` gauge).

@@ -1,0 +1,535 @@
+//! Bounded caches: the eviction pass on real copies in a tmpfs base dir, driven through the
+//! library (NodeState publishes and unpublishes with real bind mounts, Evictor::pass trims and
+//! evicts), and once through the real binaries (CreateVolume's parameter, the node's flags, the
+//! log line and the metrics).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use grpcio::RpcStatusCode;
+use node_local_cache::config::{Config, Mode};
+use node_local_cache::eviction::{self, Done, Evictor, Limits, Policy};
+use node_local_cache::inflight::InFlight;
+use node_local_cache::metrics::EvictionReason;
+use node_local_cache::node::NodeState;
+use node_local_cache::safedir;
+
+const KIB: u64 = 1024;
+/// tmpfs allocates whole pages: a file of this size holds exactly this many bytes of blocks.
+const FILE: u64 = 16 * KIB;
+
+/// A tree whose base dir is a tmpfs of `size_kib`, with a NodeState on it.
+struct Node {
+    tree: Tree,
+    state: Arc<NodeState>,
+    inflight: InFlight,
+}
+
+/// The node and its eviction pass.
+fn node(tag: &str, size_kib: u64, configure: impl FnOnce(&mut Config)) -> (Node, Evictor) {
+    let tree = Tree::new(tag);
+    nix::mount::mount(
+        Some("tmpfs"),
+        &tree.base(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some(format!("size={size_kib}k,mode=0700").as_str()),
+    )
+    .unwrap();
+    let mut cfg = Config::new(Mode::Node);
+    cfg.node_name = "node-a".into();
+    cfg.base_dir = tree.base();
+    cfg.kubelet_dir = tree.kubelet();
+    cfg.stats_cache_ttl = Duration::ZERO;
+    cfg.min_free_percent = 0;
+    configure(&mut cfg);
+    let inflight = InFlight::default();
+    let state = NodeState::new(Arc::new(cfg), inflight.clone());
+    let evictor = Evictor::new(state.clone(), inflight.clone());
+    (Node { tree, state, inflight }, evictor)
+}
+
+impl Node {
+    fn copy(&self, id: &str) -> PathBuf {
+        self.tree.base().join(id)
+    }
+
+    fn base_fd(&self) -> std::os::fd::OwnedFd {
+        safedir::open_dir(&self.tree.base()).unwrap()
+    }
+
+    /// A copy left by a pod that went away `unpublished_secs_ago`.
+    fn idle_copy(&self, id: &str, limits: Limits, unpublished_secs_ago: u64) -> PathBuf {
+        let target = self.publish(id, &format!("seed-{id}"), limits);
+        self.unpublish(id, &target);
+        eviction::note_unpublish(self.base_fd().as_fd(), id, ago(unpublished_secs_ago)).unwrap();
+        self.copy(id)
+    }
+
+    fn publish(&self, id: &str, pod: &str, limits: Limits) -> PathBuf {
+        let target = self.tree.target(pod);
+        let mut req = publish_req(id, &target, false);
+        limits.to_context(&mut req.volume_context);
+        self.state.publish(&req).unwrap();
+        target
+    }
+
+    fn unpublish(&self, id: &str, target: &Path) {
+        self.state.unpublish(&unpublish_req(id, target)).unwrap();
+    }
+}
+
+fn ago(secs: u64) -> SystemTime {
+    SystemTime::now() - Duration::from_secs(secs)
+}
+
+/// A file of `bytes` last read `read_ago` and last written `written_ago` seconds ago.
+fn file_used(path: &Path, bytes: u64, read_ago: u64, written_ago: u64) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let f = fs::File::create(path).unwrap();
+    f.set_len(0).unwrap();
+    (&f).write_all(&vec![7u8; bytes as usize]).unwrap();
+    f.set_times(
+        fs::FileTimes::new()
+            .set_accessed(ago(read_ago))
+            .set_modified(ago(written_ago)),
+    )
+    .unwrap();
+}
+
+fn file(path: &Path, bytes: u64, age: u64) {
+    file_used(path, bytes, age, age);
+}
+
+/// Regular files below `dir` (relative paths), not following symlinks or entering mounts.
+fn files(dir: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                todo.push(e.path());
+            } else {
+                out.insert(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+fn bytes_of(dir: &Path) -> u64 {
+    safedir::usage(safedir::open_dir(dir).unwrap()).unwrap().bytes
+}
+
+fn lru(capacity: u64) -> Limits {
+    Limits {
+        capacity,
+        policy: Policy::LruFiles,
+    }
+}
+
+#[test]
+fn lru_files_trims_the_least_recently_used_files_down_to_the_low_water_mark() {
+    let (n, mut evictor) = node("lru", 16 * 1024, |_| {});
+    let id = volume_id("pvc-lru");
+    let copy = n.idle_copy(&id, lru(400 * KIB), 60);
+    // 40 files of 16 KiB, f00 the oldest, spread over nested dirs: 640 KiB against 400 KiB.
+    for i in 0..40u64 {
+        file(&copy.join(format!("d{}/sub/f{i:02}", i % 3)), FILE, 10_000 - i * 100);
+    }
+    // Written long ago but read a minute ago: recently used, so it stays.
+    file_used(&copy.join("read-recently"), FILE, 60, 100_000);
+    let before = files(&copy);
+
+    let report = evictor.pass().unwrap();
+    let [Done::Trimmed {
+        id: trimmed,
+        reason,
+        trimmed: t,
+    }] = report.done.as_slice()
+    else {
+        panic!("{report:#?}");
+    };
+    assert_eq!((trimmed, *reason), (&id, EvictionReason::Capacity));
+    assert!(!t.yielded);
+    // Down to 90 % of 400 KiB = 360 KiB: 656 KiB held, 296 KiB (19 files) to go.
+    let left = bytes_of(&copy);
+    assert!(left <= 360 * KIB && left > 360 * KIB - FILE, "{left}");
+    let gone: BTreeSet<String> = before.difference(&files(&copy)).cloned().collect();
+    let oldest: BTreeSet<String> = (0..19u64).map(|i| format!("d{}/sub/f{i:02}", i % 3)).collect();
+    assert_eq!(gone, oldest);
+    assert!(copy.join("read-recently").exists());
+    assert_eq!(t.files, 19);
+    assert_eq!(t.freed, 19 * FILE);
+
+    // Under its capacity now: the next pass leaves it alone.
+    assert!(evictor.pass().unwrap().done.is_empty());
+}
+
+#[test]
+fn a_copy_in_use_is_never_trimmed_and_is_reported_then_trimmed_after_the_last_unpublish() {
+    let (n, mut evictor) = node("in-use", 16 * 1024, |_| {});
+    let id = volume_id("pvc-in-use");
+    let limits = lru(64 * KIB);
+    let target = n.publish(&id, "pod-1", limits);
+    let second = n.publish(&id, "pod-2", limits);
+    for i in 0..10u64 {
+        file(&target.join(format!("f{i}")), FILE, 5_000 - i);
+    }
+
+    let report = evictor.pass().unwrap();
+    assert!(report.done.is_empty(), "{report:#?}");
+    assert_eq!(report.plan.over_capacity_in_use, 1);
+    assert_eq!(files(&target).len(), 10);
+    let stats = n.state.stats(&stats_req(&id, &target)).unwrap();
+    assert!(stats.volume_condition.abnormal);
+    let message = &stats.volume_condition.message;
+    assert!(
+        message.contains(&id) && message.contains("over its capacity of 65536 bytes"),
+        "{message}"
+    );
+
+    // One pod gone, one still there: still in use.
+    n.unpublish(&id, &target);
+    assert!(evictor.pass().unwrap().done.is_empty());
+    assert_eq!(files(&n.copy(&id)).len(), 10);
+
+    n.unpublish(&id, &second);
+    let report = evictor.pass().unwrap();
+    assert!(
+        matches!(report.done.as_slice(), [Done::Trimmed { trimmed, .. }] if trimmed.files == 7),
+        "{report:#?}"
+    );
+    assert!(bytes_of(&n.copy(&id)) <= 64 * KIB * 9 / 10);
+    let kept: BTreeSet<String> = (7..10).map(|i| format!("f{i}")).collect();
+    assert_eq!(files(&n.copy(&id)), kept);
+    n.tree.assert_no_mounts_but_base();
+}
+
+#[test]
+fn the_node_budget_evicts_the_least_recently_used_idle_copy_then_trims_the_next() {
+    let (n, mut evictor) = node("budget", 16 * 1024, |c| c.max_cache_bytes = 200 * KIB);
+    let [oldest, middle, newest, busy] = ["pvc-a", "pvc-b", "pvc-c", "pvc-busy"].map(volume_id);
+    for (id, unpublished) in [(&oldest, 3_000), (&middle, 2_000), (&newest, 1_000)] {
+        let copy = n.idle_copy(id, lru(0), unpublished);
+        for i in 0..5u64 {
+            file(&copy.join(format!("f{i}")), FILE, 10_000 - i);
+        }
+    }
+    // In use and the oldest of all: never a candidate.
+    let target = n.publish(&busy, "pod-busy", lru(0));
+    for i in 0..5u64 {
+        file(&target.join(format!("f{i}")), FILE, 20_000);
+    }
+    // 320 KiB against 200 KiB: down to 180 KiB, 140 to free. The oldest idle copy (80) goes
+    // whole, then 60 KiB of the next: its 4 oldest files.
+    let report = evictor.pass().unwrap();
+    assert_eq!(report.budget, Some(200 * KIB));
+    assert_eq!(report.done.len(), 2, "{report:#?}");
+    assert_eq!(
+        report.done[0],
+        Done::Evicted {
+            id: oldest.clone(),
+            reason: EvictionReason::Budget,
+            bytes: 5 * FILE
+        }
+    );
+    assert!(matches!(&report.done[1], Done::Trimmed { id, trimmed, .. } if *id == middle && trimmed.files == 4));
+    assert!(!n.copy(&oldest).exists());
+    assert_eq!(files(&n.copy(&middle)), BTreeSet::from(["f4".to_owned()]));
+    assert_eq!(files(&n.copy(&newest)).len(), 5);
+    assert_eq!(files(&target).len(), 5);
+    // Nothing of the evicted copy is left: not its data, not its records, not the trash.
+    assert!(n.state.meta(&middle).is_some() && n.state.meta(&oldest).is_none());
+    assert!(eviction::read_record(n.base_fd().as_fd(), &oldest).is_none());
+    assert!(fs::read_dir(n.tree.base().join(".trash")).unwrap().next().is_none());
+
+    // The next pod on this node starts with an empty cache, as on a node that never had one.
+    let again = n.publish(&oldest, "pod-again", lru(0));
+    assert!(files(&again).is_empty());
+    assert!(n.state.meta(&oldest).is_some());
+    n.unpublish(&oldest, &again);
+    n.unpublish(&busy, &target);
+    n.tree.assert_no_mounts_but_base();
+}
+
+#[test]
+fn min_free_percent_holds_free_space_on_the_base_dirs_filesystem() {
+    // 1 MiB tmpfs, 20 % to stay free; two idle copies of 384 KiB (and the node's records) leave
+    // 23 % free, 80 KiB more bring it under.
+    let (n, mut evictor) = node("min-free", 1024, |c| c.min_free_percent = 20);
+    let [a, b] = ["pvc-a", "pvc-b"].map(volume_id);
+    for (id, unpublished) in [(&a, 2_000), (&b, 1_000)] {
+        let copy = n.idle_copy(id, lru(0), unpublished);
+        for i in 0..24u64 {
+            file(&copy.join(format!("f{i:02}")), FILE, 10_000 - i);
+        }
+    }
+    assert!(evictor.pass().unwrap().done.is_empty());
+    file(&n.copy(&b).join("late"), 5 * FILE, 1);
+    let report = evictor.pass().unwrap();
+    assert!(
+        matches!(report.done.as_slice(), [Done::Trimmed { id, .. }] if *id == a),
+        "{report:#?}"
+    );
+    let vfs = nix::sys::statvfs::statvfs(&n.tree.base()).unwrap();
+    assert!(vfs.blocks_available() * 100 >= vfs.blocks() * 20, "{vfs:?}");
+}
+
+#[test]
+fn a_publish_racing_an_eviction_sees_the_whole_old_copy_or_an_empty_one() {
+    let (n, mut evictor) = node("race", 64 * 1024, |_| {});
+    let whole = Limits {
+        capacity: 64 * KIB,
+        policy: Policy::WholeCopy,
+    };
+    let mut outcomes = BTreeSet::new();
+    for round in 0..6u32 {
+        let id = volume_id(&format!("pvc-race-{round}"));
+        let copy = n.idle_copy(&id, whole, 100);
+        for i in 0..3_000u32 {
+            fs::write(copy.join(format!("f{i:04}")), b"x").unwrap();
+        }
+        let target = std::thread::scope(|s| {
+            let pass = s.spawn(|| evictor.pass().unwrap());
+            // Rounds start the publish a little later each time, to land before, during and after.
+            std::thread::sleep(Duration::from_micros(400 * u64::from(round)));
+            let target = n.publish(&id, &format!("pod-{round}"), whole);
+            pass.join().unwrap();
+            target
+        });
+        let seen = files(&target).len();
+        assert!(
+            seen == 3_000 || seen == 0,
+            "round {round}: a publish saw {seen} of 3000 files"
+        );
+        outcomes.insert(seen);
+        n.unpublish(&id, &target);
+    }
+    eprintln!("outcomes seen: {outcomes:?}");
+    n.tree.assert_no_mounts_but_base();
+}
+
+#[test]
+fn a_trim_stops_for_a_publish_of_its_volume() {
+    let (n, mut evictor) = node("yield", 256 * 1024, |_| {});
+    let id = volume_id("pvc-yield");
+    let copy = n.idle_copy(&id, lru(4 * KIB), 100);
+    for d in 0..50u32 {
+        let dir = copy.join(format!("d{d:02}"));
+        fs::create_dir(&dir).unwrap();
+        for i in 0..300u32 {
+            fs::write(dir.join(format!("f{i:03}")), b"x").unwrap();
+        }
+    }
+    let (report, target) = std::thread::scope(|s| {
+        let pass = s.spawn(|| evictor.pass().unwrap());
+        // The trim holds the volume once the pass has measured the copies.
+        while n.inflight.is_empty() {
+            assert!(!pass.is_finished(), "the pass ended before it took the volume");
+            std::thread::yield_now();
+        }
+        let target = n.publish(&id, "pod", lru(4 * KIB));
+        (pass.join().unwrap(), target)
+    });
+    assert!(
+        matches!(report.done.as_slice(), [Done::Trimmed { trimmed, .. }] if trimmed.yielded),
+        "{report:#?}"
+    );
+    // Stopped before it had deleted everything (how far it got depends on when the publish came).
+    assert!(!files(&target).is_empty());
+    n.unpublish(&id, &target);
+}
+
+#[test]
+fn hostile_trees_are_trimmed_and_evicted_as_the_safe_delete_handles_them() {
+    let (n, mut evictor) = node("hostile", 16 * 1024, |_| {});
+    let id = volume_id("pvc-hostile");
+    let copy = n.idle_copy(&id, lru(4 * KIB), 100);
+    let outside = n.tree.root.join("outside");
+    file(&outside.join("precious"), FILE, 50_000);
+    // Links older than anything: the first to go, and only the links.
+    symlink(&outside, copy.join("link-dir")).unwrap();
+    symlink(outside.join("precious"), copy.join("link-file")).unwrap();
+    let long_ago = nix::sys::time::TimeSpec::from_duration(ago(60_000).duration_since(SystemTime::UNIX_EPOCH).unwrap());
+    for link in ["link-dir", "link-file"] {
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &copy.join(link),
+            &long_ago,
+            &long_ago,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+    }
+    file(&copy.join("old"), FILE, 40_000);
+    // Another filesystem mounted inside the copy: not walked, not trimmed.
+    let inner = copy.join("mnt");
+    fs::create_dir(&inner).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &inner,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    file(&inner.join("foreign"), FILE, 50_000);
+    // Deeper than a walk goes (256 levels): left to the whole-copy delete.
+    let mut deep = copy.join("deep");
+    for _ in 0..300 {
+        deep = deep.join("d");
+    }
+    file(&deep.join("bottom"), FILE, 50_000);
+
+    let report = evictor.pass().unwrap();
+    assert!(matches!(report.done.as_slice(), [Done::Trimmed { .. }]), "{report:#?}");
+    assert!(!copy.join("old").exists());
+    assert!(!copy.join("link-file").exists() && !copy.join("link-dir").exists());
+    assert_eq!(read_all(&outside.join("precious")).len() as u64, FILE);
+    assert!(inner.join("foreign").exists());
+    assert!(deep.join("bottom").exists());
+
+    // Evicted whole: refused while a filesystem is mounted inside, then everything goes,
+    // however deep.
+    file(&copy.join("again"), FILE, 10);
+    let base = n.base_fd();
+    eviction::note_publish(
+        base.as_fd(),
+        &id,
+        Limits {
+            capacity: 4 * KIB,
+            policy: Policy::WholeCopy,
+        },
+    )
+    .unwrap();
+    let report = evictor.pass().unwrap();
+    assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
+    assert!(inner.join("foreign").exists());
+    nix::mount::umount(&inner).unwrap();
+    let report = evictor.pass().unwrap();
+    assert!(matches!(report.done.as_slice(), [Done::Evicted { .. }]), "{report:#?}");
+    assert!(!copy.exists());
+    assert!(fs::read_dir(n.tree.base().join(".trash")).unwrap().next().is_none());
+    assert!(outside.join("precious").exists());
+}
+
+#[test]
+fn create_volume_validates_the_eviction_parameter_and_the_node_enforces_it() {
+    let tree = Tree::new("binary");
+    let base = tree.base();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &base,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=16m"),
+    )
+    .unwrap();
+    let ctl = Driver::controller(&tree, &[]);
+    let c = ctl.controller_client();
+    let mut bad = create_req("pvc-bad", 0);
+    bad.parameters.insert("eviction".into(), "lru".into());
+    let (status, message) = code(c.create_volume(&bad));
+    assert_eq!(status, RpcStatusCode::INVALID_ARGUMENT);
+    assert!(
+        message.contains("\"eviction\"") && message.contains("lru-files, whole-copy or none"),
+        "{message}"
+    );
+    let mut req = create_req("pvc-binary", 64 * KIB as i64);
+    req.parameters.insert("eviction".into(), "whole-copy".into());
+    let volume = c.create_volume(&req).unwrap().volume.unwrap();
+    let context = &volume.volume_context;
+    assert_eq!(context[eviction::CONTEXT_EVICTION], "whole-copy");
+    assert_eq!(context[eviction::CONTEXT_CAPACITY], "65536");
+    // Asked again with another policy: a conflict, not a silent change.
+    req.parameters.insert("eviction".into(), "none".into());
+    assert_eq!(code(c.create_volume(&req)).0, RpcStatusCode::ALREADY_EXISTS);
+
+    let node = Driver::node(
+        &tree,
+        "node-a",
+        &[
+            "--eviction-interval=100ms",
+            "--metrics-addr=127.0.0.1:0",
+            "--min-free-percent=0",
+        ],
+    );
+    let nc = node.node_client();
+    let target = tree.target("pod");
+    let mut publish = publish_req(&volume.volume_id, &target, false);
+    publish.volume_context = context.clone();
+    nc.node_publish_volume_opt(&publish, opt()).unwrap();
+    for i in 0..8 {
+        fs::write(target.join(format!("f{i}")), vec![1u8; FILE as usize]).unwrap();
+    }
+    nc.node_unpublish_volume_opt(&unpublish_req(&volume.volume_id, &target), opt())
+        .unwrap();
+    node.wait_for_log(
+        &format!(
+            "volume {}: evicted this node's copy, 131072 bytes freed",
+            volume.volume_id
+        ),
+        1,
+    );
+    assert!(!base.join(&volume.volume_id).exists());
+    let metrics = http_get(&node.metrics_addr(), "/metrics");
+    assert!(
+        metrics.contains("node_local_cache_copies_evicted_total{reason=\"capacity\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("node_local_cache_eviction_freed_bytes_total{reason=\"capacity\",action=\"evict\"} 131072\n")
+    );
+
+    let mut bad_context = publish_req(&volume.volume_id, &target, false);
+    bad_context
+        .volume_context
+        .insert(eviction::CONTEXT_EVICTION.into(), "sometimes".into());
+    assert_eq!(
+        code(nc.node_publish_volume_opt(&bad_context, opt())).0,
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+    tree.assert_no_mounts_but(&base);
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+trait BaseMounts {
+    fn assert_no_mounts_but(&self, base: &Path);
+    fn assert_no_mounts_but_base(&self);
+}
+
+impl BaseMounts for Tree {
+    /// No mount left in the tree but the tmpfs the test put under the base dir.
+    fn assert_no_mounts_but(&self, base: &Path) {
+        let left: Vec<PathBuf> = self
+            .mounts()
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|p| p != base)
+            .collect();
+        assert!(left.is_empty(), "mounts left behind: {left:#?}");
+    }
+
+    fn assert_no_mounts_but_base(&self) {
+        self.assert_no_mounts_but(&self.base());
+    }
+}
