@@ -98,7 +98,7 @@ show_base() {
         local id name
         id="$(basename "$dir")"
         name="${names[$id]:-?}"
-        note "$(printf '%-10s %s  %9s  %3d files' "$name" "$id" "$(du -sh --apparent-size "$dir" | cut -f1)" \
+        note "$(printf "%-10s %s  %9s  %3d files" "$name" "$id" "$(mib "$(du -sB1 "$dir" | cut -f1)")" \
             "$(find "$dir" -type f | wc -l)")"
     done
 }
