@@ -961,6 +961,23 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_is_in_use_while_any_mount_shows_it_or_a_dir_inside_it() {
+        // The plugin's container sees the host's /data/nlc at /var/node-local-cache.
+        let table = mounts::parse(
+            b"1 0 8:1 / / rw - ext4 /dev/sda1 rw\n\
+              2 1 8:1 /data/nlc /var/node-local-cache rw - ext4 /dev/sda1 rw\n\
+              3 1 8:1 /data/nlc/nlc-a/sub /var/lib/kubelet/pods/p/x rw - ext4 /dev/sda1 rw\n\
+              4 1 8:1 /data/nlc/nlc-b//deleted /var/lib/kubelet/pods/q/y rw - ext4 /dev/sda1 rw\n\
+              5 1 0:9 /data/nlc/nlc-c /var/lib/kubelet/pods/r/z rw - tmpfs tmpfs rw\n",
+        );
+        let base = BindSource::of_dir(&table, Path::new("/var/node-local-cache")).unwrap();
+        let in_use = |id: &str| table.iter().any(|m| shown_below(m, &base, &base.root.join(id)));
+        assert!(in_use("nlc-a") && in_use("nlc-b"));
+        // Another filesystem that happens to have the same path; a name that only starts alike.
+        assert!(!in_use("nlc-c") && !in_use("nlc-ab"));
+    }
+
+    #[test]
     fn budget_is_the_lower_of_both_flags() {
         assert_eq!(node_budget(0, 0, 10, 1000, 500), None);
         assert_eq!(node_budget(100, 0, 10, 1000, 500), Some(100));
