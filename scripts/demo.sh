@@ -208,3 +208,4 @@ note "all three exited cleanly"
 pids=()
 
 printf '\n%sDemo passed.%s Every step above can be repeated by hand with target/release/csi-client.\n' "$green" "$off"
+"$repo/scripts/eviction-demo.sh"
