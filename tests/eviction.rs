@@ -289,30 +289,38 @@ fn min_free_percent_holds_free_space_on_the_base_dirs_filesystem() {
 
 #[test]
 fn a_publish_racing_an_eviction_sees_the_whole_old_copy_or_an_empty_one() {
-    let (n, mut evictor) = node("race", 64 * 1024, |_| {});
+    let (n, mut evictor) = node("race", 512 * 1024, |_| {});
     let whole = Limits {
         capacity: 64 * KIB,
         policy: Policy::WholeCopy,
     };
     let mut outcomes = BTreeSet::new();
-    for round in 0..6u32 {
+    for round in 0..4u32 {
         let id = volume_id(&format!("pvc-race-{round}"));
         let copy = n.idle_copy(&id, whole, 100);
-        for i in 0..3_000u32 {
-            fs::write(copy.join(format!("f{i:04}")), b"x").unwrap();
+        for i in 0..20_000u32 {
+            fs::write(copy.join(format!("f{i:05}")), b"x").unwrap();
         }
-        let target = std::thread::scope(|s| {
+        let (target, seen) = std::thread::scope(|s| {
             let pass = s.spawn(|| evictor.pass().unwrap());
-            // Rounds start the publish a little later each time, to land before, during and after.
-            std::thread::sleep(Duration::from_micros(400 * u64::from(round)));
+            if round % 2 == 0 {
+                // Even rounds: as soon as the pass holds the volume, so the publish meets the
+                // eviction itself. Odd rounds start a little later each time.
+                while n.inflight.is_empty() && !pass.is_finished() {
+                    std::thread::yield_now();
+                }
+            } else {
+                std::thread::sleep(Duration::from_micros(400 * u64::from(round)));
+            }
             let target = n.publish(&id, &format!("pod-{round}"), whole);
+            // What the pod sees at once, while the pass may still be at work.
+            let seen = files(&target).len();
             pass.join().unwrap();
-            target
+            (target, seen)
         });
-        let seen = files(&target).len();
         assert!(
-            seen == 3_000 || seen == 0,
-            "round {round}: a publish saw {seen} of 3000 files"
+            seen == 20_000 || seen == 0,
+            "round {round}: a publish saw {seen} of 20000 files"
         );
         outcomes.insert(seen);
         n.unpublish(&id, &target);
