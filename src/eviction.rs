@@ -496,8 +496,8 @@ impl Evictor {
         }
         if report.plan.short > 0 {
             warn!(
-                "eviction: the node's copies are {} bytes over the cache budget of {} bytes after \
-                 this pass; the rest is in copies that pods use or with eviction: none",
+                "eviction: {} bytes more should go to bring the node's copies to 90 % of its cache \
+                 budget of {} bytes, but they are in copies that pods use or with eviction: none",
                 report.plan.short,
                 report.budget.unwrap_or_default()
             );
