@@ -15,4 +15,5 @@ pub mod node;
 pub mod proto;
 pub mod safedir;
 pub mod server;
+pub mod time;
 pub mod volume;

@@ -9,7 +9,7 @@ use clap::{Parser, ValueEnum};
 use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
 
-use node_local_cache::cleanup::{self, CleanupConfig, NodeCleaner};
+use node_local_cache::cleanup::{CleanupConfig, CleanupController, NodeCleaner};
 use node_local_cache::config::{parse_duration, Config, DataOnUnpublish, Mode};
 use node_local_cache::controller::{Controller, Deleter};
 use node_local_cache::identity::{Identity, Readiness};
@@ -241,7 +241,7 @@ fn main() -> ExitCode {
         Mode::Controller => {
             identity_ready = Arc::new(|| true);
             let deleter = kube.map(|kube| {
-                let c = cleanup::Controller::new(kube, cleanup_cfg);
+                let c = CleanupController::new(kube, cleanup_cfg);
                 c.clone().run();
                 c as Arc<dyn Deleter>
             });

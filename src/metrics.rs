@@ -123,6 +123,39 @@ pub static MOUNT_DURATION: Histogram = Histogram::new();
 pub static CLEANUP_DURATION: Histogram = Histogram::new();
 pub static CLEANUP_PENDING: AtomicU64 = AtomicU64::new(0);
 
+/// Why a step of the cleanup protocol failed: reading the nodes' acknowledgements, deleting a
+/// local copy, reporting finished deletions, releasing a PV, completing or expiring a record,
+/// writing the index, checking for orphans; anything else counts as "other".
+const CLEANUP_ERROR_REASONS: [&str; 9] = [
+    "nodes",
+    "local_delete",
+    "ack",
+    "finalizer",
+    "complete",
+    "expire",
+    "index",
+    "orphan",
+    "other",
+];
+static CLEANUP_ERRORS: [AtomicU64; CLEANUP_ERROR_REASONS.len()] =
+    [const { AtomicU64::new(0) }; CLEANUP_ERROR_REASONS.len()];
+
+fn cleanup_reason(reason: &str) -> usize {
+    CLEANUP_ERROR_REASONS
+        .iter()
+        .position(|&r| r == reason)
+        .unwrap_or(CLEANUP_ERROR_REASONS.len() - 1)
+}
+
+pub fn record_cleanup_error(reason: &str) {
+    CLEANUP_ERRORS[cleanup_reason(reason)].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Cleanup failures counted so far for `reason`.
+pub fn cleanup_errors(reason: &str) -> u64 {
+    CLEANUP_ERRORS[cleanup_reason(reason)].load(Ordering::Relaxed)
+}
+
 /// Kubernetes API calls by verb and HTTP status class; status 0 means no response.
 const KUBE_VERBS: [&str; 6] = ["get", "list", "create", "patch", "delete", "other"];
 const KUBE_CODES: [u16; 12] = [0, 200, 201, 400, 401, 403, 404, 409, 410, 422, 429, 500];
@@ -254,6 +287,20 @@ pub fn render() -> String {
         "{PREFIX}cleanup_pending {}",
         CLEANUP_PENDING.load(Ordering::Relaxed)
     );
+
+    header(
+        &mut out,
+        "cleanup_errors_total",
+        "counter",
+        "Failed steps of the cross-node cleanup, by reason; each is retried on the next poll.",
+    );
+    for (reason, n) in CLEANUP_ERROR_REASONS.iter().zip(&CLEANUP_ERRORS) {
+        let _ = writeln!(
+            out,
+            "{PREFIX}cleanup_errors_total{{reason=\"{reason}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
 
     header(
         &mut out,
