@@ -238,20 +238,18 @@ impl grpc::Controller for Controller {
         } else {
             volume::id_for_name(&req.name)
         };
-        self.rpc
-            .blocking("CreateVolume", &subject, req, sink, move |req| {
-                this.create(&req, &deadline)
-            });
+        self.rpc.blocking("CreateVolume", &subject, req, sink, move |req| {
+            this.create(&req, &deadline)
+        });
     }
 
     fn delete_volume(&mut self, ctx: RpcContext, req: DeleteVolumeRequest, sink: UnarySink<DeleteVolumeResponse>) {
         let this = self.clone();
         let deadline = caller_deadline(&ctx);
         let subject = req.volume_id.clone();
-        self.rpc
-            .blocking("DeleteVolume", &subject, req, sink, move |req| {
-                this.delete(&req, &deadline)
-            });
+        self.rpc.blocking("DeleteVolume", &subject, req, sink, move |req| {
+            this.delete(&req, &deadline)
+        });
     }
 
     fn validate_volume_capabilities(

@@ -181,7 +181,11 @@ fn model(n: usize) -> Figures {
     }
     ctl.poll_once().unwrap();
     let record = api.object(&configmap_key(&cleanup::record_name(&id))).unwrap();
-    assert_eq!(record["metadata"]["labels"][cleanup::LABEL], "complete", "every node acknowledged");
+    assert_eq!(
+        record["metadata"]["labels"][cleanup::LABEL],
+        "complete",
+        "every node acknowledged"
+    );
 
     let mut times: Vec<u64> = cleaned
         .iter()
@@ -336,7 +340,11 @@ fn row(label: &str, f: &Figures) {
         human(f.idle_poll_bytes),
         human(f.written_per_deletion),
         human(f.written_per_deletion / f.nodes as f64),
-        format!("{} ({})", human(f.largest_object.0 as f64), kind_of(&f.largest_object.1)),
+        format!(
+            "{} ({})",
+            human(f.largest_object.0 as f64),
+            kind_of(&f.largest_object.1)
+        ),
         human(f.record_size as f64),
     );
 }
@@ -360,7 +368,10 @@ fn api_load_before_and_after_at_100_1000_and_5000_nodes() {
             "idle nodes make at most one request per 30 s: {}",
             f.idle_requests_per_node_per_30s
         );
-        assert!(f.all_node_reads_cached, "nodes read the cleanup objects from the watch cache");
+        assert!(
+            f.all_node_reads_cached,
+            "nodes read the cleanup objects from the watch cache"
+        );
         assert!(
             f.idle_poll_bytes <= 4.0 * KIB,
             "an idle poll with {TOMBSTONES} tombstones reads {} bytes",
@@ -372,8 +383,16 @@ fn api_load_before_and_after_at_100_1000_and_5000_nodes() {
             "{} bytes written per node",
             f.written_per_deletion / n as f64
         );
-        assert!(f.written_per_deletion <= 5e6, "{} bytes written", f.written_per_deletion);
-        assert!(f.clean_p99 <= Duration::from_secs(60), "p99 time to clean {:?}", f.clean_p99);
+        assert!(
+            f.written_per_deletion <= 5e6,
+            "{} bytes written",
+            f.written_per_deletion
+        );
+        assert!(
+            f.clean_p99 <= Duration::from_secs(60),
+            "p99 time to clean {:?}",
+            f.clean_p99
+        );
     }
 }
 
@@ -454,7 +473,16 @@ fn measure_rss(bin: &Path, n: usize, legacy: bool) -> (u64, u64, String) {
             api.put_configmap(NS, acks.new_object(), "node-local-cache");
         }
     }
-    let ctl = spawn(bin, &api, &tree, &["--mode=controller".to_owned(), "--csi-socket".to_owned(), format!("unix://{}", tree.socket("ctl").display())]);
+    let ctl = spawn(
+        bin,
+        &api,
+        &tree,
+        &[
+            "--mode=controller".to_owned(),
+            "--csi-socket".to_owned(),
+            format!("unix://{}", tree.socket("ctl").display()),
+        ],
+    );
     let socket = tree.socket("ctl");
     wait_until("the controller's socket", || socket.exists());
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
@@ -464,7 +492,12 @@ fn measure_rss(bin: &Path, n: usize, legacy: bool) -> (u64, u64, String) {
     let sent = Instant::now();
     let deleted = match client.delete_volume(&del) {
         Ok(_) => format!("OK in {:.1}s", sent.elapsed().as_secs_f64()),
-        Err(grpcio::Error::RpcFailure(s)) => format!("{:?} after {:.1}s: {}", s.code(), sent.elapsed().as_secs_f64(), s.message()),
+        Err(grpcio::Error::RpcFailure(s)) => format!(
+            "{:?} after {:.1}s: {}",
+            s.code(),
+            sent.elapsed().as_secs_f64(),
+            s.message()
+        ),
         Err(e) => panic!("DeleteVolume: {e}"),
     };
     let record = configmap_key(&cleanup::record_name(&waiting));

@@ -169,7 +169,10 @@ fn deleted_volume_is_wiped_on_every_node_and_released() {
     ctl.poll_once().unwrap();
     assert_eq!(api.pv_finalizers("pvc-all"), None, "the PV is released and gone");
     assert_eq!(state_of(&api, &id), "complete");
-    assert_eq!(data_keys(&api, &id), vec!["completedAt", "pv", "requestedAt", "volumeId"]);
+    assert_eq!(
+        data_keys(&api, &id),
+        vec!["completedAt", "pv", "requestedAt", "volumeId"]
+    );
     ctl.poll_once().unwrap();
     assert_eq!(state_of(&api, &id), "gone", "the record expires after its retention");
     let index = api.object(&format!("configmaps/{NS}/{}", cleanup::INDEX_NAME)).unwrap();
@@ -239,7 +242,9 @@ fn rapid_create_delete_create_keeps_the_new_volume() {
     api.clear_log();
     controller.delete(&del, &none).unwrap();
     assert!(
-        !api.requests().iter().any(|(m, p)| m == "GET" && p.starts_with("/api/v1/persistentvolumes?")),
+        !api.requests()
+            .iter()
+            .any(|(m, p)| m == "GET" && p.starts_with("/api/v1/persistentvolumes?")),
         "the PV is found by the name CreateVolume was given, not by a scan: {:?}",
         api.requests()
     );
@@ -258,7 +263,11 @@ fn rapid_create_delete_create_keeps_the_new_volume() {
 
     // Created again under the same name (same id), used on node-a.
     assert_eq!(
-        controller.create(&create_req("pvc-rapid", 0), &none).unwrap().volume.volume_id,
+        controller
+            .create(&create_req("pvc-rapid", 0), &none)
+            .unwrap()
+            .volume
+            .volume_id,
         id
     );
     std::thread::sleep(Duration::from_millis(5));
@@ -655,9 +664,5 @@ fn delete_volume_stops_at_the_callers_deadline() {
     ctl.controller_client().delete_volume(&del).unwrap();
     assert_eq!(state_of(&api, &id), "pending");
     assert_eq!(api.pv_finalizers("pvc-deadline").unwrap(), vec![FINALIZER.to_owned()]);
-    assert!(
-        ctl.log_text().contains("deadline passed"),
-        "{}",
-        ctl.log_text()
-    );
+    assert!(ctl.log_text().contains("deadline passed"), "{}", ctl.log_text());
 }

@@ -23,7 +23,6 @@ use nix::fcntl::{renameat2, RenameFlags};
 use node_local_cache::cleanup::{self, CleanupConfig, CleanupController, NodeAcks, NodeCleaner, FINALIZER};
 use node_local_cache::config::{Config, Mode};
 use node_local_cache::controller::Deleter;
-use node_local_cache::time::Deadline;
 use node_local_cache::inflight::InFlight;
 use node_local_cache::kube::KubeError;
 use node_local_cache::mounts::{self, BindSource};
@@ -31,6 +30,7 @@ use node_local_cache::node::NodeState;
 use node_local_cache::proto::csi;
 use node_local_cache::proto::grpc::NodeClient;
 use node_local_cache::safedir;
+use node_local_cache::time::Deadline;
 
 /// A call's outcome by status code name ("OK", "UNAVAILABLE", …), for counting.
 fn outcome<T>(r: &grpcio::Result<T>) -> String {

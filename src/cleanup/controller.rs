@@ -30,6 +30,14 @@ struct IndexCopy {
     resource_version: Option<String>,
 }
 
+/// What the nodes reported, for the pending records of one pass.
+struct Acknowledgements {
+    /// The nodes whose CSINode lists the driver.
+    nodes: Vec<String>,
+    /// By deletion, the nodes whose object lists it as finished.
+    acked: HashMap<Deletion, HashSet<String>>,
+}
+
 pub struct CleanupController {
     kube: Client,
     cfg: CleanupConfig,
@@ -94,7 +102,10 @@ impl CleanupController {
                 match CleanupRecord::parse(&existing) {
                     Some(r) if r.pending => Ok(r.deletion),
                     _ => {
-                        kube.patch_configmap(&record_name(id), &CleanupRecord::restart_patch(&existing, requested, pv))?;
+                        kube.patch_configmap(
+                            &record_name(id),
+                            &CleanupRecord::restart_patch(&existing, requested, pv),
+                        )?;
                         Ok(ours)
                     }
                 }
@@ -199,7 +210,7 @@ impl CleanupController {
     }
 
     /// The nodes expected to acknowledge, and which of them acknowledged each of `pending`.
-    fn acknowledgements(&self, pending: &[&CleanupRecord]) -> KubeResult<(Vec<String>, HashMap<Deletion, HashSet<String>>)> {
+    fn acknowledgements(&self, pending: &[&CleanupRecord]) -> KubeResult<Acknowledgements> {
         let nodes = self.kube.nodes_with_driver(&self.cfg.driver_name)?;
         let wanted: HashSet<&Deletion> = pending.iter().map(|r| &r.deletion).collect();
         let mut acked: HashMap<Deletion, HashSet<String>> = HashMap::new();
@@ -210,7 +221,7 @@ impl CleanupController {
                 }
             }
         })?;
-        Ok((nodes, acked))
+        Ok(Acknowledgements { nodes, acked })
     }
 
     /// Releases the PV and marks the record complete; the error says which step failed.
@@ -251,9 +262,9 @@ impl CleanupController {
             };
             for r in pending {
                 let waited = now.duration_since(r.deletion.requested()).unwrap_or_default();
-                let missing: Option<Vec<&String>> = acks.as_ref().map(|(nodes, acked)| {
-                    let by_object = acked.get(&r.deletion);
-                    nodes
+                let missing: Option<Vec<&String>> = acks.as_ref().map(|a| {
+                    let by_object = a.acked.get(&r.deletion);
+                    a.nodes
                         .iter()
                         .filter(|n| !r.legacy_acks.contains(*n) && !by_object.is_some_and(|a| a.contains(*n)))
                         .collect()

@@ -171,7 +171,10 @@ impl NodeCleaner {
             }
             match self.kube.get_pv(&name) {
                 Ok(pv) => {
-                    live.insert(id.clone(), pv["spec"]["csi"]["volumeHandle"].as_str() == Some(id.as_str()));
+                    live.insert(
+                        id.clone(),
+                        pv["spec"]["csi"]["volumeHandle"].as_str() == Some(id.as_str()),
+                    );
                 }
                 Err(KubeError::NotFound) => {
                     live.insert(id.clone(), false);

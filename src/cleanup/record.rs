@@ -39,7 +39,10 @@ pub fn node_object_name(node: &str) -> String {
     if name.len() <= MAX_NAME {
         name
     } else {
-        format!("nlc-node-{}", Uuid::new_v5(&NODE_NAMESPACE, node.as_bytes()).hyphenated())
+        format!(
+            "nlc-node-{}",
+            Uuid::new_v5(&NODE_NAMESPACE, node.as_bytes()).hyphenated()
+        )
     }
 }
 
@@ -260,10 +263,7 @@ mod tests {
         assert!(r.pending);
         assert_eq!(r.pv, "pvc-1");
         assert_eq!(r.deletion.requested_ms, 1_795_478_400_000);
-        assert_eq!(
-            r.legacy_acks,
-            HashSet::from(["node-a".to_owned(), "node-b".to_owned()])
-        );
+        assert_eq!(r.legacy_acks, HashSet::from(["node-a".to_owned(), "node-b".to_owned()]));
         let done = r.complete_patch(SystemTime::UNIX_EPOCH);
         assert_eq!(done["data"]["ack.node-a"], Value::Null);
         assert_eq!(done["metadata"]["labels"][LABEL], COMPLETE);
@@ -284,9 +284,16 @@ mod tests {
             },
         ]);
         let mut cm = json!({ "data": IndexEntry::render_index(&entries) });
-        assert_eq!(IndexEntry::parse_index(&cm), entries.iter().cloned().collect::<Vec<_>>());
+        assert_eq!(
+            IndexEntry::parse_index(&cm),
+            entries.iter().cloned().collect::<Vec<_>>()
+        );
         let text = cm["data"][INDEX_KEY].as_str().unwrap().to_owned();
-        cm["data"][INDEX_KEY] = format!("{text}../etc 1 pending\nnlc-x\n{} 1 maybe\n", deletion("c", 1).volume_id).into();
+        cm["data"][INDEX_KEY] = format!(
+            "{text}../etc 1 pending\nnlc-x\n{} 1 maybe\n",
+            deletion("c", 1).volume_id
+        )
+        .into();
         assert_eq!(IndexEntry::parse_index(&cm).len(), 2);
     }
 

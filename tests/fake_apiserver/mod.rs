@@ -197,13 +197,7 @@ impl FakeApi {
 
     /// The largest object stored by any write, and its key.
     pub fn largest_write(&self) -> (usize, String) {
-        self.with(|s| {
-            s.writes
-                .iter()
-                .map(|(k, n)| (*n, k.clone()))
-                .max()
-                .unwrap_or_default()
-        })
+        self.with(|s| s.writes.iter().map(|(k, n)| (*n, k.clone())).max().unwrap_or_default())
     }
 
     /// The size stored for the object at `key`.
@@ -243,12 +237,22 @@ impl FakeApi {
 
     /// The requests from number `from` on: (method, path with query).
     pub fn requests_since(&self, from: usize) -> Vec<(String, String)> {
-        self.with(|s| s.log[from..].iter().map(|e| (e.method.clone(), e.target.clone())).collect())
+        self.with(|s| {
+            s.log[from..]
+                .iter()
+                .map(|e| (e.method.clone(), e.target.clone()))
+                .collect()
+        })
     }
 
     /// When each request arrived, in order.
     pub fn arrivals(&self) -> Vec<(String, String, Instant)> {
-        self.with(|s| s.log.iter().map(|e| (e.method.clone(), e.target.clone(), e.at)).collect())
+        self.with(|s| {
+            s.log
+                .iter()
+                .map(|e| (e.method.clone(), e.target.clone(), e.at))
+                .collect()
+        })
     }
 
     pub fn clear_log(&self) {
@@ -290,7 +294,14 @@ impl State {
     fn add_pv(&mut self, name: &str, driver: &str, volume_id: &str) {
         let key = format!("persistentvolumes//{name}");
         let claim = format!("{:032x}", self.rv + 1);
-        let claim_uid = format!("{}-{}-{}-{}-{}", &claim[..8], &claim[8..12], &claim[12..16], &claim[16..20], &claim[20..]);
+        let claim_uid = format!(
+            "{}-{}-{}-{}-{}",
+            &claim[..8],
+            &claim[8..12],
+            &claim[12..16],
+            &claim[16..20],
+            &claim[20..]
+        );
         let obj = json!({
             "apiVersion": "v1", "kind": "PersistentVolume",
             "metadata": {
@@ -378,7 +389,12 @@ fn server_owned(path: &[String]) -> bool {
 
 /// Leaf field paths a request body sets (`set`) and clears (`cleared`, JSON null), in
 /// FieldsV1 spelling: `f:<name>` per map key, `v:"<value>"` per string in a list.
-fn field_paths(v: &Value, path: &mut Vec<String>, set: &mut BTreeSet<Vec<String>>, cleared: &mut BTreeSet<Vec<String>>) {
+fn field_paths(
+    v: &Value,
+    path: &mut Vec<String>,
+    set: &mut BTreeSet<Vec<String>>,
+    cleared: &mut BTreeSet<Vec<String>>,
+) {
     match v {
         Value::Object(m) if !m.is_empty() => {
             for (k, child) in m {
@@ -414,7 +430,11 @@ fn fields_v1(paths: &BTreeSet<Vec<String>>) -> Value {
         let mut node = &mut root;
         for (depth, step) in p.iter().enumerate() {
             let last = depth + 1 == p.len();
-            node = node.as_object_mut().unwrap().entry(step.clone()).or_insert_with(|| json!({}));
+            node = node
+                .as_object_mut()
+                .unwrap()
+                .entry(step.clone())
+                .or_insert_with(|| json!({}));
             let top_struct = depth == 0 && ["f:metadata", "f:spec", "f:status"].contains(&step.as_str());
             if !last && !top_struct && p[depth + 1].starts_with("f:") {
                 node.as_object_mut().unwrap().insert(".".into(), json!({}));
@@ -443,9 +463,7 @@ fn paths_of(fields: &Value, path: &mut Vec<String>, out: &mut BTreeSet<Vec<Strin
 fn track_fields(obj: &mut Value, body: &Value, manager: &str, subresource: Option<&str>) {
     let (mut set, mut cleared) = (BTreeSet::new(), BTreeSet::new());
     field_paths(body, &mut Vec::new(), &mut set, &mut cleared);
-    let touched = |p: &Vec<String>| {
-        set.contains(p) || cleared.iter().any(|c| p.starts_with(c))
-    };
+    let touched = |p: &Vec<String>| set.contains(p) || cleared.iter().any(|c| p.starts_with(c));
     let api_version = obj["apiVersion"].clone();
     let mut entries: Vec<Value> = obj["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
     let mut mine = BTreeSet::new();
@@ -621,14 +639,13 @@ fn handle(state: &Mutex<State>, req: &Request) -> (u16, Value) {
         return status_body(code, "InternalError", "injected fault");
     }
     let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
-    if let Some((_, _, code)) = s
-        .faults
-        .refuse
-        .iter()
-        .find(|(m, p, _)| *m == req.method && *p == path)
-    {
+    if let Some((_, _, code)) = s.faults.refuse.iter().find(|(m, p, _)| *m == req.method && *p == path) {
         let code = *code;
-        return status_body(code, "Forbidden", "admission webhook \"deny.example.com\" denied the request");
+        return status_body(
+            code,
+            "Forbidden",
+            "admission webhook \"deny.example.com\" denied the request",
+        );
     }
     let params: BTreeMap<String, String> = query
         .split('&')
@@ -671,7 +688,11 @@ fn handle(state: &Mutex<State>, req: &Request) -> (u16, Value) {
                 .range(start..)
                 .take_while(|(k, _)| k.starts_with(&prefix))
                 .filter(|(_, v)| selector_matches(&selector, &v["metadata"]["labels"]));
-            let items: Vec<(String, Value)> = matching.by_ref().take(limit).map(|(k, v)| (k.clone(), v.clone())).collect();
+            let items: Vec<(String, Value)> = matching
+                .by_ref()
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             let more = matching.next().is_some();
             let mut meta = json!({ "resourceVersion": s.rv.to_string() });
             if more {
@@ -791,24 +812,37 @@ mod tests {
             created["metadata"]["managedFields"][0]["fieldsV1"]
         );
         let patched = fixture("merge-patch-configmap.200.json");
-        for node in ["ip-10-0-1-23.eu-west-1.compute.internal", "ip-10-0-7-201.eu-west-1.compute.internal"] {
+        for node in [
+            "ip-10-0-1-23.eu-west-1.compute.internal",
+            "ip-10-0-7-201.eu-west-1.compute.internal",
+        ] {
             let patch = json!({ "data": { format!("ack.{node}"): "2026-11-28T07:28:40.000Z" } });
             merge_patch(&mut obj, &patch);
             track_fields(&mut obj, &patch, "node-local-cache", None);
         }
-        assert_eq!(obj["metadata"]["managedFields"], json!([{
-            "manager": "node-local-cache", "operation": "Update", "apiVersion": "v1", "time": NOW,
-            "fieldsType": "FieldsV1", "fieldsV1": patched["metadata"]["managedFields"][0]["fieldsV1"].clone(),
-        }]));
+        assert_eq!(
+            obj["metadata"]["managedFields"],
+            json!([{
+                "manager": "node-local-cache", "operation": "Update", "apiVersion": "v1", "time": NOW,
+                "fieldsType": "FieldsV1", "fieldsV1": patched["metadata"]["managedFields"][0]["fieldsV1"].clone(),
+            }])
+        );
         let pv = &fixture("list-pvs-limit1.200.json")["items"][0];
         let mut ours = json!({ "apiVersion": "v1", "metadata": {}, "spec": {} });
         let fin = json!({ "metadata": { "finalizers": ["node-local-cache.csi.io/cleanup"], "resourceVersion": "1" } });
         track_fields(&mut ours, &fin, "node-local-cache", None);
-        assert_eq!(ours["metadata"]["managedFields"][0]["fieldsV1"], pv["metadata"]["managedFields"][2]["fieldsV1"]);
-        let spec = json!({ "spec": pv["spec"].clone(), "metadata": { "annotations": pv["metadata"]["annotations"].clone() } });
+        assert_eq!(
+            ours["metadata"]["managedFields"][0]["fieldsV1"],
+            pv["metadata"]["managedFields"][2]["fieldsV1"]
+        );
+        let spec =
+            json!({ "spec": pv["spec"].clone(), "metadata": { "annotations": pv["metadata"]["annotations"].clone() } });
         let mut applied = json!({ "apiVersion": "v1", "metadata": {} });
         track_fields(&mut applied, &spec, "kubectl-client-side-apply", None);
-        assert_eq!(applied["metadata"]["managedFields"][0]["fieldsV1"], pv["metadata"]["managedFields"][1]["fieldsV1"]);
+        assert_eq!(
+            applied["metadata"]["managedFields"][0]["fieldsV1"],
+            pv["metadata"]["managedFields"][1]["fieldsV1"]
+        );
     }
 
     #[test]
