@@ -8,7 +8,7 @@
 //! It also measures: request and response body bytes of every call, and the size a real
 //! apiserver stores for each object, `managedFields` included (one entry per field manager,
 //! named after the client's User-Agent, listing every field it set, as in
-//! `../shared/fixtures/apiserver/`).
+//! `tests/fixtures/apiserver/`).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -795,7 +795,7 @@ mod tests {
     /// The model gives the managedFields a real apiserver returned for the same writes.
     #[test]
     fn managed_fields_match_the_fixtures() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake_apiserver/fixtures");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/apiserver");
         let fixture = |name: &str| -> Value {
             serde_json::from_str(&std::fs::read_to_string(format!("{dir}/{name}")).unwrap()).unwrap()
         };
