@@ -10,8 +10,9 @@ use nix::errno::Errno;
 pub enum Error {
     /// A required request field is empty.
     MissingField { field: &'static str, volume: String },
-    /// A volume id that is not of the form `nlc-<uuid>`.
-    BadVolumeId { id: String },
+    /// A volume id that is not of the form `nlc-<uuid>`: no volume of this driver has it. `path`
+    /// is the request's path, when the call names one.
+    BadVolumeId { id: String, path: PathBuf },
     /// A path that may not be used as given (relative, `..`, a symlink, …).
     BadPath {
         volume: String,
@@ -112,13 +113,13 @@ impl Error {
     /// The CSI status code for this error. Every mapping lives here.
     pub fn code(&self) -> RpcStatusCode {
         match self {
-            Error::MissingField { .. }
-            | Error::BadVolumeId { .. }
-            | Error::BadPath { .. }
-            | Error::Unsupported { .. } => RpcStatusCode::INVALID_ARGUMENT,
+            Error::MissingField { .. } | Error::BadPath { .. } | Error::Unsupported { .. } => {
+                RpcStatusCode::INVALID_ARGUMENT
+            }
             Error::BadCapacity { .. } => RpcStatusCode::OUT_OF_RANGE,
             Error::Conflict { .. } => RpcStatusCode::ALREADY_EXISTS,
-            Error::NotFound { .. } => RpcStatusCode::NOT_FOUND,
+            // The spec's "volume does not exist": an id no volume of ours can have is one.
+            Error::NotFound { .. } | Error::BadVolumeId { .. } => RpcStatusCode::NOT_FOUND,
             Error::InFlight { .. } => RpcStatusCode::ABORTED,
             Error::NodeNotReady { .. } | Error::ForeignMount { .. } => RpcStatusCode::FAILED_PRECONDITION,
             Error::Unavailable { .. } | Error::ShuttingDown => RpcStatusCode::UNAVAILABLE,
@@ -163,9 +164,11 @@ impl fmt::Display for Error {
             Error::MissingField { field, volume } => {
                 write!(f, "volume {}: required field {field} is missing", vol(volume))
             }
-            Error::BadVolumeId { id } => {
-                write!(f, "volume {id:?}: not a node-local-cache volume id (want nlc-<uuid>)")
-            }
+            Error::BadVolumeId { id, path } => write!(
+                f,
+                "volume {id:?}:{} no such volume: not a node-local-cache volume id (want nlc-<uuid>)",
+                at(path)
+            ),
             Error::BadPath { volume, path, reason } => {
                 write!(f, "volume {}: path {}: {reason}", vol(volume), path.display())
             }

@@ -6,7 +6,9 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use log::{debug, warn};
 use nix::errno::Errno;
 use nix::libc;
 use nix::mount::{MntFlags, MsFlags};
@@ -17,7 +19,8 @@ pub struct MountEntry {
     pub id: u64,
     pub parent: u64,
     pub dev: (u32, u32),
-    /// The directory of the source filesystem that is mounted here.
+    /// What of the source filesystem is mounted here: a directory for most filesystems, but not
+    /// always a path (`net:[4026532178]` for a network namespace file).
     pub root: PathBuf,
     pub mount_point: PathBuf,
     /// Per-mount options (`rw,nosuid,…`).
@@ -173,7 +176,8 @@ fn io_errno(e: std::io::Error) -> Errno {
     Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32))
 }
 
-/// The lines of a mount table that parse and that `keep` accepts; EINVAL for a malformed line.
+/// The lines of a mount table that parse and that `keep` accepts. A line that does not parse is
+/// skipped (and reported once): one odd entry must not hide every other mount on the node.
 fn filter_lines(
     mut reader: impl std::io::BufRead,
     mut keep: impl FnMut(&MountEntry) -> bool,
@@ -189,28 +193,46 @@ fn filter_lines(
         if text.is_empty() {
             continue;
         }
-        let entry = parse_line(text).ok_or(Errno::EINVAL)?;
-        if keep(&entry) {
-            kept.push(entry);
+        match parse_line(text) {
+            Some(entry) if keep(&entry) => kept.push(entry),
+            Some(_) => {}
+            None => report_skipped(text),
         }
     }
 }
 
-/// A mountinfo line that does not have the shape proc(5) gives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParseError {
-    pub line: usize,
+/// Set once the first unparsable line has been logged: a node's table is read on many calls,
+/// and the same odd line would otherwise fill the log.
+static SKIP_REPORTED: AtomicBool = AtomicBool::new(false);
+
+fn report_skipped(line: &[u8]) {
+    let shown = String::from_utf8_lossy(&line[..line.len().min(256)]).into_owned();
+    if SKIP_REPORTED.swap(true, Ordering::Relaxed) {
+        debug!("mountinfo: skipped a line that does not parse: {shown}");
+    } else {
+        warn!("mountinfo: skipped a line that does not parse (reported once): {shown}");
+    }
 }
 
-pub fn parse(raw: &[u8]) -> Result<Vec<MountEntry>, ParseError> {
+/// Every entry of a mount table that parses, in order; lines that do not are skipped.
+pub fn parse(raw: &[u8]) -> Vec<MountEntry> {
     raw.split(|&b| b == b'\n')
-        .enumerate()
-        .filter(|(_, l)| !l.is_empty())
-        .map(|(i, l)| parse_line(l).ok_or(ParseError { line: i + 1 }))
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            let entry = parse_line(l);
+            if entry.is_none() {
+                report_skipped(l);
+            }
+            entry
+        })
         .collect()
 }
 
-fn parse_line(line: &[u8]) -> Option<MountEntry> {
+/// One mountinfo line (proc(5)): `id parent major:minor root mount-point options [optional
+/// fields…] - fs-type source super-options`. The root is whatever the filesystem names it: a path
+/// for most, but `net:[4026532178]` for a namespace file (nsfs) and other forms for pseudo
+/// filesystems, so only the mount point must be a path.
+pub fn parse_line(line: &[u8]) -> Option<MountEntry> {
     let mut fields = line.split(|&b| b == b' ');
     let id = num(fields.next()?)?;
     let parent = num(fields.next()?)?;
@@ -221,16 +243,16 @@ fn parse_line(line: &[u8]) -> Option<MountEntry> {
     };
     let root = PathBuf::from(unescape(fields.next()?));
     let mount_point = PathBuf::from(unescape(fields.next()?));
-    let options = String::from_utf8(fields.next()?.to_vec()).ok()?;
+    let options = String::from_utf8_lossy(fields.next()?).into_owned();
     // Optional fields end with a lone "-".
     loop {
         if fields.next()? == b"-" {
             break;
         }
     }
-    let fs_type = String::from_utf8(unescape(fields.next()?).into_vec()).ok()?;
+    let fs_type = String::from_utf8_lossy(unescape(fields.next()?).as_bytes()).into_owned();
     let source = String::from_utf8_lossy(unescape(fields.next()?).as_bytes()).into_owned();
-    if !root.is_absolute() || !mount_point.is_absolute() {
+    if root.as_os_str().is_empty() || !mount_point.is_absolute() {
         return None;
     }
     Some(MountEntry {
@@ -297,12 +319,34 @@ impl BindFlags {
         self != BindFlags::default()
     }
 
-    /// Whether an existing mount carries exactly these flags (the ones we can set).
-    pub fn matches(self, m: &MountEntry) -> bool {
-        m.read_only() == self.read_only
-            && m.has_option("nosuid") == self.nosuid
-            && m.has_option("nodev") == self.nodev
-            && m.has_option("noexec") == self.noexec
+    /// Why an existing mount does not serve a request for these flags, or `None` when it does.
+    /// Read-only must be as asked, in either direction; a restriction asked for must be there.
+    /// Restrictions nobody asked for are fine: a bind inherits its source's flags, and a base dir
+    /// on a `nosuid,nodev` filesystem gives every publish those (kubelet repeats a publish after
+    /// each restart and must get OK).
+    pub fn unmet_by(self, m: &MountEntry) -> Option<String> {
+        if m.read_only() != self.read_only {
+            let (asked, there) = if self.read_only {
+                ("read-only", "read-write")
+            } else {
+                ("read-write", "read-only")
+            };
+            return Some(format!("already published {there} ({}), not {asked}", m.options));
+        }
+        let missing: Vec<&str> = [(self.nosuid, "nosuid"), (self.nodev, "nodev"), (self.noexec, "noexec")]
+            .into_iter()
+            .filter(|&(asked, name)| asked && !m.has_option(name))
+            .map(|(_, name)| name)
+            .collect();
+        if missing.is_empty() {
+            None
+        } else {
+            Some(format!(
+                "already published with options {}, without the requested {}",
+                m.options,
+                missing.join(",")
+            ))
+        }
     }
 
     pub fn describe(self) -> String {
@@ -373,7 +417,16 @@ mod tests {
 ";
 
     fn table() -> Vec<MountEntry> {
-        parse(SAMPLE.as_bytes()).unwrap()
+        parse(SAMPLE.as_bytes())
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn line_count(raw: &[u8]) -> usize {
+        raw.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count()
     }
 
     #[test]
@@ -406,8 +459,9 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, all.len());
-        let broken = format!("{SAMPLE}not a mountinfo line\n");
-        assert_eq!(filter_lines(broken.as_bytes(), |_| true), Err(Errno::EINVAL));
+        // A line that does not parse is skipped, never a reason to refuse the rest.
+        let broken = format!("not a mountinfo line\n{SAMPLE}1 2 0:1\n");
+        assert_eq!(filter_lines(broken.as_bytes(), |_| true).unwrap(), all);
     }
 
     #[test]
@@ -421,18 +475,84 @@ mod tests {
     }
 
     #[test]
-    fn rejects_malformed_lines() {
+    fn skips_malformed_lines_and_keeps_the_rest() {
         for bad in [
-            "",
             "x 27 0:21 / /proc rw - proc proc rw",
             "1 2 0:1 / /p rw shared:1",
             "1 2 01 / /p rw - a b c",
-            "1 2 0:1 rel /p rw - a b c",
+            "1 2 0:1 / rel rw - a b c",
+            "1 2 0:1  /p rw - a b c",
+            "1 2 0:1 / /p rw - a",
         ] {
-            if bad.is_empty() {
-                assert_eq!(parse(bad.as_bytes()).unwrap(), vec![]);
-            } else {
-                assert_eq!(parse(bad.as_bytes()), Err(ParseError { line: 1 }), "{bad}");
+            assert_eq!(parse_line(bad.as_bytes()), None, "{bad}");
+            let raw = format!("{bad}\n{SAMPLE}");
+            assert_eq!(parse(raw.as_bytes()), table(), "{bad}");
+        }
+        assert_eq!(parse(b""), vec![]);
+    }
+
+    #[test]
+    fn roots_that_are_not_paths_parse() {
+        let line = b"45 27 0:4 net:[4026532178] /run/netns/cni-c3a97dfb rw - nsfs nsfs rw";
+        let m = parse_line(line).unwrap();
+        assert_eq!(m.root, Path::new("net:[4026532178]"));
+        assert_eq!(m.mount_point, Path::new("/run/netns/cni-c3a97dfb"));
+        assert_eq!((m.fs_type.as_str(), m.dev), ("nsfs", (0, 4)));
+        let base = BindSource {
+            dev: (0, 4),
+            root: "/var/node-local-cache".into(),
+        };
+        assert_eq!(base.classify(&m), Binding::Foreign);
+        assert!(!base.shown_by(&m));
+    }
+
+    /// The host namespace of a real node with pods: CNI nsfs entries, shared kubelet dir, one
+    /// published volume of this driver.
+    #[test]
+    fn a_real_nodes_host_table_parses_whole() {
+        let raw = fixture("mountinfo-node-host.txt");
+        let t = parse(&raw);
+        assert_eq!(t.len(), line_count(&raw));
+        assert_eq!(t.iter().filter(|m| m.fs_type == "nsfs").count(), 2);
+        let vol = "/var/node-local-cache/nlc-5c5bce66-f3aa-56ae-b3f4-2d59a38ff9f3";
+        let source = BindSource::of_dir(&t, Path::new(vol)).unwrap();
+        assert_eq!(source.root, Path::new(vol));
+        let uses = uses_of(&t, &source);
+        assert_eq!(uses.len(), 1);
+        assert!(uses[0].mount_point.ends_with("mount"));
+        assert_eq!(source.classify(uses[0]), Binding::Ours);
+        let base = BindSource::of_dir(&t, Path::new("/var/node-local-cache")).unwrap();
+        assert_eq!(volumes_mounted(&t, &base), 1);
+    }
+
+    /// The node plugin's own container: read-only overlay root, the base dir and kubelet dir as
+    /// host binds, cgroup roots that are long paths.
+    #[test]
+    fn the_plugin_containers_table_parses_whole() {
+        let raw = fixture("mountinfo-node-plugin-container.txt");
+        let t = parse(&raw);
+        assert_eq!(t.len(), line_count(&raw));
+        let root = t.iter().find(|m| m.mount_point == Path::new("/")).unwrap();
+        assert!(root.read_only() && root.fs_type == "overlay");
+        // The container's base dir is the host's, so a volume dir keeps the host's root path:
+        // binds made from inside the container match what the host table shows.
+        let s = BindSource::of_dir(&t, Path::new("/var/node-local-cache/nlc-x")).unwrap();
+        assert_eq!(s.root, Path::new("/var/node-local-cache/nlc-x"));
+        let kubelet = at(&t, Path::new("/var/lib/kubelet"));
+        assert_eq!(kubelet.len(), 1);
+        assert!(kubelet[0].has_option("relatime"));
+    }
+
+    /// Every line of both captured tables, fed through the streaming reader in awkward chunks,
+    /// gives the same entries as the whole-table parse.
+    #[test]
+    fn captured_tables_stream_like_they_parse() {
+        for name in ["mountinfo-node-host.txt", "mountinfo-node-plugin-container.txt"] {
+            let raw = fixture(name);
+            let whole = parse(&raw);
+            for chunk in [1, 100, 4096] {
+                let reader = std::io::BufReader::with_capacity(chunk, raw.as_slice());
+                assert_eq!(filter_lines(reader, |_| true).unwrap(), whole, "{name} chunk {chunk}");
             }
         }
     }
@@ -464,7 +584,7 @@ mod tests {
 
     #[test]
     fn subpath_mounts_count_as_uses() {
-        let t = parse(b"1 0 8:1 / / rw - ext4 /dev/sda1 rw\n2 1 8:1 /base/nlc-a/sub/dir /pod/x rw - ext4 /dev/sda1 rw\n3 1 8:1 /base/nlc-ab /pod/y rw - ext4 /dev/sda1 rw\n").unwrap();
+        let t = parse(b"1 0 8:1 / / rw - ext4 /dev/sda1 rw\n2 1 8:1 /base/nlc-a/sub/dir /pod/x rw - ext4 /dev/sda1 rw\n3 1 8:1 /base/nlc-ab /pod/y rw - ext4 /dev/sda1 rw\n");
         let a = BindSource {
             dev: (8, 1),
             root: "/base/nlc-a".into(),
@@ -479,8 +599,7 @@ mod tests {
         // The node container sees the host's dir /data/nlc mounted at /var/node-local-cache.
         let t = parse(
             b"1 0 8:1 / / rw - ext4 /dev/sda1 rw\n2 1 8:3 /data/nlc /var/node-local-cache rw - xfs /dev/sdb rw\n",
-        )
-        .unwrap();
+        );
         let s = BindSource::of_dir(&t, Path::new("/var/node-local-cache/nlc-a")).unwrap();
         assert_eq!(
             s,
@@ -514,16 +633,32 @@ mod tests {
     }
 
     #[test]
-    fn flags_match_and_describe() {
+    fn flags_are_compared_with_what_was_asked() {
         let t = table();
         let ro = BindFlags {
             read_only: true,
             nosuid: true,
             ..Default::default()
         };
-        assert!(ro.matches(&t[4]));
-        assert!(!BindFlags::default().matches(&t[4]));
-        assert!(BindFlags::default().matches(&t[3]));
+        assert_eq!(ro.unmet_by(&t[4]), None);
+        let plain_ro = BindFlags {
+            read_only: true,
+            ..Default::default()
+        };
+        // nosuid inherited, not asked for: still the same publish.
+        assert_eq!(plain_ro.unmet_by(&t[4]), None);
+        let rw = BindFlags::default().unmet_by(&t[4]).unwrap();
+        assert!(rw.contains("read-only") && rw.contains("not read-write"), "{rw}");
+        assert!(ro.unmet_by(&t[3]).unwrap().contains("read-write"));
+        let noexec = BindFlags {
+            noexec: true,
+            ..Default::default()
+        };
+        assert!(noexec.unmet_by(&t[3]).unwrap().contains("noexec"));
+        let hardened = parse_line(b"9 1 0:60 /nlc-a /t rw,nosuid,nodev,noexec,noatime - tmpfs tmpfs rw").unwrap();
+        for asked in [BindFlags::default(), noexec] {
+            assert_eq!(asked.unmet_by(&hardened), None, "{}", asked.describe());
+        }
         assert_eq!(ro.describe(), "ro,nosuid");
         assert!(!BindFlags::default().needs_remount());
     }

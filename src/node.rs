@@ -236,7 +236,7 @@ impl NodeState {
 
     pub fn publish(&self, req: &NodePublishVolumeRequest) -> Result<()> {
         let id = req.volume_id.as_str();
-        volume::check_id(id)?;
+        volume::check_id_at(id, &req.target_path)?;
         let target = volume::check_target(id, "target_path", &req.target_path, &self.cfg.kubelet_dir)?;
         let cap = req
             .volume_capability
@@ -260,23 +260,17 @@ impl NodeState {
         if let Some(top) = mounts::at(&table, &t.real).last() {
             let source = Self::bind_source(&table, &vol_path, id)?;
             return match source.classify(top) {
-                Binding::Ours | Binding::OursDeleted if flags.matches(top) => {
-                    debug!(
-                        "volume {id} already published at {} ({})",
-                        target.display(),
-                        flags.describe()
-                    );
-                    Ok(())
-                }
-                Binding::Ours | Binding::OursDeleted => Err(Error::conflict(
-                    id,
-                    &target,
-                    format!(
-                        "already published with options {}, not {}",
-                        top.options,
-                        flags.describe()
-                    ),
-                )),
+                Binding::Ours | Binding::OursDeleted => match flags.unmet_by(top) {
+                    None => {
+                        debug!(
+                            "volume {id} already published at {} ({})",
+                            target.display(),
+                            flags.describe()
+                        );
+                        Ok(())
+                    }
+                    Some(reason) => Err(Error::conflict(id, &target, reason)),
+                },
                 Binding::Foreign => Err(Error::conflict(
                     id,
                     &target,
@@ -386,6 +380,24 @@ impl NodeState {
                 return Err(Error::sys("remount with the requested flags", id, &target, e));
             }
         }
+        // A bind inherits read-only from its source: a read-write publish must not hand the pod a
+        // read-only volume (and a repeat of it would then conflict with what it made).
+        if !flags.read_only {
+            let ro = nix::sys::statvfs::fstatvfs(mount_root.as_fd())
+                .map(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+            if ro != Ok(false) {
+                drop(mount_root);
+                undo(&tgt_fd, true);
+                return Err(match ro {
+                    Err(e) => Error::sys("statvfs", id, &target, e),
+                    Ok(_) => Error::NodeNotReady {
+                        volume: id.to_owned(),
+                        path: vol_path,
+                        reason: "the base dir's filesystem is read-only; a read-write publish cannot be served".into(),
+                    },
+                });
+            }
+        }
         metrics::MOUNT_DURATION.observe(started.elapsed());
         if made_vol {
             let name = req.volume_context.get(CONTEXT_NAME).cloned().unwrap_or_default();
@@ -408,7 +420,7 @@ impl NodeState {
 
     pub fn unpublish(&self, req: &NodeUnpublishVolumeRequest) -> Result<()> {
         let id = req.volume_id.as_str();
-        volume::check_id(id)?;
+        volume::check_id_at(id, &req.target_path)?;
         let target = volume::check_target(id, "target_path", &req.target_path, &self.cfg.kubelet_dir)?;
         let guard = self.inflight.lock_target(id, &target)?;
         let t = match self.open_target(id, &target) {
@@ -592,8 +604,18 @@ impl NodeState {
 
     pub fn stats(&self, req: &NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse> {
         let id = req.volume_id.as_str();
-        volume::check_id(id)?;
-        let path = volume::check_target(id, "volume_path", &req.volume_path, &self.cfg.kubelet_dir)?;
+        volume::check_id_at(id, &req.volume_path)?;
+        // The spec's "volume does not exist on the specified path": any path that cannot be a
+        // publish target of ours (relative, outside the kubelet dir) is one.
+        let path =
+            volume::check_target(id, "volume_path", &req.volume_path, &self.cfg.kubelet_dir).map_err(|e| match e {
+                Error::BadPath { volume, path, reason } => Error::NotFound {
+                    volume,
+                    path,
+                    reason: format!("not a publish target of this volume: {reason}"),
+                },
+                e => e,
+            })?;
         let not_published = || Error::not_found(id, &path, "not a publish target of this volume");
         let t = match self.open_target(id, &path) {
             Err(Error::NotFound { .. }) => return Err(not_published()),

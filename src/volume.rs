@@ -44,8 +44,19 @@ pub fn check_id(id: &str) -> Result<()> {
     if well_formed {
         Ok(())
     } else {
-        Err(Error::BadVolumeId { id: id.to_owned() })
+        Err(Error::BadVolumeId {
+            id: id.to_owned(),
+            path: PathBuf::new(),
+        })
     }
+}
+
+/// `check_id` for a call that names a path, so a refusal names it too.
+pub fn check_id_at(id: &str, path: &str) -> Result<()> {
+    check_id(id).map_err(|e| match e {
+        Error::BadVolumeId { id, .. } => Error::BadVolumeId { id, path: path.into() },
+        e => e,
+    })
 }
 
 /// A target path from a request: absolute, no `.` or `..`, no empty components, no NUL, strictly
@@ -170,8 +181,10 @@ mod tests {
             &format!("nlc-{{{}}}", &good[4..]),
         ] {
             let err = check_id(bad).unwrap_err();
-            assert_eq!(err.code(), RpcStatusCode::INVALID_ARGUMENT, "{bad}");
+            assert_eq!(err.code(), RpcStatusCode::NOT_FOUND, "{bad}");
             assert!(err.to_string().contains(bad));
+            let err = check_id_at(bad, "/k/pods/p/mount").unwrap_err();
+            assert!(err.to_string().contains("/k/pods/p/mount"), "{err}");
         }
         assert!(matches!(check_id(""), Err(Error::MissingField { .. })));
     }

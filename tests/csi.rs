@@ -303,17 +303,17 @@ fn bad_input_gets_exact_codes_and_names_volume_and_path() {
         (
             "bad id",
             publish_req("pvc-123", &target, false),
-            RpcStatusCode::INVALID_ARGUMENT,
+            RpcStatusCode::NOT_FOUND,
         ),
         (
             "traversal id",
             publish_req("../../etc", &target, false),
-            RpcStatusCode::INVALID_ARGUMENT,
+            RpcStatusCode::NOT_FOUND,
         ),
         (
             "uppercase id",
             publish_req(&vol.to_uppercase(), &target, false),
-            RpcStatusCode::INVALID_ARGUMENT,
+            RpcStatusCode::NOT_FOUND,
         ),
         (
             "relative target",
@@ -399,10 +399,11 @@ fn bad_input_gets_exact_codes_and_names_volume_and_path() {
     assert_eq!(c, RpcStatusCode::FAILED_PRECONDITION, "{msg}");
     assert!(msg.contains(&vol2), "{msg}");
 
-    // Unpublish and stats validate the same way.
+    // Unpublish and stats validate the same way. An id that no volume of ours can have is the
+    // spec's "volume does not exist".
     assert_eq!(
         code(n.node_unpublish_volume(&unpublish_req("nope", &target))).0,
-        RpcStatusCode::INVALID_ARGUMENT
+        RpcStatusCode::NOT_FOUND
     );
     assert_eq!(
         code(n.node_unpublish_volume(&unpublish_req(&vol, Path::new("rel")))).0,
@@ -420,10 +421,22 @@ fn bad_input_gets_exact_codes_and_names_volume_and_path() {
         code(n.node_get_volume_stats(&no_path)).0,
         RpcStatusCode::INVALID_ARGUMENT
     );
-    assert_eq!(
-        code(n.node_get_volume_stats(&stats_req("x", &target))).0,
-        RpcStatusCode::INVALID_ARGUMENT
-    );
+    // NodeGetVolumeStats: NOT_FOUND for a volume that does not exist and for a path where the
+    // volume is not published, as csi-sanity asks (it sends a fake id and the relative
+    // "some/path"); a missing field stays INVALID_ARGUMENT.
+    for (id, path) in [
+        ("fake-vol-id-1234", target.as_path()),
+        ("x", target.as_path()),
+        (vol.as_str(), Path::new("some/path")),
+        (vol.as_str(), tree.root.join("elsewhere").as_path()),
+    ] {
+        let (c, msg) = code(n.node_get_volume_stats(&stats_req(id, path)));
+        assert_eq!(c, RpcStatusCode::NOT_FOUND, "{id} at {}: {msg}", path.display());
+        assert!(msg.contains(id) && msg.contains(path.to_str().unwrap()), "{msg}");
+    }
+    let mut no_id = stats_req(&vol, &target);
+    no_id.volume_id.clear();
+    assert_eq!(code(n.node_get_volume_stats(&no_id)).0, RpcStatusCode::INVALID_ARGUMENT);
     assert_eq!(
         code(n.node_get_volume_stats(&stats_req(&vol, &target))).0,
         RpcStatusCode::NOT_FOUND
@@ -793,7 +806,7 @@ fn metrics_after_real_calls_are_valid_prometheus_text() {
     }
     for want in [
         "node_local_cache_csi_requests_total{method=\"NodePublishVolume\",code=\"OK\"} 1",
-        "node_local_cache_csi_requests_total{method=\"NodePublishVolume\",code=\"INVALID_ARGUMENT\"} 1",
+        "node_local_cache_csi_requests_total{method=\"NodePublishVolume\",code=\"NOT_FOUND\"} 1",
         "node_local_cache_mount_duration_seconds_count 1",
         "node_local_cache_volume_create_total 1",
         "node_local_cache_active_volumes 1",
