@@ -1,4 +1,4 @@
-//! node-local-cache: a CSI driver for per-node cache volumes. See README.md for the design.
+//! node-local-cache: a CSI driver for per-node cache volumes. See docs/design.md for the design.
 
 pub mod cleanup;
 pub mod config;

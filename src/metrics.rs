@@ -1,6 +1,6 @@
 //! Prometheus metrics as plain static atomics, rendered to the text format on demand, and the
-//! small HTTP endpoint that serves them (`/metrics`, `/healthz`). No framework: a scrape is one
-//! pass over a few arrays.
+//! small HTTP endpoint that serves them (`/metrics`) and the probes (`/livez`, `/readyz`). No
+//! framework: a scrape is one pass over a few arrays.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -204,6 +204,18 @@ pub fn set_active_volumes(f: impl Fn() -> u64 + Send + Sync + 'static) {
     let _ = ACTIVE_VOLUMES.set(Box::new(f));
 }
 
+static READY: OnceLock<Box<dyn Fn() -> bool + Send + Sync>> = OnceLock::new();
+
+/// What `/readyz` and the `ready` gauge report: what Probe would say (on a node, whether the
+/// base dir is usable). Not set: not ready.
+pub fn set_ready(f: impl Fn() -> bool + Send + Sync + 'static) {
+    let _ = READY.set(Box::new(f));
+}
+
+fn ready() -> bool {
+    READY.get().is_some_and(|f| f())
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {PREFIX}{name} {help}");
     let _ = writeln!(out, "# TYPE {PREFIX}{name} {kind}");
@@ -278,6 +290,13 @@ pub fn render() -> String {
     let _ = writeln!(out, "{PREFIX}active_volumes {active}");
     header(
         &mut out,
+        "ready",
+        "gauge",
+        "1 while the driver can serve (node: its base dir opens and is writable), else 0.",
+    );
+    let _ = writeln!(out, "{PREFIX}ready {}", u8::from(ready()));
+    header(
+        &mut out,
         "cleanup_pending",
         "gauge",
         "Volume cleanups requested and not yet finished.",
@@ -337,12 +356,11 @@ pub fn parse_addr(arg: &str) -> Result<SocketAddr, String> {
     full.parse().map_err(|e| format!("metrics address {arg:?}: {e}"))
 }
 
-/// Serves `/metrics` and `/healthz` on a thread of its own; `healthy` answers `/healthz`.
-/// Returns the bound address (the port may have been 0).
-pub fn serve(addr: SocketAddr, healthy: impl Fn() -> bool + Send + Sync + 'static) -> std::io::Result<SocketAddr> {
+/// Serves `/metrics`, `/livez` and `/readyz` on a thread of its own. Returns the bound address
+/// (the port may have been 0).
+pub fn serve(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
-    let healthy = Arc::new(healthy);
     let open = Arc::new(AtomicUsize::new(0));
     thread::Builder::new().name("metrics".into()).spawn(move || {
         for conn in listener.incoming() {
@@ -352,9 +370,9 @@ pub fn serve(addr: SocketAddr, healthy: impl Fn() -> bool + Send + Sync + 'stati
                 debug!("metrics: too many open connections; closing a new one");
                 continue;
             }
-            let (open, healthy) = (open.clone(), healthy.clone());
+            let open = open.clone();
             let spawned = thread::Builder::new().name("metrics-conn".into()).spawn(move || {
-                let _ = handle(stream, &*healthy);
+                let _ = handle(stream);
                 open.fetch_sub(1, Ordering::SeqCst);
             });
             if let Err(e) = spawned {
@@ -365,7 +383,7 @@ pub fn serve(addr: SocketAddr, healthy: impl Fn() -> bool + Send + Sync + 'stati
     Ok(bound)
 }
 
-fn handle(mut stream: TcpStream, healthy: &dyn Fn() -> bool) -> std::io::Result<()> {
+fn handle(mut stream: TcpStream) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut buf = Vec::with_capacity(1024);
@@ -398,8 +416,11 @@ fn handle(mut stream: TcpStream, healthy: &dyn Fn() -> bool) -> std::io::Result<
             "text/plain; version=0.0.4; charset=utf-8",
             &render(),
         ),
-        b"/healthz" if healthy() => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
-        b"/healthz" => respond(&mut stream, "503 Service Unavailable", "text/plain", "not ready\n"),
+        // Liveness: answering at all is the proof. Never tied to readiness, so a node whose base
+        // dir is unusable is reported, not restarted in a loop.
+        b"/livez" => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
+        b"/readyz" if ready() => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
+        b"/readyz" => respond(&mut stream, "503 Service Unavailable", "text/plain", "not ready\n"),
         _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n"),
     }
 }
@@ -450,5 +471,29 @@ mod tests {
         assert_eq!(parse_addr(":9809").unwrap(), "0.0.0.0:9809".parse().unwrap());
         assert_eq!(parse_addr("127.0.0.1:1").unwrap(), "127.0.0.1:1".parse().unwrap());
         assert!(parse_addr("nope").is_err());
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    #[test]
+    fn liveness_does_not_follow_readiness() {
+        static READY_NOW: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        set_ready(|| READY_NOW.load(Ordering::SeqCst));
+        let addr = serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(get(addr, "/livez").starts_with("HTTP/1.1 200 "));
+        assert!(get(addr, "/readyz").starts_with("HTTP/1.1 503 "));
+        assert!(get(addr, "/metrics").contains("\nnode_local_cache_ready 0\n"));
+        READY_NOW.store(true, Ordering::SeqCst);
+        assert!(get(addr, "/livez").starts_with("HTTP/1.1 200 "));
+        assert!(get(addr, "/readyz").starts_with("HTTP/1.1 200 "));
+        assert!(get(addr, "/metrics").contains("\nnode_local_cache_ready 1\n"));
+        assert!(get(addr, "/healthz").starts_with("HTTP/1.1 404 "), "one name per probe");
     }
 }
