@@ -110,12 +110,12 @@ echo "GetPluginCapabilities with the image's csi-client (default socket /csi/csi
 port="$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$log" | head -n1 | cut -d: -f3)"
 [ -n "$port" ] || fail "no metrics address in the log:"$'\n'"$(cat "$log")"
 exec 3<>"/dev/tcp/127.0.0.1/$port"
-printf 'GET /healthz HTTP/1.0\r\n\r\n' >&3
+printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
 read -r status_line <&3 || true
 exec 3>&-
 case "$status_line" in
-*" 200 "*) echo "/healthz on the metrics port: ${status_line%$'\r'}" ;;
-*) fail "/healthz answered: $status_line" ;;
+*" 200 "*) echo "/readyz on the metrics port: ${status_line%$'\r'}" ;;
+*) fail "/readyz answered: $status_line" ;;
 esac
 
 kill -TERM "$driver_pid"

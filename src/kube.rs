@@ -1,8 +1,15 @@
 //! A small blocking Kubernetes REST client: plain HTTPS with ureq and serde_json, only the calls
 //! the cleanup protocol needs. TLS is always verified against the given CA; the bearer token is
 //! re-read whenever its file changes (projected tokens rotate about hourly).
+//!
+//! Lists of objects that grow with the cluster (PVs, CSINodes, the nodes' cleanup objects) are
+//! read a page at a time and reduced to the few fields used before the next page is asked for,
+//! so memory holds one page, never the cluster.
 
+use std::collections::HashSet;
 use std::fmt;
+use std::io::BufReader;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -12,10 +19,13 @@ use log::{debug, warn};
 use serde_json::Value;
 
 use crate::metrics;
+use crate::time::Deadline;
 
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-/// Largest response body read (a PV list in a big cluster).
-const MAX_BODY: u64 = 256 << 20;
+/// Largest response body read: a page of a paginated list is a few MiB at most.
+const MAX_BODY: u64 = 32 << 20;
+/// Items per page of a paginated list: a page of PVs with their managedFields is about 1 MiB.
+pub const PAGE: usize = 500;
 
 /// Where the API is and how to authenticate; flags override the in-cluster defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +103,8 @@ pub enum KubeError {
     Transport(String),
     /// A response we could not read.
     BadResponse(String),
+    /// The caller's deadline passed before the call could be made or retried.
+    DeadlineExceeded,
 }
 
 impl KubeError {
@@ -117,6 +129,7 @@ impl fmt::Display for KubeError {
             KubeError::Rejected(c, m) => write!(f, "rejected ({c}): {m}"),
             KubeError::Transport(m) => write!(f, "no response: {m}"),
             KubeError::BadResponse(m) => write!(f, "unreadable response: {m}"),
+            KubeError::DeadlineExceeded => write!(f, "the caller's deadline passed"),
         }
     }
 }
@@ -136,6 +149,8 @@ pub struct Client {
     cfg: Arc<KubeConfig>,
     agent: ureq::Agent,
     token: Arc<Mutex<Token>>,
+    /// Every call made through this handle ends by then (see `with_deadline`).
+    deadline: Deadline,
 }
 
 impl Client {
@@ -171,6 +186,7 @@ impl Client {
                 modified: None,
                 value: String::new(),
             })),
+            deadline: Deadline::none(),
         };
         client.bearer().map_err(|e| e.to_string())?;
         Ok(client)
@@ -178,6 +194,16 @@ impl Client {
 
     pub fn namespace(&self) -> &str {
         &self.cfg.namespace
+    }
+
+    /// The same client, for work done on behalf of a caller who stops waiting at `deadline`: no
+    /// request starts and no retry waits past it, and a request's timeout is cut to the time
+    /// left where that is known.
+    pub fn with_deadline(&self, deadline: Deadline) -> Client {
+        Client {
+            deadline,
+            ..self.clone()
+        }
     }
 
     /// The current token, re-read when its file's mtime moved.
@@ -203,26 +229,50 @@ impl Client {
     }
 
     /// One request, no retries. `verb` labels the metric.
-    fn once(&self, verb: &'static str, method: &str, path: &str, body: Option<(&str, &Value)>) -> KubeResult<Value> {
+    fn once(
+        &self,
+        verb: &'static str,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &Value)>,
+        timeout: Duration,
+    ) -> KubeResult<Value> {
         let url = format!("{}{path}", self.cfg.api_url);
         let auth = format!("Bearer {}", self.bearer()?);
+        let timeout = Some(timeout);
         let result = match (method, body) {
             ("GET", _) => self
                 .agent
                 .get(&url)
+                .config()
+                .timeout_global(timeout)
+                .build()
                 .header("Authorization", &auth)
                 .header("Accept", "application/json")
                 .call(),
-            ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .config()
+                .timeout_global(timeout)
+                .build()
+                .header("Authorization", &auth)
+                .call(),
             ("POST", Some((kind, b))) => self
                 .agent
                 .post(&url)
+                .config()
+                .timeout_global(timeout)
+                .build()
                 .header("Authorization", &auth)
                 .header("Content-Type", kind)
                 .send(b.to_string()),
             ("PATCH", Some((kind, b))) => self
                 .agent
                 .patch(&url)
+                .config()
+                .timeout_global(timeout)
+                .build()
                 .header("Authorization", &auth)
                 .header("Content-Type", kind)
                 .send(b.to_string()),
@@ -243,12 +293,23 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        if (200..=299).contains(&status) {
+            // Decoded as it arrives: the body text is never held beside the parsed value.
+            let reader = BufReader::new(resp.body_mut().with_config().limit(MAX_BODY).reader());
+            return serde_json::from_reader(reader).map_err(|e| {
+                if e.is_io() {
+                    KubeError::Transport(e.to_string())
+                } else {
+                    KubeError::BadResponse(e.to_string())
+                }
+            });
+        }
         let text = resp
             .body_mut()
             .with_config()
-            .limit(MAX_BODY)
+            .limit(64 * 1024)
             .read_to_string()
-            .map_err(|e| KubeError::Transport(e.to_string()))?;
+            .unwrap_or_default();
         let message = || {
             serde_json::from_str::<Value>(&text)
                 .ok()
@@ -256,7 +317,6 @@ impl Client {
                 .unwrap_or_else(|| text.chars().take(200).collect())
         };
         match status {
-            200..=299 => serde_json::from_str(&text).map_err(|e| KubeError::BadResponse(e.to_string())),
             404 => Err(KubeError::NotFound),
             409 => Err(KubeError::Conflict(message())),
             410 => Err(KubeError::Gone),
@@ -268,13 +328,21 @@ impl Client {
     }
 
     /// Retries what is safe to retry with jittered exponential backoff; a 401 re-reads the token
-    /// once (it may have rotated between our stat and the server's check).
+    /// once (it may have rotated between our stat and the server's check). Nothing starts or
+    /// waits past the handle's deadline.
     fn call(&self, verb: &'static str, method: &str, path: &str, body: Option<(&str, &Value)>) -> KubeResult<Value> {
         let mut delay = self.cfg.backoff;
         let mut reread_token = true;
         let mut attempt = 1;
         loop {
-            match self.once(verb, method, path, body) {
+            if self.deadline.passed() {
+                return Err(KubeError::DeadlineExceeded);
+            }
+            let timeout = self
+                .deadline
+                .remaining()
+                .map_or(self.cfg.timeout, |left| left.min(self.cfg.timeout));
+            match self.once(verb, method, path, body, timeout) {
                 Err(KubeError::Unauthorized(401, _)) if reread_token => {
                     reread_token = false;
                     self.forget_token();
@@ -284,8 +352,13 @@ impl Client {
                         KubeError::Throttled(Some(after)) => *after,
                         _ => jitter(delay),
                     };
+                    if self.deadline.remaining().is_some_and(|left| left <= wait) {
+                        return Err(e);
+                    }
                     debug!("{method} {path}: {e}; retrying in {wait:?}");
-                    thread::sleep(wait);
+                    if !self.deadline.sleep(wait) {
+                        return Err(e);
+                    }
                     delay = delay.saturating_mul(2);
                     attempt += 1;
                 }
@@ -294,23 +367,76 @@ impl Client {
         }
     }
 
+    /// Calls `each` with the items of every page of the list at `path` (with `query`, no `?`),
+    /// `PAGE` items a page, until it breaks. Read from etcd, not the watch cache: the watch cache
+    /// of the apiservers this driver supports answers `resourceVersion=0` with the whole list,
+    /// whatever the limit.
+    fn for_each_page(
+        &self,
+        path: &str,
+        query: &str,
+        mut each: impl FnMut(Vec<Value>) -> ControlFlow<()>,
+    ) -> KubeResult<()> {
+        let mut next: Option<String> = None;
+        loop {
+            let mut url = format!("{path}?limit={PAGE}");
+            if !query.is_empty() {
+                url = format!("{url}&{query}");
+            }
+            if let Some(token) = &next {
+                url = format!("{url}&continue={}", encode(token));
+            }
+            let mut page = self.call("list", "GET", &url, None)?;
+            next = page["metadata"]["continue"]
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            if each(items(page.take())?).is_break() || next.is_none() {
+                return Ok(());
+            }
+        }
+    }
+
     fn ns_path(&self, resource: &str) -> String {
         format!("/api/v1/namespaces/{}/{resource}", self.cfg.namespace)
     }
 
+    /// A ConfigMap as etcd has it now.
     pub fn get_configmap(&self, name: &str) -> KubeResult<Value> {
         self.call("get", "GET", &format!("{}/{name}", self.ns_path("configmaps")), None)
     }
 
-    /// Lists from the apiserver's watch cache (`resourceVersion=0`): cheap for the server, and
+    /// A ConfigMap from the apiserver's watch cache (`resourceVersion=0`): cheap for the server,
     /// at most a moment behind.
-    pub fn list_configmaps(&self, label_selector: &str) -> KubeResult<Vec<Value>> {
+    pub fn get_configmap_cached(&self, name: &str) -> KubeResult<Value> {
+        self.call(
+            "get",
+            "GET",
+            &format!("{}/{name}?resourceVersion=0", self.ns_path("configmaps")),
+            None,
+        )
+    }
+
+    /// Lists from the apiserver's watch cache (`resourceVersion=0`), in one response.
+    pub fn list_configmaps_cached(&self, label_selector: &str) -> KubeResult<Vec<Value>> {
         let path = format!(
             "{}?labelSelector={}&resourceVersion=0",
             self.ns_path("configmaps"),
             encode(label_selector)
         );
         items(self.call("list", "GET", &path, None)?)
+    }
+
+    /// Every ConfigMap matching the selector, a page at a time, as etcd has them now.
+    pub fn for_each_configmap(&self, label_selector: &str, mut each: impl FnMut(Vec<Value>)) -> KubeResult<()> {
+        self.for_each_page(
+            &self.ns_path("configmaps"),
+            &format!("labelSelector={}", encode(label_selector)),
+            |page| {
+                each(page);
+                ControlFlow::Continue(())
+            },
+        )
     }
 
     pub fn create_configmap(&self, body: &Value) -> KubeResult<Value> {
@@ -353,8 +479,41 @@ impl Client {
         )
     }
 
-    pub fn list_pvs(&self) -> KubeResult<Vec<Value>> {
-        items(self.call("list", "GET", "/api/v1/persistentvolumes?resourceVersion=0", None)?)
+    /// The name of the PV of `driver` whose volume handle is `handle`, scanning the PVs a page at
+    /// a time and stopping at the first match.
+    pub fn find_pv(&self, driver: &str, handle: &str) -> KubeResult<Option<String>> {
+        let mut found = None;
+        self.for_each_page("/api/v1/persistentvolumes", "", |page| {
+            found = page
+                .iter()
+                .find(|pv| csi_handle(pv, driver) == Some(handle))
+                .and_then(|pv| pv["metadata"]["name"].as_str().map(str::to_owned));
+            if found.is_some() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        Ok(found)
+    }
+
+    /// Which of `handles` a PV of `driver` still names, scanning the PVs a page at a time.
+    pub fn live_handles(&self, driver: &str, handles: &HashSet<String>) -> KubeResult<HashSet<String>> {
+        let mut live = HashSet::new();
+        self.for_each_page("/api/v1/persistentvolumes", "", |page| {
+            live.extend(
+                page.iter()
+                    .filter_map(|pv| csi_handle(pv, driver))
+                    .filter(|h| handles.contains(*h))
+                    .map(str::to_owned),
+            );
+            if live.len() == handles.len() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        Ok(live)
     }
 
     /// JSON merge patch; with `metadata.resourceVersion` in it, a concurrent change gives 409
@@ -370,22 +529,29 @@ impl Client {
 
     /// Names of the nodes whose CSINode lists `driver`: the nodes expected to acknowledge.
     pub fn nodes_with_driver(&self, driver: &str) -> KubeResult<Vec<String>> {
-        let list = items(self.call(
-            "list",
-            "GET",
-            "/apis/storage.k8s.io/v1/csinodes?resourceVersion=0",
-            None,
-        )?)?;
-        Ok(list
-            .iter()
-            .filter(|n| {
-                n["spec"]["drivers"]
-                    .as_array()
-                    .is_some_and(|ds| ds.iter().any(|d| d["name"].as_str() == Some(driver)))
-            })
-            .filter_map(|n| n["metadata"]["name"].as_str().map(str::to_owned))
-            .collect())
+        let mut names = Vec::new();
+        self.for_each_page("/apis/storage.k8s.io/v1/csinodes", "", |page| {
+            names.extend(
+                page.iter()
+                    .filter(|n| {
+                        n["spec"]["drivers"]
+                            .as_array()
+                            .is_some_and(|ds| ds.iter().any(|d| d["name"].as_str() == Some(driver)))
+                    })
+                    .filter_map(|n| n["metadata"]["name"].as_str().map(str::to_owned)),
+            );
+            ControlFlow::Continue(())
+        })?;
+        Ok(names)
     }
+}
+
+/// The CSI volume handle of a PV provisioned by `driver`.
+fn csi_handle<'a>(pv: &'a Value, driver: &str) -> Option<&'a str> {
+    let csi = &pv["spec"]["csi"];
+    (csi["driver"].as_str() == Some(driver))
+        .then(|| csi["volumeHandle"].as_str())
+        .flatten()
 }
 
 fn items(list: Value) -> KubeResult<Vec<Value>> {

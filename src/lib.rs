@@ -1,4 +1,4 @@
-//! node-local-cache: a CSI driver for per-node cache volumes. See README.md for the design.
+//! node-local-cache: a CSI driver for per-node cache volumes. See docs/design.md for the design.
 
 pub mod cleanup;
 pub mod config;
@@ -16,5 +16,6 @@ pub mod node;
 pub mod proto;
 pub mod safedir;
 pub mod server;
+pub mod time;
 pub mod trim;
 pub mod volume;

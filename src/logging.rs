@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::io::Write;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -45,7 +45,7 @@ pub fn init(format: LogFormat, filter: Option<&str>) {
     let env = std::env::var("RUST_LOG").ok();
     builder.parse_filters(filter.or(env.as_deref()).unwrap_or("info"));
     builder.format(move |buf, record| {
-        let ts = timestamp(SystemTime::now());
+        let ts = crate::time::format(SystemTime::now());
         let req = current_request();
         match format {
             LogFormat::Text => {
@@ -76,51 +76,9 @@ pub fn init(format: LogFormat, filter: Option<&str>) {
     let _ = builder.try_init();
 }
 
-/// RFC 3339 UTC with milliseconds, without a date crate.
-pub fn timestamp(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, day) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), after Howard Hinnant's public-domain algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn timestamps_are_rfc3339() {
-        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            timestamp(UNIX_EPOCH + Duration::from_millis(951_782_400_123)),
-            "2000-02-29T00:00:00.123Z"
-        );
-        assert_eq!(
-            timestamp(UNIX_EPOCH + Duration::from_secs(1_795_564_799)),
-            "2026-11-24T23:59:59.000Z"
-        );
-    }
 
     #[test]
     fn request_scope_nests() {

@@ -1,16 +1,14 @@
 //! The `node-local-cache` binary: flags in, services wired, serve until SIGTERM.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use grpcio::Service;
 use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
 
-use node_local_cache::cleanup::{self, CleanupConfig, NodeCleaner};
-use node_local_cache::config::{parse_duration, parse_percent, parse_size, Config, DataOnUnpublish, Mode};
+use node_local_cache::cleanup::{CleanupConfig, CleanupController, NodeCleaner};
+use node_local_cache::config::{Config, Flags, Mode};
 use node_local_cache::controller::{Controller, Deleter};
 use node_local_cache::eviction::Evictor;
 use node_local_cache::identity::{Identity, Readiness};
@@ -22,187 +20,67 @@ use node_local_cache::proto::grpc;
 use node_local_cache::server::{self, Rpc};
 use node_local_cache::{memory, metrics};
 
-#[derive(Clone, Copy, ValueEnum)]
-enum ModeArg {
-    Controller,
-    Node,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum FormatArg {
-    Text,
-    Json,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DataArg {
-    Keep,
-    Delete,
-}
-
-/// A CSI driver for node-local cache volumes: any pod on any node, one copy per node.
-#[derive(Parser)]
-#[command(name = "node-local-cache", version, about)]
-struct Flags {
-    /// Which half of the driver to run.
-    #[arg(long, value_enum)]
-    mode: ModeArg,
-    /// Unix socket to serve CSI on: a path or unix:///path.
-    #[arg(long, default_value = "/csi/csi.sock")]
-    csi_socket: String,
-    /// This node's name, reported as the CSI node id (required in node mode).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: Option<String>,
-    /// Where each node keeps <volume-id>/ directories.
-    #[arg(long, default_value = "/var/node-local-cache")]
-    base_dir: PathBuf,
-    /// Kubelet's root dir; publish targets must lie below it.
-    #[arg(long, default_value = "/var/lib/kubelet")]
-    kubelet_dir: PathBuf,
-    /// CSI driver name (as in the CSIDriver object and the StorageClass provisioner).
-    #[arg(long, default_value = "node-local-cache.csi.io")]
-    driver_name: String,
-    /// What a node does with its copy when no pod on it uses the volume any more.
-    #[arg(long, value_enum, default_value = "keep")]
-    data_on_unpublish: DataArg,
-    /// Threads for mount, unmount, stats and delete work.
-    #[arg(long, default_value_t = 4)]
-    workers: usize,
-    /// How long a measured volume usage is reused by NodeGetVolumeStats.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    stats_cache_ttl: Duration,
-    /// How long SIGTERM waits for calls in flight before cancelling them.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    shutdown_timeout: Duration,
-    /// Address for /metrics and /healthz (":9809" is every address); empty turns it off.
-    #[arg(long, default_value = ":9809")]
-    metrics_addr: String,
-    /// Kubernetes API URL (default: in-cluster from KUBERNETES_SERVICE_HOST/PORT). Without one
-    /// the driver runs standalone and DeleteVolume only logs.
-    #[arg(long)]
-    kube_api_url: Option<String>,
-    /// Bearer token file, re-read when it changes (default: the service account's).
-    #[arg(long)]
-    kube_token_file: Option<PathBuf>,
-    /// CA bundle the API server's certificate is verified against (default: the service account's).
-    #[arg(long)]
-    kube_ca_file: Option<PathBuf>,
-    /// Namespace holding the cleanup records (default: the service account's).
-    #[arg(long, env = "POD_NAMESPACE")]
-    namespace: Option<String>,
-    /// How often nodes (and the controller) poll for cleanup work, with jitter.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    cleanup_poll_interval: Duration,
-    /// How long the controller waits for every node before releasing a deleted volume's PV.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    cleanup_timeout: Duration,
-    /// How long a finished cleanup record is kept for nodes that were down.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    cleanup_retention: Duration,
-    /// How long a node keeps a volume dir whose PV is gone before deleting it.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
-    orphan_grace: Duration,
-    /// The node's cache budget: bytes all copies together may hold (50Gi, 10G, …; 0: no limit of
-    /// its own). Over it, idle copies are evicted, least recently used first.
-    #[arg(long, default_value = "0", value_parser = parse_size)]
-    max_cache_bytes: u64,
-    /// The node's cache budget: percent of the base dir's filesystem to keep free (0: none).
-    /// The default stays clear of kubelet's default DiskPressure threshold (15 % free).
-    #[arg(long, default_value = "20", value_parser = parse_percent)]
-    min_free_percent: u8,
-    /// How often the node looks at its copies' sizes against their capacities and the budget.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    eviction_interval: Duration,
-    /// Log line format.
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: FormatArg,
-    /// Log filter (error, warn, info, debug, trace, or env_logger syntax); overrides RUST_LOG.
-    #[arg(long)]
-    log_level: Option<String>,
-    /// Testing only: delay every publish, so tests can catch a call in flight.
-    #[arg(long, hide = true, default_value = "0s", value_parser = parse_duration)]
-    test_publish_delay: Duration,
-}
-
-impl Flags {
-    fn config(self) -> Result<Config, String> {
-        let mode = match self.mode {
-            ModeArg::Controller => Mode::Controller,
-            ModeArg::Node => Mode::Node,
-        };
-        let mut cfg = Config::new(mode);
-        let name_ok = !self.driver_name.is_empty()
-            && self.driver_name.len() <= 63
-            && self
-                .driver_name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-            && self.driver_name.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && self.driver_name.ends_with(|c: char| c.is_ascii_alphanumeric());
-        if !name_ok {
-            return Err(format!(
-                "--driver-name {:?}: want at most 63 characters of [a-z0-9.-], alphanumeric at both ends",
-                self.driver_name
-            ));
-        }
-        cfg.driver_name = self.driver_name;
-        cfg.node_name = self.node_name.unwrap_or_default();
-        if mode == Mode::Node && cfg.node_name.is_empty() {
-            return Err("--node-name (or NODE_NAME) is required in node mode".into());
-        }
-        for (flag, p) in [("--base-dir", &self.base_dir), ("--kubelet-dir", &self.kubelet_dir)] {
-            if !p.is_absolute() {
-                return Err(format!("{flag} {}: must be an absolute path", p.display()));
-            }
-        }
-        cfg.csi_socket = server::socket_path(&self.csi_socket);
-        cfg.base_dir = self.base_dir;
-        cfg.kubelet_dir = self.kubelet_dir;
-        cfg.data_on_unpublish = match self.data_on_unpublish {
-            DataArg::Keep => DataOnUnpublish::Keep,
-            DataArg::Delete => DataOnUnpublish::Delete,
-        };
-        cfg.workers = self.workers.max(1);
-        cfg.stats_cache_ttl = self.stats_cache_ttl;
-        cfg.shutdown_timeout = self.shutdown_timeout;
-        cfg.test_publish_delay = self.test_publish_delay;
-        cfg.max_cache_bytes = self.max_cache_bytes;
-        cfg.min_free_percent = self.min_free_percent;
-        if self.eviction_interval.is_zero() {
-            return Err("--eviction-interval must be longer than 0s".into());
-        }
-        cfg.eviction_interval = self.eviction_interval;
-        Ok(cfg)
+/// The node plugin: the Node service, this node's side of the cleanup protocol, and the
+/// eviction pass that holds its copies to their limits.
+fn node_services(
+    cfg: &Arc<Config>,
+    rpc: &Rpc,
+    kube: Option<kube::Client>,
+    cleanup_cfg: CleanupConfig,
+) -> (Readiness, Service) {
+    let inflight = InFlight::default();
+    let state = NodeState::new(cfg.clone(), inflight.clone());
+    if let Err(e) = state.prepare_base_dir() {
+        warn!("base dir {}: {e}", cfg.base_dir.display());
     }
+    if !state.ready() {
+        warn!(
+            "base dir {} is not usable yet; Probe reports not ready",
+            cfg.base_dir.display()
+        );
+    }
+    let probe_state = state.clone();
+    let gauge_state = state.clone();
+    metrics::set_active_volumes(move || gauge_state.mounted_volumes());
+    if let Some(kube) = kube {
+        NodeCleaner::new(kube, state.clone(), cleanup_cfg).run();
+    }
+    if let Err(e) = Evictor::new(state.clone(), inflight).start() {
+        error!("cannot start the eviction thread: {e}; copies are not held to their limits");
+    }
+    let ready: Readiness = Arc::new(move || probe_state.ready());
+    (ready, grpc::create_node(Node::new(state, rpc.clone())))
+}
+
+/// The controller: the Controller service, and the cleanup protocol's controller side.
+fn controller_services(rpc: &Rpc, kube: Option<kube::Client>, cleanup_cfg: CleanupConfig) -> (Readiness, Service) {
+    let deleter = kube.map(|kube| {
+        let c = CleanupController::new(kube, cleanup_cfg);
+        c.clone().run();
+        c as Arc<dyn Deleter>
+    });
+    let ready: Readiness = Arc::new(|| true);
+    (ready, grpc::create_controller(Controller::new(rpc.clone(), deleter)))
 }
 
 fn main() -> ExitCode {
-    let flags = Flags::parse();
-    let format = match flags.log_format {
-        FormatArg::Text => LogFormat::Text,
-        FormatArg::Json => LogFormat::Json,
-    };
-    logging::init(format, flags.log_level.as_deref());
-    let metrics_addr = flags.metrics_addr.clone();
-    let kube_flags = KubeFlags {
-        api_url: flags.kube_api_url.clone(),
-        token_file: flags.kube_token_file.clone(),
-        ca_file: flags.kube_ca_file.clone(),
-        namespace: flags.namespace.clone(),
-    };
-    let (poll_interval, timeout, retention, orphan_grace) = (
-        flags.cleanup_poll_interval,
-        flags.cleanup_timeout,
-        flags.cleanup_retention,
-        flags.orphan_grace,
-    );
-    let cfg = match flags.config() {
-        Ok(cfg) => Arc::new(cfg),
+    let flags = match Flags::from_env() {
+        Ok(flags) => flags,
         Err(e) => {
-            error!("{e}");
+            // Logging is not set up before the flags say how; clap's own errors look the same.
+            eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
+    let format = if flags.log_json {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    logging::init(format, flags.log_level.as_deref());
+    let mut cfg = flags.config;
+    cfg.csi_socket = server::socket_path(&flags.csi_socket);
+    let cfg = Arc::new(cfg);
     memory::limit_arenas(memory::MAX_ARENAS);
     // Blocked before any thread starts, so every thread inherits the mask and only sigwait sees them.
     let mut signals = SigSet::empty();
@@ -213,6 +91,12 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
+    let kube_flags = KubeFlags {
+        api_url: flags.kube_api_url,
+        token_file: flags.kube_token_file,
+        ca_file: flags.kube_ca_file,
+        namespace: flags.namespace,
+    };
     let kube = match KubeConfig::resolve(kube_flags) {
         None => {
             info!("no Kubernetes API configured: running standalone; deleted volumes stay on the nodes");
@@ -227,67 +111,28 @@ fn main() -> ExitCode {
         },
     };
     let mut cleanup_cfg = CleanupConfig::new(&cfg.driver_name, &cfg.node_name);
-    cleanup_cfg.poll_interval = poll_interval;
-    cleanup_cfg.timeout = timeout;
-    cleanup_cfg.retention = retention;
-    cleanup_cfg.orphan_grace = orphan_grace;
+    cleanup_cfg.poll_interval = flags.cleanup_poll_interval;
+    cleanup_cfg.timeout = flags.cleanup_timeout;
+    cleanup_cfg.retention = flags.cleanup_retention;
+    cleanup_cfg.orphan_grace = flags.orphan_grace;
 
     let rpc = Rpc::new(cfg.workers, cfg.queue_depth);
-    let identity_ready: Readiness;
-    let mut services = Vec::new();
-    match cfg.mode {
-        Mode::Node => {
-            let inflight = InFlight::default();
-            let state = NodeState::new(cfg.clone(), inflight.clone());
-            if let Err(e) = state.prepare_base_dir() {
-                warn!("base dir {}: {e}", cfg.base_dir.display());
-            }
-            if !state.ready() {
-                warn!(
-                    "base dir {} is not usable yet; Probe reports not ready",
-                    cfg.base_dir.display()
-                );
-            }
-            let probe_state = state.clone();
-            identity_ready = Arc::new(move || probe_state.ready());
-            let gauge_state = state.clone();
-            metrics::set_active_volumes(move || gauge_state.mounted_volumes());
-            if let Some(kube) = &kube {
-                NodeCleaner::new(kube.clone(), state.clone(), cleanup_cfg).run();
-            }
-            if let Err(e) = Evictor::new(state.clone(), inflight).start() {
-                error!("cannot start the eviction thread: {e}");
-                return ExitCode::FAILURE;
-            }
-            services.push(grpc::create_node(Node::new(state, rpc.clone())));
-        }
-        Mode::Controller => {
-            identity_ready = Arc::new(|| true);
-            let deleter = kube.map(|kube| {
-                let c = cleanup::Controller::new(kube, cleanup_cfg);
-                c.clone().run();
-                c as Arc<dyn Deleter>
-            });
-            services.push(grpc::create_controller(Controller::new(rpc.clone(), deleter)));
-        }
-    }
-    services.push(grpc::create_identity(Identity::new(
-        cfg.clone(),
-        rpc.clone(),
-        identity_ready.clone(),
-    )));
+    let (ready, service) = match cfg.mode {
+        Mode::Node => node_services(&cfg, &rpc, kube, cleanup_cfg),
+        Mode::Controller => controller_services(&rpc, kube, cleanup_cfg),
+    };
+    let identity = grpc::create_identity(Identity::new(cfg.clone(), rpc.clone(), ready.clone()));
 
-    if !metrics_addr.is_empty() {
-        match metrics::parse_addr(&metrics_addr)
-            .and_then(|a| metrics::serve(a, move || identity_ready()).map_err(|e| e.to_string()))
-        {
+    if !flags.metrics_addr.is_empty() {
+        metrics::set_ready(move || ready());
+        match metrics::parse_addr(&flags.metrics_addr).and_then(|a| metrics::serve(a).map_err(|e| e.to_string())) {
             Ok(bound) => info!("metrics on http://{bound}/metrics"),
-            Err(e) => error!("metrics endpoint {metrics_addr}: {e}; serving CSI without it"),
+            Err(e) => error!("metrics endpoint {}: {e}; serving CSI without it", flags.metrics_addr),
         }
     }
 
     memory::start_trimming(memory::TRIM_INTERVAL);
-    let running = match server::start(&cfg.csi_socket, services, rpc) {
+    let running = match server::start(&cfg.csi_socket, vec![service, identity], rpc) {
         Ok(r) => r,
         Err(e) => {
             error!("{e}");

@@ -1,6 +1,6 @@
 //! Prometheus metrics as plain static atomics, rendered to the text format on demand, and the
-//! small HTTP endpoint that serves them (`/metrics`, `/healthz`). No framework: a scrape is one
-//! pass over a few arrays.
+//! small HTTP endpoint that serves them (`/metrics`) and the probes (`/livez`, `/readyz`). No
+//! framework: a scrape is one pass over a few arrays.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -161,6 +161,39 @@ pub fn set_copy_bytes(copies: Vec<(String, u64)>) {
     *COPY_BYTES.lock().unwrap_or_else(|p| p.into_inner()) = copies;
 }
 
+/// Why a step of the cleanup protocol failed: reading the nodes' acknowledgements, deleting a
+/// local copy, reporting finished deletions, releasing a PV, completing or expiring a record,
+/// writing the index, checking for orphans; anything else counts as "other".
+const CLEANUP_ERROR_REASONS: [&str; 9] = [
+    "nodes",
+    "local_delete",
+    "ack",
+    "finalizer",
+    "complete",
+    "expire",
+    "index",
+    "orphan",
+    "other",
+];
+static CLEANUP_ERRORS: [AtomicU64; CLEANUP_ERROR_REASONS.len()] =
+    [const { AtomicU64::new(0) }; CLEANUP_ERROR_REASONS.len()];
+
+fn cleanup_reason(reason: &str) -> usize {
+    CLEANUP_ERROR_REASONS
+        .iter()
+        .position(|&r| r == reason)
+        .unwrap_or(CLEANUP_ERROR_REASONS.len() - 1)
+}
+
+pub fn record_cleanup_error(reason: &str) {
+    CLEANUP_ERRORS[cleanup_reason(reason)].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Cleanup failures counted so far for `reason`.
+pub fn cleanup_errors(reason: &str) -> u64 {
+    CLEANUP_ERRORS[cleanup_reason(reason)].load(Ordering::Relaxed)
+}
+
 /// Kubernetes API calls by verb and HTTP status class; status 0 means no response.
 const KUBE_VERBS: [&str; 6] = ["get", "list", "create", "patch", "delete", "other"];
 const KUBE_CODES: [u16; 12] = [0, 200, 201, 400, 401, 403, 404, 409, 410, 422, 429, 500];
@@ -207,6 +240,18 @@ static ACTIVE_VOLUMES: OnceLock<Gauge> = OnceLock::new();
 /// the controller knows of).
 pub fn set_active_volumes(f: impl Fn() -> u64 + Send + Sync + 'static) {
     let _ = ACTIVE_VOLUMES.set(Box::new(f));
+}
+
+static READY: OnceLock<Box<dyn Fn() -> bool + Send + Sync>> = OnceLock::new();
+
+/// What `/readyz` and the `ready` gauge report: what Probe would say (on a node, whether the
+/// base dir is usable). Not set: not ready.
+pub fn set_ready(f: impl Fn() -> bool + Send + Sync + 'static) {
+    let _ = READY.set(Box::new(f));
+}
+
+fn ready() -> bool {
+    READY.get().is_some_and(|f| f())
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -283,6 +328,13 @@ pub fn render() -> String {
     let _ = writeln!(out, "{PREFIX}active_volumes {active}");
     header(
         &mut out,
+        "ready",
+        "gauge",
+        "1 while the driver can serve (node: its base dir opens and is writable), else 0.",
+    );
+    let _ = writeln!(out, "{PREFIX}ready {}", u8::from(ready()));
+    header(
+        &mut out,
         "cleanup_pending",
         "gauge",
         "Volume cleanups requested and not yet finished.",
@@ -294,6 +346,20 @@ pub fn render() -> String {
     );
 
     render_eviction(&mut out);
+
+    header(
+        &mut out,
+        "cleanup_errors_total",
+        "counter",
+        "Failed steps of the cross-node cleanup, by reason; each is retried on the next poll.",
+    );
+    for (reason, n) in CLEANUP_ERROR_REASONS.iter().zip(&CLEANUP_ERRORS) {
+        let _ = writeln!(
+            out,
+            "{PREFIX}cleanup_errors_total{{reason=\"{reason}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
 
     header(
         &mut out,
@@ -396,12 +462,11 @@ pub fn parse_addr(arg: &str) -> Result<SocketAddr, String> {
     full.parse().map_err(|e| format!("metrics address {arg:?}: {e}"))
 }
 
-/// Serves `/metrics` and `/healthz` on a thread of its own; `healthy` answers `/healthz`.
-/// Returns the bound address (the port may have been 0).
-pub fn serve(addr: SocketAddr, healthy: impl Fn() -> bool + Send + Sync + 'static) -> std::io::Result<SocketAddr> {
+/// Serves `/metrics`, `/livez` and `/readyz` on a thread of its own. Returns the bound address
+/// (the port may have been 0).
+pub fn serve(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
-    let healthy = Arc::new(healthy);
     let open = Arc::new(AtomicUsize::new(0));
     thread::Builder::new().name("metrics".into()).spawn(move || {
         for conn in listener.incoming() {
@@ -411,9 +476,9 @@ pub fn serve(addr: SocketAddr, healthy: impl Fn() -> bool + Send + Sync + 'stati
                 debug!("metrics: too many open connections; closing a new one");
                 continue;
             }
-            let (open, healthy) = (open.clone(), healthy.clone());
+            let open = open.clone();
             let spawned = thread::Builder::new().name("metrics-conn".into()).spawn(move || {
-                let _ = handle(stream, &*healthy);
+                let _ = handle(stream);
                 open.fetch_sub(1, Ordering::SeqCst);
             });
             if let Err(e) = spawned {
@@ -424,7 +489,7 @@ pub fn serve(addr: SocketAddr, healthy: impl Fn() -> bool + Send + Sync + 'stati
     Ok(bound)
 }
 
-fn handle(mut stream: TcpStream, healthy: &dyn Fn() -> bool) -> std::io::Result<()> {
+fn handle(mut stream: TcpStream) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut buf = Vec::with_capacity(1024);
@@ -457,8 +522,11 @@ fn handle(mut stream: TcpStream, healthy: &dyn Fn() -> bool) -> std::io::Result<
             "text/plain; version=0.0.4; charset=utf-8",
             &render(),
         ),
-        b"/healthz" if healthy() => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
-        b"/healthz" => respond(&mut stream, "503 Service Unavailable", "text/plain", "not ready\n"),
+        // Liveness: answering at all is the proof. Never tied to readiness, so a node whose base
+        // dir is unusable is reported, not restarted in a loop.
+        b"/livez" => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
+        b"/readyz" if ready() => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
+        b"/readyz" => respond(&mut stream, "503 Service Unavailable", "text/plain", "not ready\n"),
         _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n"),
     }
 }
@@ -523,5 +591,29 @@ mod tests {
         assert_eq!(parse_addr(":9809").unwrap(), "0.0.0.0:9809".parse().unwrap());
         assert_eq!(parse_addr("127.0.0.1:1").unwrap(), "127.0.0.1:1".parse().unwrap());
         assert!(parse_addr("nope").is_err());
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    #[test]
+    fn liveness_does_not_follow_readiness() {
+        static READY_NOW: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        set_ready(|| READY_NOW.load(Ordering::SeqCst));
+        let addr = serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(get(addr, "/livez").starts_with("HTTP/1.1 200 "));
+        assert!(get(addr, "/readyz").starts_with("HTTP/1.1 503 "));
+        assert!(get(addr, "/metrics").contains("\nnode_local_cache_ready 0\n"));
+        READY_NOW.store(true, Ordering::SeqCst);
+        assert!(get(addr, "/livez").starts_with("HTTP/1.1 200 "));
+        assert!(get(addr, "/readyz").starts_with("HTTP/1.1 200 "));
+        assert!(get(addr, "/metrics").contains("\nnode_local_cache_ready 1\n"));
+        assert!(get(addr, "/healthz").starts_with("HTTP/1.1 404 "), "one name per probe");
     }
 }

@@ -126,8 +126,11 @@ pub struct Usage {
     pub inodes: u64,
 }
 
+/// Directory levels `usage` keeps open; deeper subtrees are not counted, so handles stay bounded.
+const MAX_USAGE_LEVELS: usize = 256;
+
 /// Walks a tree without following symlinks or crossing into other filesystems. Subtrees deeper
-/// than `MAX_OPEN_LEVELS` are not counted (handles stay bounded).
+/// than `MAX_USAGE_LEVELS` are not counted.
 pub fn usage(root: OwnedFd) -> Result<Usage, Errno> {
     let st = fstat(root.as_fd())?;
     let dev = st.st_dev;
@@ -174,7 +177,7 @@ pub fn usage(root: OwnedFd) -> Result<Usage, Errno> {
             Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => continue,
             Err(e) => return Err(e),
         };
-        if levels.len() < MAX_OPEN_LEVELS * 4 {
+        if levels.len() < MAX_USAGE_LEVELS {
             levels.push((Dir::from_fd(fd)?, Vec::new(), false));
         }
     }

@@ -1,6 +1,7 @@
 //! grpcio wiring: the Unix socket, the worker pool that runs blocking work off grpcio's poll
 //! threads, the per-RPC bookkeeping (request id, log line, status) and graceful shutdown.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
@@ -12,7 +13,6 @@ use std::task::{Context, Poll, Wake};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, TrySendError};
 use grpcio::{Environment, RpcStatusCode, UnarySink};
 use log::{debug, info, log, log_enabled, warn, Level};
 use protobuf::MessageFull;
@@ -49,42 +49,81 @@ impl Busy {
     }
 }
 
-/// Threads fed by a bounded channel. A job that panics is contained to itself: the thread
-/// survives and the call gets INTERNAL (the sink's drop cancels it).
+/// Jobs waiting for a worker, at most `cap` of them.
+struct Queue {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+    cap: usize,
+}
+
+/// How often an idle worker lets go of the replies it still holds (see `held_replies`).
+const IDLE_SWEEP: Duration = Duration::from_secs(1);
+
+/// Threads fed by a bounded queue. An idle worker sleeps on a condition variable: it costs
+/// nothing until a job arrives (a channel that spins before it parks made hundreds of
+/// `sched_yield`s per hundred calls on a two-core node). A job that panics is contained to
+/// itself: the thread survives and the call gets INTERNAL (the sink's drop cancels it).
 struct Pool {
-    tx: Sender<Job>,
+    queue: Arc<Queue>,
     busy: Arc<Busy>,
 }
 
 impl Pool {
-    fn new(name: &str, threads: usize, queue: usize) -> Pool {
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(queue);
+    fn new(name: &str, threads: usize, cap: usize) -> Pool {
+        let queue = Arc::new(Queue {
+            jobs: Mutex::new(VecDeque::with_capacity(cap)),
+            ready: Condvar::new(),
+            cap: cap.max(1),
+        });
         let busy = Arc::new(Busy::default());
         for i in 0..threads.max(1) {
-            let rx = rx.clone();
+            let queue = queue.clone();
             let busy = busy.clone();
             thread::Builder::new()
                 .name(format!("{name}-{i}"))
-                .spawn(move || {
-                    for job in rx {
-                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                            log::error!("a worker job panicked; the call was cancelled");
-                        }
-                        busy.add(-1);
+                .spawn(move || loop {
+                    let job = queue.next();
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        log::error!("a worker job panicked; the call was cancelled");
                     }
+                    busy.add(-1);
                 })
                 .expect("spawn worker thread");
         }
-        Pool { tx, busy }
+        Pool { queue, busy }
     }
 
     fn submit(&self, job: Job) -> std::result::Result<(), Job> {
+        let mut jobs = self.queue.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if jobs.len() >= self.queue.cap {
+            return Err(job);
+        }
         self.busy.add(1);
-        match self.tx.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
-                self.busy.add(-1);
-                Err(job)
+        jobs.push_back(job);
+        drop(jobs);
+        self.queue.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl Queue {
+    /// The next job; while there is none, the replies this thread holds are let go as they
+    /// complete.
+    fn next(&self) -> Job {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(job) = jobs.pop_front() {
+                return job;
+            }
+            let (guard, waited) = self
+                .ready
+                .wait_timeout(jobs, IDLE_SWEEP)
+                .unwrap_or_else(|p| p.into_inner());
+            jobs = guard;
+            if waited.timed_out() {
+                drop(jobs);
+                sweep_held_replies();
+                jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             }
         }
     }
@@ -175,11 +214,6 @@ impl Rpc {
         }
     }
 
-    /// Runs background work (not an RPC) on the pool; false when the queue is full.
-    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> bool {
-        self.pool.submit(Box::new(f)).is_ok()
-    }
-
     fn stop_accepting(&self) {
         self.stopping.store(true, Ordering::SeqCst);
     }
@@ -220,63 +254,34 @@ fn finish<Resp>(method: &'static str, started: Instant, sink: UnarySink<Resp>, r
             sink.fail(status)
         }
     };
-    reaper().keep(Box::pin(async move {
+    hold_reply(Box::pin(async move {
         if let Err(e) = sent.await {
             debug!("{method}: reply not delivered: {e}");
         }
     }));
 }
 
-enum Reap {
-    Keep(Pin<Box<dyn Future<Output = ()> + Send>>),
-    Wake,
+type Reply = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+thread_local! {
+    /// Replies this thread has sent and gRPC has not yet reported delivered. Dropping one earlier
+    /// releases the last reference to the call, and the C core cancels a call released before it
+    /// completes: the client would see CANCELLED instead of the answer. Each thread keeps its
+    /// own and lets them go on its next call (or, on an idle worker, within `IDLE_SWEEP`), so no
+    /// thread hand-off sits on the reply path.
+    static HELD_REPLIES: std::cell::RefCell<Vec<Reply>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Holds each reply's future until gRPC reports it delivered. Dropping it earlier releases the
-/// last reference to the call, and the C core cancels a call released before it completes: the
-/// client would see CANCELLED instead of the answer.
-struct Reaper {
-    tx: Sender<Reap>,
+fn hold_reply(reply: Reply) {
+    HELD_REPLIES.with_borrow_mut(|held| held.push(reply));
+    sweep_held_replies();
 }
 
-struct ReapWaker(Sender<Reap>);
-
-impl Wake for ReapWaker {
-    fn wake(self: Arc<Self>) {
-        let _ = self.0.send(Reap::Wake);
-    }
-}
-
-impl Reaper {
-    fn start() -> Reaper {
-        let (tx, rx) = crossbeam_channel::unbounded::<Reap>();
-        let waker: std::task::Waker = Arc::new(ReapWaker(tx.clone())).into();
-        thread::Builder::new()
-            .name("grpc-reaper".into())
-            .spawn(move || {
-                let mut pending: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
-                let mut cx = Context::from_waker(&waker);
-                while let Ok(first) = rx.recv() {
-                    for msg in std::iter::once(first).chain(rx.try_iter()) {
-                        if let Reap::Keep(f) = msg {
-                            pending.push(f);
-                        }
-                    }
-                    pending.retain_mut(|f| f.as_mut().poll(&mut cx).is_pending());
-                }
-            })
-            .expect("spawn reaper thread");
-        Reaper { tx }
-    }
-
-    fn keep(&self, f: Pin<Box<dyn Future<Output = ()> + Send>>) {
-        let _ = self.tx.send(Reap::Keep(f));
-    }
-}
-
-fn reaper() -> &'static Reaper {
-    static REAPER: std::sync::OnceLock<Reaper> = std::sync::OnceLock::new();
-    REAPER.get_or_init(Reaper::start)
+/// Drops the held replies that gRPC has finished with. Polling only reads the state the
+/// completion queue already recorded, so no waker is needed.
+fn sweep_held_replies() {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    HELD_REPLIES.with_borrow_mut(|held| held.retain_mut(|f| f.as_mut().poll(&mut cx).is_pending()));
 }
 
 /// The request as text with every `secrets` map emptied.
@@ -436,7 +441,7 @@ mod tests {
     #[test]
     fn pool_contains_panics_and_drains() {
         let pool = Pool::new("t", 2, 4);
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = std::sync::mpsc::channel();
         pool.submit(Box::new(|| panic!("boom"))).ok().unwrap();
         for i in 0..3 {
             let tx = tx.clone();

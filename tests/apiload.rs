@@ -1,38 +1,51 @@
-//! A measured model of the load the cleanup protocol puts on the Kubernetes API. N simulated
-//! nodes run the real poll code against the fake API server; their poll times come from a
-//! virtual clock driven by the real poll schedule (`cleanup::poll_delay` at the default 30 s),
-//! so an hour of cluster time takes seconds. Requests are counted at the server.
+//! A measured model of the load the cleanup protocol puts on the Kubernetes API, in requests and
+//! in bytes, at 100, 1,000 and 5,000 nodes. Simulated nodes run the real poll code against the
+//! fake API server; their poll times come from a virtual clock driven by the real poll schedule
+//! (`cleanup::poll_delay` at the default 30 s), so an hour of cluster time takes seconds. Bytes
+//! are counted at the server, and stored sizes include the managedFields a real apiserver keeps.
+//!
+//! "Before" is the protocol of the previous version (every node lists the records and
+//! acknowledges with an `ack.<node>` key in each record), replayed by `LegacyNode` against the
+//! same server. Peak RSS is read from the real binaries (`VmHWM`); set `NLC_BEFORE_BIN` to a
+//! binary of the previous version to measure its figures too (see docs/api-load.md).
 
 mod common;
 mod fake_apiserver;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use fake_apiserver::FakeApi;
-use node_local_cache::cleanup::{self, CleanupConfig, NodeCleaner};
+use grpcio::{ChannelBuilder, EnvBuilder};
+use node_local_cache::cleanup::{self, CleanupConfig, CleanupController, CleanupRecord, NodeCleaner};
 use node_local_cache::config::{Config, Mode};
 use node_local_cache::controller::Deleter;
 use node_local_cache::inflight::InFlight;
+use node_local_cache::kube::Client;
 use node_local_cache::node::NodeState;
+use node_local_cache::proto::csi;
+use node_local_cache::proto::grpc::ControllerClient;
+use node_local_cache::time::{self, Deadline};
+use serde_json::json;
 
 const DRIVER: &str = "node-local-cache.csi.io";
 const NS: &str = "nlc-system";
 /// Share of nodes holding a copy of the volume that gets deleted.
 const HOLDERS_EVERY: usize = 10;
+/// Completed records present while idle: a few deletions a day, kept 24 h.
+const TOMBSTONES: usize = 20;
+/// PVs in the cluster per node (of any driver): 50,000 at 5,000 nodes.
+const PVS_PER_NODE: usize = 10;
+const KIB: f64 = 1024.0;
 
-struct Figures {
-    nodes: usize,
-    idle_per_node_per_poll: f64,
-    idle_rps: f64,
-    deletion_requests: usize,
-    clean_p50: Duration,
-    clean_p99: Duration,
-    clean_max: Duration,
-    all_lists_cached: bool,
+/// Node names as on EKS, the length that matters for bytes.
+fn node_name(i: usize) -> String {
+    format!("ip-10-0-{}-{}.eu-west-1.compute.internal", i / 250, i % 250)
 }
 
 /// Deterministic uniform [0, 1) for start offsets.
@@ -43,8 +56,42 @@ fn unit(seed: u64) -> f64 {
     ((x ^ (x >> 31)) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+fn fake_api(tag: &str) -> FakeApi {
+    FakeApi::start(&std::env::temp_dir().join(format!("nlc-apiload-{}-{tag}", std::process::id())))
+}
+
+fn configmap_key(name: &str) -> String {
+    format!("configmaps/{NS}/{name}")
+}
+
+/// The largest ConfigMap the protocol stored in the run, in bytes, and its name.
+fn largest_configmap(api: &FakeApi) -> (usize, String) {
+    let prefix = configmap_key("");
+    api.with(|s| {
+        s.writes
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, n)| (*n, k[prefix.len()..].to_owned()))
+            .max()
+            .unwrap_or_default()
+    })
+}
+
+struct Figures {
+    nodes: usize,
+    idle_requests_per_node_per_30s: f64,
+    idle_poll_bytes: f64,
+    written_per_deletion: f64,
+    largest_object: (usize, String),
+    record_size: usize,
+    clean_p99: Duration,
+    all_node_reads_cached: bool,
+}
+
+/// The current protocol at `n` nodes: idle with `TOMBSTONES` completed records, then one volume
+/// deleted that every `HOLDERS_EVERY`th node holds a copy of.
 fn model(n: usize) -> Figures {
-    let api = FakeApi::start(&std::env::temp_dir().join(format!("nlc-apiload-{}-{n}", std::process::id())));
+    let api = fake_api(&format!("after-{n}"));
     let cfg = CleanupConfig::new(DRIVER, "");
     let interval = cfg.poll_interval;
     let client = api.client(NS);
@@ -54,7 +101,7 @@ fn model(n: usize) -> Figures {
     let root = Tree::new(&format!("apiload-{n}"));
     let mut nodes: Vec<NodeCleaner> = Vec::with_capacity(n);
     for i in 0..n {
-        let name = format!("node-{i:05}");
+        let name = node_name(i);
         let dir = root.root.join(&name);
         std::fs::create_dir_all(dir.join("base")).unwrap();
         std::fs::create_dir_all(dir.join("kubelet")).unwrap();
@@ -71,48 +118,74 @@ fn model(n: usize) -> Figures {
         nodes.push(NodeCleaner::new(client.clone(), state, nc));
         api.add_node(&name, DRIVER);
     }
+    // Earlier deletions, completed: their tombstones are in the index.
+    let mut done_cfg = cfg.clone();
+    done_cfg.timeout = Duration::ZERO;
+    let done = CleanupController::new(client.clone(), done_cfg);
+    for k in 0..TOMBSTONES {
+        done.volume_deleted(&volume_id(&format!("pvc-old-{k}")), None, Deadline::none())
+            .unwrap();
+    }
+    done.poll_once().unwrap();
+    let ctl = CleanupController::new(client.clone(), cfg.clone());
 
     // Virtual time in milliseconds; each node starts at a random point of its first interval.
-    let mut queue: BinaryHeap<Reverse<(u64, usize)>> = (0..n)
+    // Slot `n` is the controller.
+    let mut queue: BinaryHeap<Reverse<(u64, usize)>> = (0..=n)
         .map(|i| Reverse(((unit(i as u64) * interval.as_millis() as f64) as u64, i)))
         .collect();
     let ms = |d: Duration| d.as_millis() as u64;
-    let warm_until = ms(interval * 2);
-    let idle_until = ms(interval * 12);
-    let end = idle_until + ms(interval * 4);
+    let warm_until = ms(interval);
+    let idle_until = ms(interval * 5);
+    let end = idle_until + ms(interval * 3);
     let mut requested = false;
-    let mut idle_start_count = None;
-    let mut idle_count = 0;
+    let (mut idle_polls, mut idle_requests, mut idle_bytes) = (0usize, 0usize, 0usize);
+    let mut writes_before = 0;
     let mut cleaned: Vec<Option<u64>> = (0..n)
         .map(|i| if i % HOLDERS_EVERY == 0 { None } else { Some(0) })
         .collect();
-    let ctl = cleanup::Controller::new(client.clone(), cfg.clone());
+    let mut node_reads_cached = true;
 
     while let Some(Reverse((t, i))) = queue.pop() {
         if t >= end {
             break;
         }
-        if idle_start_count.is_none() && t >= warm_until {
-            idle_start_count = Some(api.requests().len());
-        }
         if !requested && t >= idle_until {
-            idle_count = api.requests().len() - idle_start_count.unwrap();
-            api.clear_log();
-            ctl.volume_deleted(&id).unwrap();
+            writes_before = api.write_count();
+            ctl.volume_deleted(&id, Some("pvc-load"), Deadline::none()).unwrap();
             requested = true;
         }
-        let deleted = nodes[i].poll_once().unwrap();
-        if requested && deleted > 0 {
-            cleaned[i] = Some(t - idle_until);
+        if i == n {
+            ctl.poll_once().unwrap();
+        } else {
+            let before = api.request_count();
+            let deleted = nodes[i].poll_once().unwrap();
+            let after = api.request_count();
+            if t >= warm_until && !requested {
+                idle_polls += 1;
+                idle_requests += after - before;
+                idle_bytes += api.bytes_since(before).1;
+            }
+            // Orphan checks of dirs that do not know their PV's name scan PV pages from etcd,
+            // at most every 15 minutes; the cleanup objects are read from the watch cache.
+            node_reads_cached &= api
+                .requests_since(before)
+                .iter()
+                .filter(|(m, p)| m == "GET" && p.contains("/configmaps"))
+                .all(|(_, p)| p.contains("resourceVersion=0"));
+            if requested && deleted > 0 {
+                cleaned[i] = Some(t - idle_until);
+            }
         }
         queue.push(Reverse((t + ms(cleanup::poll_delay(interval)), i)));
     }
-    let deletion_requests = api.requests().len();
-    let all_lists_cached = api
-        .requests()
-        .iter()
-        .filter(|(m, p)| m == "GET" && p.contains('?'))
-        .all(|(_, p)| p.contains("resourceVersion=0"));
+    ctl.poll_once().unwrap();
+    let record = api.object(&configmap_key(&cleanup::record_name(&id))).unwrap();
+    assert_eq!(
+        record["metadata"]["labels"][cleanup::LABEL],
+        "complete",
+        "every node acknowledged"
+    );
 
     let mut times: Vec<u64> = cleaned
         .iter()
@@ -121,51 +194,380 @@ fn model(n: usize) -> Figures {
         .map(|(_, t)| t.expect("every holder cleaned"))
         .collect();
     times.sort_unstable();
-    let pct =
-        |p: f64| Duration::from_millis(times[((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1]);
+    let p99 = times[((times.len() as f64 * 0.99).ceil() as usize).clamp(1, times.len()) - 1];
     let idle_window = Duration::from_millis(idle_until - warm_until);
     Figures {
         nodes: n,
-        idle_per_node_per_poll: idle_count as f64 / n as f64 / (idle_window.as_secs_f64() / interval.as_secs_f64()),
-        idle_rps: idle_count as f64 / idle_window.as_secs_f64(),
-        deletion_requests,
-        clean_p50: pct(0.50),
-        clean_p99: pct(0.99),
-        clean_max: *times.last().map(|t| Duration::from_millis(*t)).as_ref().unwrap(),
-        all_lists_cached,
+        idle_requests_per_node_per_30s: idle_requests as f64
+            / n as f64
+            / (idle_window.as_secs_f64() / interval.as_secs_f64()),
+        idle_poll_bytes: idle_bytes as f64 / idle_polls as f64,
+        written_per_deletion: api.written_since(writes_before) as f64,
+        largest_object: largest_configmap(&api),
+        record_size: api.stored_size(&configmap_key(&cleanup::record_name(&id))).unwrap(),
+        clean_p99: Duration::from_millis(p99),
+        all_node_reads_cached: node_reads_cached,
     }
 }
 
+/// A node of the previous version, as far as the API sees it: one cached list of the records
+/// per poll, and a merge patch of its own `ack.<node>` key into each pending record it has not
+/// acknowledged yet.
+struct LegacyNode {
+    name: String,
+}
+
+impl LegacyNode {
+    fn poll(&self, kube: &Client) {
+        for r in kube
+            .list_configmaps_cached(cleanup::LABEL)
+            .unwrap()
+            .iter()
+            .filter_map(CleanupRecord::parse)
+        {
+            if r.pending && !r.legacy_acks.contains(&self.name) {
+                let patch = json!({ "data": { format!("ack.{}", self.name): time::format(SystemTime::now()) } });
+                kube.patch_configmap(&cleanup::record_name(r.volume_id()), &patch)
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// A record as the previous version left it, acknowledged by the first `acks` nodes.
+fn legacy_record(id: &str, acks: usize, complete: bool) -> serde_json::Value {
+    let now = time::format(SystemTime::now());
+    let mut data = json!({ "volumeId": id, "requestedAt": now, "pv": format!("pvc-{id}") });
+    for i in 0..acks {
+        data[format!("ack.{}", node_name(i))] = now.clone().into();
+    }
+    if complete {
+        data["completedAt"] = now.clone().into();
+    }
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": cleanup::record_name(id), "labels": { cleanup::LABEL: if complete { "complete" } else { "pending" } } },
+        "data": data,
+    })
+}
+
+/// The previous protocol at `n` nodes. An idle poll is the same list for every node, so one is
+/// measured; the deletion is replayed through every node's acknowledgement when `replay`, and
+/// otherwise computed from the record's size, which grows by the same bytes with each ack.
+fn legacy_model(n: usize, replay: bool) -> Figures {
+    let api = fake_api(&format!("before-{n}"));
+    let kube = api.client(NS);
+    for k in 0..TOMBSTONES {
+        api.put_configmap(
+            NS,
+            legacy_record(&volume_id(&format!("pvc-old-{k}")), n, true),
+            "node-local-cache",
+        );
+    }
+    let before = api.request_count();
+    LegacyNode { name: node_name(0) }.poll(&kube);
+    let idle_poll_bytes = api.bytes_since(before).1 as f64;
+
+    let id = volume_id("pvc-load");
+    let record = configmap_key(&cleanup::record_name(&id));
+    let writes_before = api.write_count();
+    api.put_configmap(NS, legacy_record(&id, 0, false), "node-local-cache");
+    let empty = api.stored_size(&record).unwrap() as f64;
+    let written_per_deletion = if replay {
+        for i in 0..n {
+            let node = LegacyNode { name: node_name(i) };
+            let rec = CleanupRecord::parse(&api.object(&record).unwrap()).unwrap();
+            if !rec.legacy_acks.contains(&node.name) {
+                let patch = json!({ "data": { format!("ack.{}", node.name): time::format(SystemTime::now()) } });
+                kube.patch_configmap(&cleanup::record_name(&id), &patch).unwrap();
+            }
+        }
+        // The controller's completion rewrites the whole record once more.
+        kube.patch_configmap(
+            &cleanup::record_name(&id),
+            &json!({ "metadata": { "labels": { cleanup::LABEL: "complete" } }, "data": { "completedAt": time::format(SystemTime::now()) } }),
+        )
+        .unwrap();
+        api.written_since(writes_before) as f64
+    } else {
+        api.put_configmap(NS, legacy_record(&id, n, false), "node-local-cache");
+        let full = api.stored_size(&record).unwrap() as f64;
+        // Σ size after ack k, k = 1..n, with size linear in k; then the completion and the create.
+        let per_ack = (full - empty) / n as f64;
+        empty + n as f64 * empty + per_ack * (n * (n + 1) / 2) as f64 + full
+    };
+    Figures {
+        nodes: n,
+        // One list per poll, on the same schedule as now.
+        idle_requests_per_node_per_30s: 30.0 / 31.5,
+        idle_poll_bytes,
+        written_per_deletion,
+        largest_object: largest_configmap(&api),
+        record_size: api.stored_size(&record).unwrap(),
+        clean_p99: Duration::ZERO,
+        all_node_reads_cached: true,
+    }
+}
+
+fn human(bytes: f64) -> String {
+    if bytes >= 1e9 {
+        format!("{:.2} GB", bytes / 1e9)
+    } else if bytes >= 1e6 {
+        format!("{:.1} MB", bytes / 1e6)
+    } else if bytes >= KIB {
+        format!("{:.1} KiB", bytes / KIB)
+    } else {
+        format!("{bytes:.0} B")
+    }
+}
+
+/// What kind of object a ConfigMap name is.
+fn kind_of(name: &str) -> &'static str {
+    if name == cleanup::INDEX_NAME {
+        "index"
+    } else if name.starts_with("nlc-node-") {
+        "node object"
+    } else {
+        "record"
+    }
+}
+
+fn row(label: &str, f: &Figures) {
+    println!(
+        "{label:6} | {:5} | {:17.2} | {:>15} | {:>24} | {:>10} | {:>26} | {:>11}",
+        f.nodes,
+        f.idle_requests_per_node_per_30s,
+        human(f.idle_poll_bytes),
+        human(f.written_per_deletion),
+        human(f.written_per_deletion / f.nodes as f64),
+        format!(
+            "{} ({})",
+            human(f.largest_object.0 as f64),
+            kind_of(&f.largest_object.1)
+        ),
+        human(f.record_size as f64),
+    );
+}
+
 #[test]
-fn api_load_at_100_and_1000_nodes() {
-    println!("nodes | idle req/node/poll | idle req/s | requests for one deletion | time to clean p50 / p99 / max");
+fn api_load_before_and_after_at_100_1000_and_5000_nodes() {
+    println!(
+        "proto  | nodes | idle req/node/30s | bytes/idle poll | written per deleted volume | per node | largest object | record size"
+    );
     for n in [100, 1000] {
+        row("before", &legacy_model(n, true));
+    }
+    let five = legacy_model(5000, false);
+    row("before", &five);
+    for n in [100, 1000, 5000] {
         let f = model(n);
-        println!(
-            "{:5} | {:18.3} | {:10.2} | {:25} | {:.1}s / {:.1}s / {:.1}s",
-            f.nodes,
-            f.idle_per_node_per_poll,
-            f.idle_rps,
-            f.deletion_requests,
-            f.clean_p50.as_secs_f64(),
-            f.clean_p99.as_secs_f64(),
-            f.clean_max.as_secs_f64()
+        row("after", &f);
+        println!("        p99 time to clean: {:.1}s", f.clean_p99.as_secs_f64());
+        assert!(
+            f.idle_requests_per_node_per_30s <= 1.0,
+            "idle nodes make at most one request per 30 s: {}",
+            f.idle_requests_per_node_per_30s
         );
         assert!(
-            f.idle_per_node_per_poll <= 1.0 + 1e-9,
-            "idle nodes make at most one request per poll"
+            f.all_node_reads_cached,
+            "nodes read the cleanup objects from the watch cache"
         );
-        assert!(f.all_lists_cached, "every list is served from the watch cache");
+        assert!(
+            f.idle_poll_bytes <= 4.0 * KIB,
+            "an idle poll with {TOMBSTONES} tombstones reads {} bytes",
+            f.idle_poll_bytes
+        );
+        assert!(f.record_size <= 2048, "record of {} bytes", f.record_size);
+        assert!(
+            f.written_per_deletion / n as f64 <= KIB,
+            "{} bytes written per node",
+            f.written_per_deletion / n as f64
+        );
+        assert!(
+            f.written_per_deletion <= 5e6,
+            "{} bytes written",
+            f.written_per_deletion
+        );
         assert!(
             f.clean_p99 <= Duration::from_secs(60),
             "p99 time to clean {:?}",
             f.clean_p99
         );
-        // One list per node per poll, one acknowledgement per node, a few controller calls.
-        assert!(f.deletion_requests <= n * 5 + 10, "{}", f.deletion_requests);
     }
-    println!(
-        "extrapolated to 5000 nodes: idle {:.0} req/s (one cached list per node per 30 s)",
-        5000.0 / 30.0
+}
+
+/// Peak resident memory (`VmHWM`) of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(bin: &Path, api: &FakeApi, tree: &Tree, args: &[String]) -> Running {
+    let log = std::fs::File::create(tree.root.join(format!("{}.log", args[0].trim_start_matches("--mode=")))).unwrap();
+    let child = Command::new(bin)
+        .args(args)
+        .args([
+            format!("--kube-api-url={}", api.url),
+            format!("--kube-token-file={}", api.token_file.display()),
+            format!("--kube-ca-file={}", api.ca_file.display()),
+            format!("--namespace={NS}"),
+            "--cleanup-poll-interval=300ms".to_owned(),
+            "--metrics-addr=".to_owned(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Running(child)
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Peak RSS of the controller through a DeleteVolume (PV found by scanning `PVS_PER_NODE` × n
+/// PVs) and a cleanup pass that completes a record every one of n nodes acknowledged; and of a
+/// node plugin through a few polls with `TOMBSTONES` completed records. `legacy` sets the cluster
+/// up as the previous version left it. Returns the controller's and the node's peak RSS, and how
+/// DeleteVolume went.
+fn measure_rss(bin: &Path, n: usize, legacy: bool) -> (u64, u64, String) {
+    let api = fake_api(&format!("rss-{n}-{legacy}"));
+    let tree = Tree::new(&format!("rss-{n}"));
+    for i in 0..n {
+        api.add_node(&node_name(i), DRIVER);
+    }
+    for p in 0..n * PVS_PER_NODE {
+        api.add_pv(&format!("pvc-{p:08}"), "other.csi.example.com", &format!("vol-{p}"));
+    }
+    // The deleted volume's PV comes last in a scan.
+    let id = volume_id("pvc-rss");
+    api.add_pv("pvc-zzzzzzzz", DRIVER, &id);
+    let waiting = volume_id("pvc-waiting");
+    if legacy {
+        api.put_configmap(NS, legacy_record(&waiting, n, false), "node-local-cache");
+    } else {
+        api.put_configmap(NS, legacy_record(&waiting, 0, false), "node-local-cache");
+        let requested = CleanupRecord::parse(&api.object(&configmap_key(&cleanup::record_name(&waiting))).unwrap())
+            .unwrap()
+            .deletion;
+        for i in 0..n {
+            let acks = cleanup::NodeAcks {
+                node: node_name(i),
+                done: [requested.clone()].into(),
+            };
+            api.put_configmap(NS, acks.new_object(), "node-local-cache");
+        }
+    }
+    let ctl = spawn(
+        bin,
+        &api,
+        &tree,
+        &[
+            "--mode=controller".to_owned(),
+            "--csi-socket".to_owned(),
+            format!("unix://{}", tree.socket("ctl").display()),
+        ],
     );
+    let socket = tree.socket("ctl");
+    wait_until("the controller's socket", || socket.exists());
+    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+    let client = ControllerClient::new(ChannelBuilder::new(env).connect(&format!("unix:{}", socket.display())));
+    let mut del = csi::DeleteVolumeRequest::new();
+    del.volume_id = id.clone();
+    let sent = Instant::now();
+    let deleted = match client.delete_volume(&del) {
+        Ok(_) => format!("OK in {:.1}s", sent.elapsed().as_secs_f64()),
+        Err(grpcio::Error::RpcFailure(s)) => format!(
+            "{:?} after {:.1}s: {}",
+            s.code(),
+            sent.elapsed().as_secs_f64(),
+            s.message()
+        ),
+        Err(e) => panic!("DeleteVolume: {e}"),
+    };
+    let record = configmap_key(&cleanup::record_name(&waiting));
+    wait_until("the cleanup pass", || {
+        api.object(&record)
+            .is_some_and(|r| r["metadata"]["labels"][cleanup::LABEL] == "complete")
+    });
+    let controller_rss = peak_rss(ctl.0.id());
+    drop(ctl);
+
+    for k in 0..TOMBSTONES {
+        let old = volume_id(&format!("pvc-old-{k}"));
+        let obj = legacy_record(&old, if legacy { n } else { 0 }, true);
+        api.put_configmap(NS, obj, "node-local-cache");
+    }
+    if !legacy {
+        // The index a current controller keeps (the controller above has stopped).
+        CleanupController::new(api.client(NS), CleanupConfig::new(DRIVER, ""))
+            .poll_once()
+            .unwrap();
+    }
+    let polls_before = api.request_count();
+    let node = spawn(
+        bin,
+        &api,
+        &tree,
+        &[
+            "--mode=node".to_owned(),
+            format!("--node-name={}", node_name(0)),
+            format!("--base-dir={}", tree.base().display()),
+            format!("--kubelet-dir={}", tree.kubelet().display()),
+            format!("--csi-socket=unix://{}", tree.socket("node").display()),
+        ],
+    );
+    wait_until("five node polls", || api.request_count() >= polls_before + 5);
+    let node_rss = peak_rss(node.0.id());
+    (controller_rss, node_rss, deleted)
+}
+
+/// The goal (5,000 nodes, 50,000 PVs) always; the whole table, before and after, when
+/// `NLC_BEFORE_BIN` names a binary of the previous version.
+#[test]
+fn peak_memory_of_the_real_binaries() {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let before = std::env::var_os("NLC_BEFORE_BIN");
+    let sizes: &[usize] = if before.is_some() { &[100, 1000, 5000] } else { &[5000] };
+    println!("proto  | nodes | PVs    | controller peak RSS | node peak RSS | DeleteVolume");
+    for &n in sizes {
+        if let Some(bin) = &before {
+            let (c, node, deleted) = measure_rss(Path::new(bin), n, true);
+            println!(
+                "before | {n:5} | {:6} | {:15.1} MiB | {:9.1} MiB | {deleted}",
+                n * PVS_PER_NODE,
+                mib(c),
+                mib(node)
+            );
+        }
+        let (c, node, deleted) = measure_rss(Path::new(BIN), n, false);
+        println!(
+            "after  | {n:5} | {:6} | {:15.1} MiB | {:9.1} MiB | {deleted}",
+            n * PVS_PER_NODE,
+            mib(c),
+            mib(node)
+        );
+        assert!(deleted.starts_with("OK"), "DeleteVolume: {deleted}");
+        assert!(
+            mib(c) < 32.0,
+            "controller peak RSS {:.1} MiB with {n} nodes and {} PVs",
+            mib(c),
+            n * PVS_PER_NODE
+        );
+    }
 }

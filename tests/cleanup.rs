@@ -12,13 +12,15 @@ use std::time::Duration;
 use common::*;
 use fake_apiserver::FakeApi;
 use grpcio::RpcStatusCode;
-use node_local_cache::cleanup::{self, CleanupConfig, NodeCleaner, FINALIZER};
+use node_local_cache::cleanup::{self, CleanupConfig, CleanupController, NodeAcks, NodeCleaner, FINALIZER};
 use node_local_cache::config::{Config, Mode};
 use node_local_cache::controller::{Controller, Deleter};
 use node_local_cache::inflight::InFlight;
 use node_local_cache::node::NodeState;
 use node_local_cache::proto::csi;
 use node_local_cache::server::Rpc;
+use node_local_cache::time::Deadline;
+use serde_json::json;
 
 const DRIVER: &str = "node-local-cache.csi.io";
 const NS: &str = "nlc-system";
@@ -94,6 +96,34 @@ fn state_of(api: &FakeApi, id: &str) -> String {
         .unwrap_or_else(|| "gone".into())
 }
 
+/// The nodes whose own object lists a finished deletion of `id`, sorted.
+fn acked_by(api: &FakeApi, id: &str) -> Vec<String> {
+    let mut nodes: Vec<String> = api.with(|s| {
+        s.objects
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("configmaps/{NS}/nlc-node-")))
+            .filter_map(|(_, cm)| NodeAcks::parse(cm))
+            .filter(|a| a.done.iter().any(|d| d.volume_id == id))
+            .map(|a| a.node)
+            .collect()
+    });
+    nodes.sort();
+    nodes
+}
+
+/// What the previous version stored as data keys of a record: its acknowledgements included.
+fn data_keys(api: &FakeApi, id: &str) -> Vec<String> {
+    let mut keys: Vec<String> = record(api, id)
+        .map(|r| r["data"].as_object().unwrap().keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
+fn delete(ctl: &CleanupController, id: &str) -> node_local_cache::error::Result<()> {
+    ctl.volume_deleted(id, None, Deadline::none())
+}
+
 fn api(tag: &str) -> FakeApi {
     FakeApi::start(&std::env::temp_dir().join(format!("nlc-fakeapi-{}-{tag}", std::process::id())))
 }
@@ -115,9 +145,9 @@ fn deleted_volume_is_wiped_on_every_node_and_released() {
 
     let mut cc = cfg.clone();
     cc.retention = Duration::ZERO;
-    let ctl = cleanup::Controller::new(api.client(NS), cc);
-    ctl.volume_deleted(&id).unwrap();
-    ctl.volume_deleted(&id).unwrap();
+    let ctl = CleanupController::new(api.client(NS), cc);
+    delete(&ctl, &id).unwrap();
+    delete(&ctl, &id).unwrap();
     assert_eq!(state_of(&api, &id), "pending");
     assert_eq!(api.pv_finalizers("pvc-all").unwrap(), vec![FINALIZER.to_owned()]);
     // The provisioner deletes the PV next; our finalizer holds it.
@@ -130,19 +160,23 @@ fn deleted_volume_is_wiped_on_every_node_and_released() {
         assert_eq!(n.poll(), 1);
         assert!(!n.has(&id), "{} still has the volume", n.name);
     }
-    let acks: Vec<String> = record(&api, &id).unwrap()["data"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .filter(|k| k.starts_with("ack."))
-        .cloned()
-        .collect();
-    assert_eq!(acks, vec!["ack.node-0", "ack.node-1", "ack.node-2"]);
+    assert_eq!(acked_by(&api, &id), vec!["node-0", "node-1", "node-2"]);
+    assert_eq!(
+        data_keys(&api, &id),
+        vec!["pv", "requestedAt", "volumeId"],
+        "the record holds nothing per node"
+    );
     ctl.poll_once().unwrap();
     assert_eq!(api.pv_finalizers("pvc-all"), None, "the PV is released and gone");
     assert_eq!(state_of(&api, &id), "complete");
+    assert_eq!(
+        data_keys(&api, &id),
+        vec!["completedAt", "pv", "requestedAt", "volumeId"]
+    );
     ctl.poll_once().unwrap();
     assert_eq!(state_of(&api, &id), "gone", "the record expires after its retention");
+    let index = api.object(&format!("configmaps/{NS}/{}", cleanup::INDEX_NAME)).unwrap();
+    assert_eq!(index["data"]["records"], "", "the expired record left the index");
     assert_eq!(
         fs::read(nodes[0].tree.base().join(&other).join("keep")).unwrap(),
         b"keep"
@@ -162,8 +196,8 @@ fn a_node_that_was_down_cleans_up_when_it_returns() {
     for n in &nodes {
         n.use_volume(&id, "pvc-down", "data");
     }
-    let ctl = cleanup::Controller::new(api.client(NS), cfg.clone());
-    ctl.volume_deleted(&id).unwrap();
+    let ctl = CleanupController::new(api.client(NS), cfg.clone());
+    delete(&ctl, &id).unwrap();
     nodes[0].poll();
     nodes[1].poll();
     ctl.poll_once().unwrap();
@@ -190,11 +224,12 @@ fn rapid_create_delete_create_keeps_the_new_volume() {
     let cfg = config(Duration::from_millis(200));
     let mut a = SimNode::new(&api, "node-a", &cfg);
     let mut b = SimNode::new(&api, "node-b", &cfg);
-    let ctl = cleanup::Controller::new(api.client(NS), cfg.clone());
+    let ctl = CleanupController::new(api.client(NS), cfg.clone());
     let controller = Controller::new(Rpc::new(1, 8), Some(ctl.clone() as Arc<dyn Deleter>));
+    let none = Deadline::none();
 
     let id = controller
-        .create(&create_req("pvc-rapid", 0))
+        .create(&create_req("pvc-rapid", 0), &none)
         .unwrap()
         .volume
         .volume_id
@@ -204,9 +239,17 @@ fn rapid_create_delete_create_keeps_the_new_volume() {
     b.use_volume(&id, "pvc-rapid", "old");
     let mut del = csi::DeleteVolumeRequest::new();
     del.volume_id = id.clone();
-    controller.delete(&del).unwrap();
+    api.clear_log();
+    controller.delete(&del, &none).unwrap();
+    assert!(
+        !api.requests()
+            .iter()
+            .any(|(m, p)| m == "GET" && p.starts_with("/api/v1/persistentvolumes?")),
+        "the PV is found by the name CreateVolume was given, not by a scan: {:?}",
+        api.requests()
+    );
     // While the cleanup runs, the same name cannot come back.
-    let err = controller.create(&create_req("pvc-rapid", 0)).unwrap_err();
+    let err = controller.create(&create_req("pvc-rapid", 0), &none).unwrap_err();
     assert_eq!(err.code(), RpcStatusCode::UNAVAILABLE, "{err}");
     a.poll();
     assert!(!a.has(&id));
@@ -220,7 +263,11 @@ fn rapid_create_delete_create_keeps_the_new_volume() {
 
     // Created again under the same name (same id), used on node-a.
     assert_eq!(
-        controller.create(&create_req("pvc-rapid", 0)).unwrap().volume.volume_id,
+        controller
+            .create(&create_req("pvc-rapid", 0), &none)
+            .unwrap()
+            .volume
+            .volume_id,
         id
     );
     std::thread::sleep(Duration::from_millis(5));
@@ -246,18 +293,18 @@ fn api_outage_delays_but_never_breaks_cleanup() {
         n.use_volume(&id, "pvc-outage", "data");
         n.use_volume(&live, "pvc-live", "live");
     }
-    let ctl = cleanup::Controller::new(api.client(NS), cfg.clone());
+    let ctl = CleanupController::new(api.client(NS), cfg.clone());
 
     // DeleteVolume during an outage is refused with a retryable code, never a silent OK.
     api.with(|s| {
         s.faults.fail_next = 100;
         s.faults.fail_status = 503;
     });
-    let err = ctl.volume_deleted(&id).unwrap_err();
+    let err = delete(&ctl, &id).unwrap_err();
     assert_eq!(err.code(), RpcStatusCode::UNAVAILABLE, "{err}");
     assert!(err.to_string().contains(&id));
     api.with(|s| s.faults.fail_next = 0);
-    ctl.volume_deleted(&id).unwrap();
+    delete(&ctl, &id).unwrap();
 
     // 500s and then answers slower than the client's timeout: polls fail, nothing is deleted.
     api.with(|s| {
@@ -298,7 +345,7 @@ fn rotated_token_is_picked_up() {
     n.poll();
     api.rotate_token("token-2");
     n.poll();
-    let ctl = cleanup::Controller::new(api.client(NS), cfg);
+    let ctl = CleanupController::new(api.client(NS), cfg);
     ctl.poll_once().unwrap();
     // The old token is refused outright.
     api.with(|s| s.token = "token-3".into());
@@ -322,9 +369,7 @@ fn symlinks_inside_a_volume_never_lead_the_deletion_outside() {
     fs::create_dir_all(vol.join("a/b")).unwrap();
     symlink("../../../../outside", vol.join("a/b/up")).unwrap();
 
-    cleanup::Controller::new(api.client(NS), cfg)
-        .volume_deleted(&id)
-        .unwrap();
+    delete(&CleanupController::new(api.client(NS), cfg), &id).unwrap();
     assert_eq!(n.poll(), 1);
     assert!(!vol.exists());
     assert_eq!(fs::read(outside.join("precious")).unwrap(), b"keep");
@@ -340,29 +385,18 @@ fn a_mounted_volume_waits_until_unmounted() {
     let target = n.tree.target("busy-pod");
     n.state.publish(&publish_req(&id, &target, false)).unwrap();
     fs::write(target.join("in-use"), b"x").unwrap();
-    cleanup::Controller::new(api.client(NS), cfg)
-        .volume_deleted(&id)
-        .unwrap();
+    delete(&CleanupController::new(api.client(NS), cfg), &id).unwrap();
     assert_eq!(n.poll(), 0);
     assert_eq!(
         fs::read(target.join("in-use")).unwrap(),
         b"x",
         "data in use is never deleted"
     );
-    assert!(
-        !record(&api, &id).unwrap()["data"]
-            .as_object()
-            .unwrap()
-            .contains_key("ack.node-0"),
-        "no ack while mounted"
-    );
+    assert!(acked_by(&api, &id).is_empty(), "no ack while mounted");
     n.state.unpublish(&unpublish_req(&id, &target)).unwrap();
     assert_eq!(n.poll(), 1);
     assert!(!n.has(&id));
-    assert!(record(&api, &id).unwrap()["data"]
-        .as_object()
-        .unwrap()
-        .contains_key("ack.node-0"));
+    assert_eq!(acked_by(&api, &id), vec!["node-0"]);
     n.tree.assert_no_mounts();
 }
 
@@ -378,7 +412,7 @@ fn orphans_go_after_the_grace_and_retained_volumes_stay() {
     api.add_pv("pvc-retained", DRIVER, &retained);
     n.use_volume(&orphan, "pvc-orphan", "x");
     n.use_volume(&retained, "pvc-retained", "x");
-    // A dir that does not know its PV's name is checked against the full PV list.
+    // A dir that does not know its PV's name is checked against the PV list, page by page.
     fs::create_dir(n.tree.base().join(&unnamed)).unwrap();
     assert_eq!(n.poll(), 0, "first sighting starts the grace period");
     assert!(n.has(&orphan) && n.has(&unnamed));
@@ -399,6 +433,8 @@ fn every_list_is_served_from_the_watch_cache() {
     let api = api("cache");
     let cfg = config(Duration::from_secs(600));
     let mut n = SimNode::new(&api, "node-0", &cfg);
+    // The controller keeps the index the nodes read.
+    CleanupController::new(api.client(NS), cfg.clone()).poll_once().unwrap();
     api.clear_log();
     for _ in 0..5 {
         n.poll();
@@ -469,4 +505,164 @@ fn binaries_run_the_protocol_end_to_end() {
     }
     assert_eq!(api.pv_finalizers("pvc-e2e"), None, "the PV is released and gone");
     tree.assert_no_mounts();
+}
+
+/// One record whose writes are always refused (an admission webhook, say) must not hold up the
+/// others: both other volumes are wiped everywhere, completed and released, and the failure is
+/// counted. Before, every pass stopped at the first failed request, so the record that sorts
+/// first blocked all the rest, forever.
+#[test]
+fn one_refused_record_does_not_stop_the_others() {
+    let api = api("refused");
+    let cfg = config(Duration::from_secs(600));
+    let mut nodes: Vec<SimNode> = (0..2).map(|i| SimNode::new(&api, &format!("node-{i}"), &cfg)).collect();
+    let mut vols: Vec<(String, String)> = ["pvc-r1", "pvc-r2", "pvc-r3"]
+        .iter()
+        .map(|pv| (volume_id(pv), pv.to_string()))
+        .collect();
+    // The refused record is the one every pass meets first.
+    vols.sort();
+    let ctl = CleanupController::new(api.client(NS), cfg.clone());
+    for (id, pv) in &vols {
+        api.add_pv(pv, DRIVER, id);
+        for n in &nodes {
+            n.use_volume(id, pv, "data");
+        }
+        delete(&ctl, id).unwrap();
+    }
+    let refused = &vols[0].0;
+    let path = format!("/api/v1/namespaces/{NS}/configmaps/{}", cleanup::record_name(refused));
+    api.with(|s| s.faults.refuse.push(("PATCH".into(), path, 403)));
+    let errors_before = node_local_cache::metrics::cleanup_errors("complete");
+    for _ in 0..3 {
+        for n in &mut nodes {
+            let _ = n.cleaner.poll_once();
+        }
+        let _ = ctl.poll_once();
+    }
+    for (id, pv) in &vols[1..] {
+        assert_eq!(state_of(&api, id), "complete", "{pv}");
+        assert_eq!(api.pv_finalizers(pv).unwrap(), Vec::<String>::new(), "{pv} released");
+        for n in &nodes {
+            assert!(!n.has(id), "{} still has {pv}", n.name);
+        }
+    }
+    assert_eq!(state_of(&api, refused), "pending", "its completion is refused");
+    assert!(node_local_cache::metrics::cleanup_errors("complete") >= errors_before + 3);
+}
+
+/// A cluster upgraded from the version that kept acknowledgements in the record (`ack.<node>`
+/// keys) and had no index: its pending record completes from old and new acknowledgements, its
+/// tombstone still reaches a node that was away, and the completed record drops the old keys.
+#[test]
+fn a_record_written_by_the_previous_version_is_still_cleaned_up() {
+    let api = api("upgrade");
+    let cfg = config(Duration::from_secs(600));
+    let mut fresh = SimNode::new(&api, "node-new", &cfg);
+    // node-old acknowledged before its plugin was upgraded, and is down now.
+    api.add_node("node-old", DRIVER);
+    let (pending, tombstone) = (volume_id("pvc-old-pending"), volume_id("pvc-old-done"));
+    api.add_pv("pvc-old-pending", DRIVER, &pending);
+    fresh.use_volume(&pending, "pvc-old-pending", "data");
+    fresh.use_volume(&tombstone, "pvc-old-done", "data");
+    std::thread::sleep(Duration::from_millis(5));
+    let now = node_local_cache::time::format(std::time::SystemTime::now());
+    let legacy = |id: &str, pv: &str, complete: bool| {
+        let mut obj = json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": { "name": cleanup::record_name(id), "labels": { cleanup::LABEL: if complete { "complete" } else { "pending" } } },
+            "data": { "volumeId": id, "requestedAt": now, "pv": pv, "ack.node-old": now },
+        });
+        if complete {
+            obj["data"]["completedAt"] = now.clone().into();
+        }
+        api.put_configmap(NS, obj, "node-local-cache");
+    };
+    legacy(&pending, "pvc-old-pending", false);
+    legacy(&tombstone, "pvc-old-done", true);
+    let pv = api.object("persistentvolumes//pvc-old-pending").unwrap();
+    let mut held = pv.clone();
+    held["metadata"]["finalizers"] = json!([FINALIZER]);
+    api.with(|s| s.objects.insert("persistentvolumes//pvc-old-pending".into(), held));
+
+    // New node, no index yet (the controller is still the old one): it reads the records.
+    assert_eq!(fresh.poll(), 2);
+    assert!(!fresh.has(&pending) && !fresh.has(&tombstone));
+    assert_eq!(acked_by(&api, &pending), vec!["node-new"]);
+    // New controller: node-old's legacy key and node-new's object make everyone.
+    let ctl = CleanupController::new(api.client(NS), cfg);
+    ctl.poll_once().unwrap();
+    assert_eq!(state_of(&api, &pending), "complete");
+    assert_eq!(api.pv_finalizers("pvc-old-pending").unwrap(), Vec::<String>::new());
+    assert_eq!(
+        data_keys(&api, &pending),
+        vec!["completedAt", "pv", "requestedAt", "volumeId"],
+        "the tombstone keeps nothing per node"
+    );
+    let index = api.object(&format!("configmaps/{NS}/{}", cleanup::INDEX_NAME)).unwrap();
+    let lines: Vec<&str> = index["data"]["records"].as_str().unwrap().lines().collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().all(|l| l.ends_with(" complete")), "{lines:?}");
+    api.clear_log();
+    assert_eq!(fresh.poll(), 0);
+    assert_eq!(api.requests().len(), 1, "the index now answers the poll");
+}
+
+/// csi-provisioner gives DeleteVolume a deadline (its --timeout); once it has passed, the
+/// driver starts no further API request and leaves no half-written record behind: a retry with
+/// time enough finishes the job.
+#[test]
+fn delete_volume_stops_at_the_callers_deadline() {
+    let api = api("deadline");
+    let tree = Tree::new("cleanup-deadline");
+    let args = [
+        format!("--kube-api-url={}", api.url),
+        format!("--kube-token-file={}", api.token_file.display()),
+        format!("--kube-ca-file={}", api.ca_file.display()),
+        format!("--namespace={NS}"),
+        "--cleanup-poll-interval=1h".to_owned(),
+    ];
+    let ctl = Driver::controller(&tree, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let id = volume_id("pvc-deadline");
+    api.add_pv("pvc-deadline", DRIVER, &id);
+    // The controller's first pass (at start, it writes the index) is over before the slow API
+    // sets in.
+    let index = format!("configmaps/{NS}/{}", cleanup::INDEX_NAME);
+    let start = std::time::Instant::now();
+    while api.object(&index).is_none() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    api.with(|s| s.faults.delay = Some(Duration::from_millis(1500)));
+    api.clear_log();
+    let mut del = csi::DeleteVolumeRequest::new();
+    del.volume_id = id.clone();
+    let timeout = Duration::from_secs(2);
+    let sent = std::time::Instant::now();
+    let err = ctl
+        .controller_client()
+        .delete_volume_opt(&del, grpcio::CallOption::default().timeout(timeout))
+        .unwrap_err();
+    assert!(
+        matches!(&err, grpcio::Error::RpcFailure(s) if s.code() == RpcStatusCode::DEADLINE_EXCEEDED),
+        "{err:?}"
+    );
+    // Long enough for a driver that kept going to make every call of a DeleteVolume.
+    std::thread::sleep(Duration::from_secs(6));
+    let late: Vec<_> = api
+        .arrivals()
+        .into_iter()
+        .filter(|(_, _, at)| at.duration_since(sent) > timeout + Duration::from_millis(500))
+        .map(|(m, p, at)| format!("{m} {p} at {:?}", at.duration_since(sent)))
+        .collect();
+    assert!(late.is_empty(), "requests after the caller's deadline: {late:?}");
+    assert!(
+        matches!(state_of(&api, &id).as_str(), "gone" | "pending"),
+        "a record is whole or absent"
+    );
+    api.with(|s| s.faults.delay = None);
+    ctl.controller_client().delete_volume(&del).unwrap();
+    assert_eq!(state_of(&api, &id), "pending");
+    assert_eq!(api.pv_finalizers("pvc-deadline").unwrap(), vec![FINALIZER.to_owned()]);
+    assert!(ctl.log_text().contains("deadline passed"), "{}", ctl.log_text());
 }

@@ -56,10 +56,17 @@ fn probe_is_not_ready_with_a_symlinked_base_dir() {
             "--node-name=node-a".into(),
             format!("--base-dir={}", link.display()),
             format!("--kubelet-dir={}", tree.kubelet().display()),
+            "--metrics-addr=127.0.0.1:0".into(),
         ],
     );
     let probe = node.identity().probe(&csi::ProbeRequest::new()).unwrap();
     assert!(!probe.ready.value);
+    // What the DaemonSet's probes see: alive (no restart), not ready, and the gauge says why.
+    let addr = node.metrics_addr();
+    assert_eq!(http(&addr, b"GET /livez HTTP/1.1\r\n\r\n").0, 200);
+    assert_eq!(http(&addr, b"GET /readyz HTTP/1.1\r\n\r\n").0, 503);
+    let (_, metrics) = http(&addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+    assert!(metrics.contains("\nnode_local_cache_ready 0\n"), "{metrics}");
     let vol = volume_id("pvc-symlinked-base");
     let target = tree.target("pod1");
     let (c, msg) = code(
@@ -808,7 +815,9 @@ fn metrics_after_real_calls_are_valid_prometheus_text() {
     ] {
         assert!(body.contains(want), "missing {want:?} in:\n{body}");
     }
-    assert_eq!(http(&addr, b"GET /healthz HTTP/1.1\r\n\r\n").0, 200);
+    assert!(body.contains("\nnode_local_cache_ready 1\n"), "{body}");
+    assert_eq!(http(&addr, b"GET /readyz HTTP/1.1\r\n\r\n").0, 200);
+    assert_eq!(http(&addr, b"GET /livez HTTP/1.1\r\n\r\n").0, 200);
     assert_eq!(http(&addr, b"GET /nope HTTP/1.1\r\n\r\n").0, 404);
     assert_eq!(http(&addr, b"POST /metrics HTTP/1.1\r\n\r\n").0, 405);
     assert_eq!(http(&addr, &[b'A'; 20_000]).0, 431, "an oversized request is refused");

@@ -20,7 +20,7 @@ use common::*;
 use fake_apiserver::FakeApi;
 use grpcio::{CallOption, RpcStatusCode};
 use nix::fcntl::{renameat2, RenameFlags};
-use node_local_cache::cleanup::{self, CleanupConfig, NodeCleaner, FINALIZER};
+use node_local_cache::cleanup::{self, CleanupConfig, CleanupController, NodeAcks, NodeCleaner, FINALIZER};
 use node_local_cache::config::{Config, Mode};
 use node_local_cache::controller::Deleter;
 use node_local_cache::inflight::InFlight;
@@ -30,6 +30,7 @@ use node_local_cache::node::NodeState;
 use node_local_cache::proto::csi;
 use node_local_cache::proto::grpc::NodeClient;
 use node_local_cache::safedir;
+use node_local_cache::time::Deadline;
 
 /// A call's outcome by status code name ("OK", "UNAVAILABLE", …), for counting.
 fn outcome<T>(r: &grpcio::Result<T>) -> String {
@@ -837,18 +838,17 @@ fn cleanup_config(node: &str) -> CleanupConfig {
     c
 }
 
+/// The nodes whose own cleanup object lists `id` as finished.
 fn record_acks(api: &FakeApi, id: &str) -> Vec<String> {
-    api.object(&format!("configmaps/{NS}/{}", cleanup::record_name(id)))
-        .map(|r| {
-            r["data"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, _)| k.clone())
-                .filter(|k| k.starts_with("ack."))
-                .collect()
-        })
-        .unwrap_or_default()
+    api.with(|s| {
+        s.objects
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("configmaps/{NS}/nlc-node-")))
+            .filter_map(|(_, cm)| NodeAcks::parse(cm))
+            .filter(|a| a.done.iter().any(|d| d.volume_id == id))
+            .map(|a| a.node)
+            .collect()
+    })
 }
 
 fn record_state(api: &FakeApi, id: &str) -> String {
@@ -889,8 +889,8 @@ fn expired_token_stops_cleanup_until_the_file_is_rotated() {
     use_volume(&state, &tree, &gone, "pvc-expiry");
     use_volume(&state, &tree, &live, "pvc-expiry-live");
     assert_eq!(node.poll_once().unwrap(), 0, "the first token works");
-    let ctl = cleanup::Controller::new(api.client(NS), cleanup_config(""));
-    ctl.volume_deleted(&gone).unwrap();
+    let ctl = CleanupController::new(api.client(NS), cleanup_config(""));
+    ctl.volume_deleted(&gone, None, Deadline::none()).unwrap();
     assert_eq!(
         api.pv_finalizers("pvc-expiry").unwrap_or_default(),
         vec![FINALIZER.to_owned()]
@@ -922,7 +922,7 @@ fn expired_token_stops_cleanup_until_the_file_is_rotated() {
     api.rotate_token("token-2");
     assert_eq!(node.poll_once().unwrap(), 1);
     assert!(!tree.base().join(&gone).exists());
-    assert_eq!(record_acks(&api, &gone), vec!["ack.node-0".to_owned()]);
+    assert_eq!(record_acks(&api, &gone), vec!["node-0".to_owned()]);
     ctl.poll_once().unwrap();
     assert_eq!(record_state(&api, &gone), "complete");
     assert!(

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, ValueEnum};
+use clap::{value_parser, Arg, ArgAction, ArgMatches};
 use grpcio::{CallOption, ChannelBuilder, Environment};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
@@ -35,85 +35,135 @@ use node_local_cache::proto::grpc::{ControllerClient, IdentityClient, NodeClient
 use node_local_cache::server::socket_path;
 use node_local_cache::volume;
 
-#[derive(Clone, Copy, ValueEnum)]
-enum AccessArg {
-    SingleNodeWriter,
-    SingleNodeReaderOnly,
-    SingleNodeSingleWriter,
-    SingleNodeMultiWriter,
-    MultiNodeReaderOnly,
-    MultiNodeSingleWriter,
-    MultiNodeMultiWriter,
+/// `--access-mode` values, as clap's kebab-case names of the CSI modes.
+const ACCESS_MODES: [(&str, Mode); 7] = [
+    ("single-node-writer", Mode::SINGLE_NODE_WRITER),
+    ("single-node-reader-only", Mode::SINGLE_NODE_READER_ONLY),
+    ("single-node-single-writer", Mode::SINGLE_NODE_SINGLE_WRITER),
+    ("single-node-multi-writer", Mode::SINGLE_NODE_MULTI_WRITER),
+    ("multi-node-reader-only", Mode::MULTI_NODE_READER_ONLY),
+    ("multi-node-single-writer", Mode::MULTI_NODE_SINGLE_WRITER),
+    ("multi-node-multi-writer", Mode::MULTI_NODE_MULTI_WRITER),
+];
+
+struct Flags {
+    node_socket: String,
+    controller_socket: Option<String>,
+    create_delete: usize,
+    volume_id: Option<String>,
+    target_root: Option<PathBuf>,
+    cycles: usize,
+    concurrency: usize,
+    readonly: bool,
+    access_mode: Mode,
+    no_floor: bool,
+    json: bool,
+    fail_on_error: bool,
+    timeout: Duration,
+    client_threads: usize,
+    probe: bool,
+    exec: Vec<String>,
 }
 
-impl AccessArg {
-    fn mode(self) -> Mode {
-        match self {
-            AccessArg::SingleNodeWriter => Mode::SINGLE_NODE_WRITER,
-            AccessArg::SingleNodeReaderOnly => Mode::SINGLE_NODE_READER_ONLY,
-            AccessArg::SingleNodeSingleWriter => Mode::SINGLE_NODE_SINGLE_WRITER,
-            AccessArg::SingleNodeMultiWriter => Mode::SINGLE_NODE_MULTI_WRITER,
-            AccessArg::MultiNodeReaderOnly => Mode::MULTI_NODE_READER_ONLY,
-            AccessArg::MultiNodeSingleWriter => Mode::MULTI_NODE_SINGLE_WRITER,
-            AccessArg::MultiNodeMultiWriter => Mode::MULTI_NODE_MULTI_WRITER,
+fn opt(name: &'static str, value: &'static str, help: &'static str) -> Arg {
+    Arg::new(name).long(name).value_name(value).help(help)
+}
+
+fn switch(name: &'static str, help: &'static str) -> Arg {
+    Arg::new(name).long(name).action(ArgAction::SetTrue).help(help)
+}
+
+fn count(name: &'static str, value: &'static str, default: &'static str, help: &'static str) -> Arg {
+    opt(name, value, help)
+        .default_value(default)
+        .value_parser(value_parser!(usize))
+}
+
+fn command() -> clap::Command {
+    clap::Command::new("csi-bench")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Publish/unpublish load for a CSI node plugin, compared with the bare mount syscalls")
+        .args([
+            opt("node-socket", "NODE_SOCKET", "The node plugin's socket: a path or unix:///path").required(true),
+            opt(
+                "controller-socket",
+                "CONTROLLER_SOCKET",
+                "A controller plugin's socket: the volume is made with CreateVolume and deleted at the end",
+            ),
+            count(
+                "create-delete",
+                "CREATE_DELETE",
+                "0",
+                "Also time this many CreateVolume + DeleteVolume pairs on the controller",
+            )
+            .requires("controller-socket"),
+            opt(
+                "volume-id",
+                "VOLUME_ID",
+                "The volume to publish; default a fresh nlc-<uuid>, which node-local-cache serves with no controller at all",
+            ),
+            opt(
+                "target-root",
+                "TARGET_ROOT",
+                "Where targets go (DIR/bench-<i>/mount); must lie below the plugin's kubelet dir",
+            )
+            .value_parser(value_parser!(PathBuf))
+            .required_unless_present("probe"),
+            count("cycles", "CYCLES", "1000", "Publish + unpublish cycles in all, shared by the workers"),
+            count("concurrency", "CONCURRENCY", "16", "Workers, each with its own target"),
+            switch("readonly", "Publish read-only (the floor then remounts read-only too)"),
+            opt("access-mode", "ACCESS_MODE", "Access mode in the volume capability")
+                .default_value("multi-node-multi-writer")
+                .value_parser(ACCESS_MODES.map(|(name, _)| name)),
+            switch("no-floor", "Skip the syscall floor"),
+            switch("json", "Print one JSON object instead of the table"),
+            switch("fail-on-error", "Exit 1 when any call failed (a mount left behind always does)"),
+            opt("timeout", "TIMEOUT", "Deadline of each call")
+                .default_value("30s")
+                .value_parser(parse_duration),
+            count("client-threads", "CLIENT_THREADS", "1", "Client completion-queue threads"),
+            switch(
+                "probe",
+                "Only wait for the first ready Probe, print how long it took and exit. With a command after `--`, start it first and count from its exec; it keeps running after we exit",
+            ),
+            Arg::new("exec")
+                .value_name("EXEC")
+                .num_args(0..)
+                .last(true)
+                .requires("probe")
+                .help("The plugin to start for --probe, with its arguments"),
+        ])
+}
+
+impl Flags {
+    fn from_matches(m: &ArgMatches) -> Flags {
+        let text = |id: &str| m.get_one::<String>(id).cloned();
+        let number = |id: &str| m.get_one::<usize>(id).copied().unwrap_or_default();
+        let access = text("access-mode").unwrap_or_default();
+        Flags {
+            node_socket: text("node-socket").unwrap_or_default(),
+            controller_socket: text("controller-socket"),
+            create_delete: number("create-delete"),
+            volume_id: text("volume-id"),
+            target_root: m.get_one::<PathBuf>("target-root").cloned(),
+            cycles: number("cycles"),
+            concurrency: number("concurrency"),
+            readonly: m.get_flag("readonly"),
+            access_mode: ACCESS_MODES
+                .iter()
+                .find(|(name, _)| *name == access)
+                .map_or(Mode::MULTI_NODE_MULTI_WRITER, |&(_, mode)| mode),
+            no_floor: m.get_flag("no-floor"),
+            json: m.get_flag("json"),
+            fail_on_error: m.get_flag("fail-on-error"),
+            timeout: m.get_one::<Duration>("timeout").copied().unwrap_or_default(),
+            client_threads: number("client-threads"),
+            probe: m.get_flag("probe"),
+            exec: m
+                .get_many::<String>("exec")
+                .map_or_else(Vec::new, |v| v.cloned().collect()),
         }
     }
-}
-
-/// Publish/unpublish load for a CSI node plugin, compared with the bare mount syscalls.
-#[derive(Parser)]
-#[command(name = "csi-bench", version, about)]
-struct Flags {
-    /// The node plugin's socket: a path or unix:///path.
-    #[arg(long)]
-    node_socket: String,
-    /// A controller plugin's socket: the volume is made with CreateVolume and deleted at the end.
-    #[arg(long)]
-    controller_socket: Option<String>,
-    /// Also time this many CreateVolume + DeleteVolume pairs on the controller.
-    #[arg(long, default_value_t = 0, requires = "controller_socket")]
-    create_delete: usize,
-    /// The volume to publish; default a fresh nlc-<uuid>, which node-local-cache serves with no
-    /// controller at all.
-    #[arg(long)]
-    volume_id: Option<String>,
-    /// Where targets go (DIR/bench-<i>/mount); must lie below the plugin's kubelet dir.
-    #[arg(long, required_unless_present = "probe")]
-    target_root: Option<PathBuf>,
-    /// Publish + unpublish cycles in all, shared by the workers.
-    #[arg(long, default_value_t = 1000)]
-    cycles: usize,
-    /// Workers, each with its own target.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// Publish read-only (the floor then remounts read-only too).
-    #[arg(long)]
-    readonly: bool,
-    /// Access mode in the volume capability.
-    #[arg(long, value_enum, default_value = "multi-node-multi-writer")]
-    access_mode: AccessArg,
-    /// Skip the syscall floor.
-    #[arg(long)]
-    no_floor: bool,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    json: bool,
-    /// Exit 1 when any call failed (a mount left behind always does).
-    #[arg(long)]
-    fail_on_error: bool,
-    /// Deadline of each call.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    timeout: Duration,
-    /// Client completion-queue threads.
-    #[arg(long, default_value_t = 1)]
-    client_threads: usize,
-    /// Only wait for the first ready Probe, print how long it took and exit. With a command after
-    /// `--`, start it first and count from its exec; it keeps running after we exit.
-    #[arg(long)]
-    probe: bool,
-    /// The plugin to start for --probe, with its arguments.
-    #[arg(last = true, requires = "probe")]
-    exec: Vec<String>,
 }
 
 /// Latencies of one operation, by nearest rank.
@@ -270,11 +320,11 @@ fn describe(e: &grpcio::Error) -> (String, String) {
     }
 }
 
-fn capability(access: AccessArg) -> csi::VolumeCapability {
+fn capability(access: Mode) -> csi::VolumeCapability {
     let mut c = csi::VolumeCapability::new();
     c.set_mount(csi::volume_capability::MountVolume::new());
     let mut am = csi::volume_capability::AccessMode::new();
-    am.mode = access.mode().into();
+    am.mode = access.into();
     c.access_mode = Some(am).into();
     c
 }
@@ -868,7 +918,7 @@ fn run(flags: &Flags) -> Result<ExitCode, String> {
 }
 
 fn main() -> ExitCode {
-    let flags = Flags::parse();
+    let flags = Flags::from_matches(&command().get_matches());
     if !flags.probe && !nix::unistd::geteuid().is_root() {
         eprintln!("csi-bench: must run as root (the floor bind-mounts, and so does the plugin)");
         return ExitCode::from(2);
@@ -885,6 +935,30 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_are_consistent() {
+        command().debug_assert();
+        let m = command()
+            .try_get_matches_from([
+                "csi-bench",
+                "--node-socket=/s",
+                "--probe",
+                "--",
+                "plugin",
+                "--mode=node",
+            ])
+            .unwrap();
+        let f = Flags::from_matches(&m);
+        assert_eq!(f.exec, ["plugin", "--mode=node"]);
+        assert_eq!(f.access_mode, Mode::MULTI_NODE_MULTI_WRITER);
+        assert!(
+            command()
+                .try_get_matches_from(["csi-bench", "--node-socket=/s"])
+                .is_err(),
+            "--target-root or --probe"
+        );
+    }
 
     fn millis(v: &[u64]) -> Vec<Duration> {
         v.iter().map(|&m| Duration::from_millis(m)).collect()

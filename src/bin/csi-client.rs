@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
 use grpcio::{CallOption, ChannelBuilder, Client, EnvBuilder, Method, RpcStatus};
 use protobuf::reflect::{
     EnumDescriptor, FieldDescriptor, MessageDescriptor, ReflectFieldRef, ReflectValueBox, ReflectValueRef,
@@ -34,24 +34,59 @@ strings; google.protobuf wrappers (BoolValue, Int64Value) as bare values. The re
 JSON on stdout. A failed call prints {"code":"NOT_FOUND","message":"..."} and exits 1; bad usage
 exits 2. Run without a method to list them all."#;
 
-/// Call one CSI RPC on a driver's socket and print the reply as JSON.
-#[derive(Parser)]
-#[command(name = "csi-client", version, after_help = EXAMPLES)]
 struct Flags {
-    /// The driver's CSI socket: a path or unix:///path.
-    #[arg(long, env = "CSI_ENDPOINT", default_value = "/csi/csi.sock")]
     socket: String,
-    /// Deadline for the call (ms, s, m or h).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     timeout: Duration,
-    /// Wait (up to --timeout) for the socket to accept connections instead of failing at once.
-    #[arg(long)]
     wait: bool,
-    /// The request as JSON, or "-" to read it from stdin; omitted fields keep their defaults.
-    #[arg(long, default_value = "{}")]
     json: String,
-    /// The RPC to call, e.g. Probe, NodeGetInfo, CreateVolume (case does not matter).
     method: Option<String>,
+}
+
+fn command() -> Command {
+    Command::new("csi-client")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Call one CSI RPC on a driver's socket and print the reply as JSON")
+        .after_help(EXAMPLES)
+        .args([
+            Arg::new("socket")
+                .long("socket")
+                .value_name("SOCKET")
+                .env("CSI_ENDPOINT")
+                .default_value("/csi/csi.sock")
+                .help("The driver's CSI socket: a path or unix:///path"),
+            Arg::new("timeout")
+                .long("timeout")
+                .value_name("TIMEOUT")
+                .default_value("30s")
+                .value_parser(parse_duration)
+                .help("Deadline for the call (ms, s, m or h)"),
+            Arg::new("wait")
+                .long("wait")
+                .action(ArgAction::SetTrue)
+                .help("Wait (up to --timeout) for the socket to accept connections instead of failing at once"),
+            Arg::new("json")
+                .long("json")
+                .value_name("JSON")
+                .default_value("{}")
+                .help("The request as JSON, or \"-\" to read it from stdin; omitted fields keep their defaults"),
+            Arg::new("method")
+                .value_name("METHOD")
+                .value_parser(value_parser!(String))
+                .help("The RPC to call, e.g. Probe, NodeGetInfo, CreateVolume (case does not matter)"),
+        ])
+}
+
+impl Flags {
+    fn from_matches(m: &ArgMatches) -> Flags {
+        let text = |id: &str| m.get_one::<String>(id).cloned().unwrap_or_default();
+        Flags {
+            socket: text("socket"),
+            timeout: m.get_one::<Duration>("timeout").copied().unwrap_or_default(),
+            wait: m.get_flag("wait"),
+            json: text("json"),
+            method: m.get_one::<String>("method").cloned(),
+        }
+    }
 }
 
 /// Why a run did not print a reply; each kind has its own exit code.
@@ -184,7 +219,7 @@ fn method_list(rpcs: &[Rpc]) -> String {
 // ---- running one call ----
 
 fn main() -> ExitCode {
-    let flags = Flags::parse();
+    let flags = Flags::from_matches(&command().get_matches());
     match run(&flags) {
         Ok(reply) => {
             println!("{}", pretty(&reply));
@@ -536,7 +571,6 @@ fn map_key_to_string(k: ReflectValueRef) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
     use node_local_cache::proto::csi;
     use node_local_cache::proto::csi::volume_capability::access_mode::Mode;
 
@@ -731,6 +765,6 @@ mod tests {
 
     #[test]
     fn flags_are_consistent() {
-        Flags::command().debug_assert();
+        command().debug_assert();
     }
 }

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Interleaved A/B runs of two node plugin binaries under the same csi-bench load, so both see the
+# same machine state. Prints one line per run: throughput, cycle p50, the plugin's CPU time per
+# cycle (utime+stime from /proc/PID/stat over the run) and its resident memory idle (after
+# start-up) and at its peak (VmHWM). Needs root (bind mounts) and jq.
+#
+#   scripts/perf-compare.sh BASE_BINARY NEW_BINARY [ROUNDS] [CYCLES] [CONCURRENCY]
+#
+# csi-bench is taken from CSI_BENCH, else from beside NEW_BINARY.
+set -euo pipefail
+
+base=${1:?usage: perf-compare.sh BASE_BINARY NEW_BINARY [ROUNDS] [CYCLES] [CONCURRENCY]}
+new=${2:?usage: perf-compare.sh BASE_BINARY NEW_BINARY [ROUNDS] [CYCLES] [CONCURRENCY]}
+rounds=${3:-3}
+cycles=${4:-2000}
+concurrency=${5:-16}
+bench=${CSI_BENCH:-$(dirname "$new")/csi-bench}
+ticks=$(getconf CLK_TCK)
+
+tree=""
+pid=""
+cleanup() {
+    if [ -n "$pid" ]; then
+        kill -TERM "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
+    if [ -n "$tree" ]; then
+        awk -v root="$tree/" 'index($5, root) == 1 { print $5 }' /proc/self/mountinfo |
+            sort -r | while read -r m; do umount -l "$m" || true; done
+        rm -rf "$tree"
+    fi
+}
+trap cleanup EXIT
+
+# utime + stime of a process, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# A field of /proc/PID/status in KiB.
+status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+
+run_one() {
+    local label=$1 bin=$2
+    tree=$(mktemp -d /tmp/nlc-perf.XXXXXX)
+    mkdir -p "$tree/kubelet/pods" "$tree/base"
+    "$bin" --mode=node --node-name=perf --base-dir="$tree/base" --kubelet-dir="$tree/kubelet" \
+        --csi-socket="unix://$tree/csi.sock" --metrics-addr= --log-level=warn 2>"$tree/log" &
+    pid=$!
+    "$bench" --node-socket "$tree/csi.sock" --probe --timeout 30s >/dev/null
+    sleep 1
+    local idle cpu0 cpu1 hwm
+    idle=$(status_kib "$pid" VmRSS)
+    cpu0=$(cpu_ticks "$pid")
+    "$bench" --node-socket "$tree/csi.sock" --target-root "$tree/kubelet/pods" --no-floor \
+        --cycles "$cycles" --concurrency "$concurrency" --json --fail-on-error >"$tree/out.json"
+    cpu1=$(cpu_ticks "$pid")
+    hwm=$(status_kib "$pid" VmHWM)
+    jq -r --arg name "$label" --argjson cpu "$((cpu1 - cpu0))" --argjson ticks "$ticks" \
+        --argjson idle "$idle" --argjson hwm "$hwm" --argjson cycles "$cycles" \
+        '"\($name)\tcycles/s \(.driver.throughput_per_s | floor)\tcycle p50 \(.driver.cycle.p50_ms) ms\tcpu/cycle \(($cpu / $ticks * 1e6 / $cycles) | floor) us\tidle RSS \($idle / 1024 * 10 | floor / 10) MiB\tpeak RSS \($hwm / 1024 * 10 | floor / 10) MiB"' \
+        "$tree/out.json"
+    cleanup
+    tree=""
+    pid=""
+}
+
+echo "csi-bench: $cycles cycles at concurrency $concurrency, $rounds interleaved rounds"
+for ((r = 1; r <= rounds; r++)); do
+    run_one base "$base"
+    run_one new "$new"
+done

@@ -1,0 +1,404 @@
+//! The controller's half: writes records on DeleteVolume, keeps the index, completes records from
+//! the nodes' objects, expires tombstones.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use log::{debug, info, warn};
+use serde_json::{json, Value};
+
+use super::record::{CleanupRecord, Deletion, IndexEntry, NodeAcks, INDEX_NAME, NODE_LABEL};
+use super::{record_name, CleanupConfig, Complaints, FINALIZER, LABEL};
+use crate::controller::Deleter;
+use crate::error::{Error, Result};
+use crate::kube::{jitter, Client, KubeError, KubeResult, QuietLog};
+use crate::metrics;
+use crate::time::{self, Deadline};
+
+/// An index entry whose record a pass did not list stays this long: the record may have been
+/// created after the list was read.
+const UNLISTED_GRACE: Duration = Duration::from_secs(120);
+/// Conditional writes of the index tried before a pass gives up until the next one.
+const INDEX_ATTEMPTS: usize = 5;
+
+/// The index as last read or written: its entries and resourceVersion (none: no index yet).
+struct IndexCopy {
+    entries: BTreeSet<IndexEntry>,
+    resource_version: Option<String>,
+}
+
+/// What the nodes reported, for the pending records of one pass.
+struct Acknowledgements {
+    /// The nodes whose CSINode lists the driver.
+    nodes: Vec<String>,
+    /// By deletion, the nodes whose object lists it as finished.
+    acked: HashMap<Deletion, HashSet<String>>,
+}
+
+pub struct CleanupController {
+    kube: Client,
+    cfg: CleanupConfig,
+    log: QuietLog,
+    complaints: Mutex<Complaints>,
+    /// Serialises index writes in this process; `None` until first read.
+    index: Mutex<Option<IndexCopy>>,
+}
+
+fn unavailable(volume: &str, what: &str, e: &KubeError) -> Error {
+    let reason = match e {
+        KubeError::DeadlineExceeded => format!("{what}: the caller's deadline passed first; retry"),
+        _ => format!("{what}: Kubernetes API: {e}"),
+    };
+    Error::Unavailable {
+        volume: volume.to_owned(),
+        reason,
+    }
+}
+
+impl CleanupController {
+    pub fn new(kube: Client, cfg: CleanupConfig) -> Arc<CleanupController> {
+        Arc::new(CleanupController {
+            kube,
+            cfg,
+            log: QuietLog::new(),
+            complaints: Mutex::default(),
+            index: Mutex::new(None),
+        })
+    }
+
+    fn complaints(&self) -> std::sync::MutexGuard<'_, Complaints> {
+        self.complaints.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The PV whose CSI volume handle is `id`: by the name CreateVolume was given when this
+    /// process saw it, else by scanning the PVs a page at a time.
+    fn find_pv(&self, kube: &Client, id: &str, name: Option<&str>) -> KubeResult<Option<String>> {
+        if let Some(name) = name.filter(|n| !n.is_empty()) {
+            match kube.get_pv(name) {
+                Ok(pv) if pv["spec"]["csi"]["volumeHandle"].as_str() == Some(id) => return Ok(Some(name.to_owned())),
+                Ok(_) | Err(KubeError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        kube.find_pv(&self.cfg.driver_name, id)
+    }
+
+    /// Creates the pending record, or finds it pending already, or restarts a tombstone of an
+    /// earlier deletion; returns the deletion the record now stands for. Each path is a single
+    /// write, so a caller that gives up never leaves half a record.
+    fn write_record(&self, kube: &Client, id: &str, pv: &str) -> KubeResult<Deletion> {
+        let requested = SystemTime::now();
+        let ours = Deletion {
+            volume_id: id.to_owned(),
+            requested_ms: time::to_millis(requested),
+        };
+        match kube.create_configmap(&CleanupRecord::new_object(id, requested, pv)) {
+            Ok(_) => Ok(ours),
+            Err(KubeError::Conflict(_)) => {
+                let existing = kube.get_configmap(&record_name(id))?;
+                match CleanupRecord::parse(&existing) {
+                    Some(r) if r.pending => Ok(r.deletion),
+                    _ => {
+                        kube.patch_configmap(
+                            &record_name(id),
+                            &CleanupRecord::restart_patch(&existing, requested, pv),
+                        )?;
+                        Ok(ours)
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Applies `change` to the index and writes it if that changed it, conditionally on the
+    /// version read, retrying on conflict (another controller replica wrote it meanwhile).
+    fn update_index(&self, kube: &Client, change: impl Fn(&mut BTreeSet<IndexEntry>)) -> KubeResult<()> {
+        let mut copy = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..INDEX_ATTEMPTS {
+            let current = match copy.take() {
+                Some(c) => c,
+                None => read_index(kube)?,
+            };
+            let mut next = current.entries.clone();
+            change(&mut next);
+            if next == current.entries && current.resource_version.is_some() {
+                *copy = Some(current);
+                return Ok(());
+            }
+            let data = IndexEntry::render_index(&next);
+            let written = match &current.resource_version {
+                None => kube.create_configmap(&json!({
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": { "name": INDEX_NAME },
+                    "data": data,
+                })),
+                Some(rv) => kube.patch_configmap(
+                    INDEX_NAME,
+                    &json!({ "metadata": { "resourceVersion": rv }, "data": data }),
+                ),
+            };
+            match written {
+                Ok(obj) => {
+                    *copy = Some(IndexCopy {
+                        entries: next,
+                        resource_version: obj["metadata"]["resourceVersion"].as_str().map(str::to_owned),
+                    });
+                    return Ok(());
+                }
+                // Read again: another replica wrote it, or it was deleted or created meanwhile.
+                Err(KubeError::Conflict(_) | KubeError::NotFound) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(KubeError::Conflict(format!("{INDEX_NAME} kept changing")))
+    }
+
+    /// Adds (`hold`) or removes our finalizer on the PV, with a resourceVersion precondition so a
+    /// concurrent change is never overwritten; retried on conflict.
+    fn set_finalizer(&self, kube: &Client, pv: &str, hold: bool) -> KubeResult<()> {
+        for _ in 0..5 {
+            let obj = match kube.get_pv(pv) {
+                Err(KubeError::NotFound) => return Ok(()),
+                other => other?,
+            };
+            let current: Vec<&str> = obj["metadata"]["finalizers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let has = current.contains(&FINALIZER);
+            if has == hold {
+                return Ok(());
+            }
+            if hold && obj["metadata"]["deletionTimestamp"].is_string() {
+                warn!("PV {pv} is already being deleted; the cleanup cannot hold it (nodes still clean up from the record)");
+                return Ok(());
+            }
+            let mut next: Vec<&str> = current.into_iter().filter(|f| *f != FINALIZER).collect();
+            if hold {
+                next.push(FINALIZER);
+            }
+            let patch =
+                json!({ "metadata": { "finalizers": next, "resourceVersion": obj["metadata"]["resourceVersion"] } });
+            match kube.patch_pv(pv, &patch) {
+                Ok(_) | Err(KubeError::NotFound) => return Ok(()),
+                Err(KubeError::Conflict(_)) => continue,
+                // Finalizers cannot be added to an object being deleted.
+                Err(KubeError::Rejected(422, m)) if hold => {
+                    warn!("PV {pv}: finalizer refused ({m}); nodes still clean up from the record");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(KubeError::Conflict(format!("PV {pv} kept changing")))
+    }
+
+    /// Whether a volume id has a cleanup still under way (CreateVolume waits for it).
+    pub fn pending(&self, id: &str, deadline: Deadline) -> Result<bool> {
+        match self.kube.with_deadline(deadline).get_configmap(&record_name(id)) {
+            Ok(cm) => Ok(CleanupRecord::parse(&cm).is_some_and(|r| r.pending)),
+            Err(KubeError::NotFound) => Ok(false),
+            Err(e) => Err(unavailable(id, "look up cleanup record", &e)),
+        }
+    }
+
+    /// The nodes expected to acknowledge, and which of them acknowledged each of `pending`.
+    fn acknowledgements(&self, pending: &[&CleanupRecord]) -> KubeResult<Acknowledgements> {
+        let nodes = self.kube.nodes_with_driver(&self.cfg.driver_name)?;
+        let wanted: HashSet<&Deletion> = pending.iter().map(|r| &r.deletion).collect();
+        let mut acked: HashMap<Deletion, HashSet<String>> = HashMap::new();
+        self.kube.for_each_configmap(NODE_LABEL, |page| {
+            for acks in page.iter().filter_map(NodeAcks::parse) {
+                for d in acks.done.into_iter().filter(|d| wanted.contains(d)) {
+                    acked.entry(d).or_default().insert(acks.node.clone());
+                }
+            }
+        })?;
+        Ok(Acknowledgements { nodes, acked })
+    }
+
+    /// Releases the PV and marks the record complete; the error says which step failed.
+    fn complete(&self, r: &CleanupRecord, now: SystemTime) -> std::result::Result<(), (&'static str, KubeError)> {
+        if !r.pv.is_empty() {
+            self.set_finalizer(&self.kube, &r.pv, false)
+                .map_err(|e| ("finalizer", e))?;
+        }
+        self.kube
+            .patch_configmap(&record_name(r.volume_id()), &r.complete_patch(now))
+            .map(drop)
+            .map_err(|e| ("complete", e))
+    }
+
+    /// One pass: complete records that every node acknowledged or that timed out; expire
+    /// tombstones past their retention; bring the index up to date. Only a failure to list the
+    /// records fails the pass; any other failure is logged, counted and skipped.
+    pub fn poll_once(&self) -> KubeResult<()> {
+        let started = SystemTime::now();
+        let mut records = Vec::new();
+        self.kube.for_each_configmap(LABEL, |page| {
+            records.extend(page.iter().filter_map(CleanupRecord::parse));
+        })?;
+        let pending: Vec<&CleanupRecord> = records.iter().filter(|r| r.pending).collect();
+        metrics::CLEANUP_PENDING.store(pending.len() as u64, Ordering::Relaxed);
+        let now = SystemTime::now();
+        let mut completed = HashSet::new();
+        if !pending.is_empty() {
+            let acks = match self.acknowledgements(&pending) {
+                Ok(a) => {
+                    self.complaints().cleared("", "nodes");
+                    Some(a)
+                }
+                Err(e) => {
+                    self.complaints().failed("", "nodes", &e);
+                    None
+                }
+            };
+            for r in pending {
+                let waited = now.duration_since(r.deletion.requested()).unwrap_or_default();
+                let missing: Option<Vec<&String>> = acks.as_ref().map(|a| {
+                    let by_object = a.acked.get(&r.deletion);
+                    a.nodes
+                        .iter()
+                        .filter(|n| !r.legacy_acks.contains(*n) && !by_object.is_some_and(|a| a.contains(*n)))
+                        .collect()
+                });
+                let everyone = missing.as_ref().is_some_and(|m| m.is_empty());
+                if !everyone && waited < self.cfg.timeout {
+                    continue;
+                }
+                match &missing {
+                    Some(m) if m.is_empty() => info!("volume {}: every node cleaned up", r.volume_id()),
+                    Some(m) => warn!(
+                        "volume {}: cleanup timed out after {waited:?}; {} node(s) have not acknowledged ({}); they clean up when they return",
+                        r.volume_id(),
+                        m.len(),
+                        m.iter().take(10).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                    None => warn!(
+                        "volume {}: cleanup timed out after {waited:?}; acknowledgements could not be read; nodes that did not clean up do so on their next poll",
+                        r.volume_id()
+                    ),
+                }
+                match self.complete(r, now) {
+                    Ok(()) => {
+                        completed.insert(r.volume_id().to_owned());
+                        let mut c = self.complaints();
+                        c.cleared(r.volume_id(), "finalizer");
+                        c.cleared(r.volume_id(), "complete");
+                    }
+                    Err((reason, e)) => self.complaints().failed(r.volume_id(), reason, &e),
+                }
+            }
+        }
+        let mut expired = HashSet::new();
+        for r in records.iter().filter(|r| !r.pending) {
+            if r.completed
+                .is_some_and(|c| now.duration_since(c).unwrap_or_default() >= self.cfg.retention)
+            {
+                match self.kube.delete_configmap(&record_name(r.volume_id())) {
+                    Ok(()) => {
+                        debug!("volume {}: cleanup record expired", r.volume_id());
+                        expired.insert(r.volume_id());
+                        self.complaints().cleared(r.volume_id(), "expire");
+                    }
+                    Err(e) => self.complaints().failed(r.volume_id(), "expire", &e),
+                }
+            }
+        }
+        let listed: BTreeSet<IndexEntry> = records
+            .iter()
+            .filter(|r| !expired.contains(r.volume_id()))
+            .map(|r| IndexEntry {
+                deletion: r.deletion.clone(),
+                pending: r.pending && !completed.contains(r.volume_id()),
+            })
+            .collect();
+        let listed_ids: HashSet<&str> = records.iter().map(|r| r.volume_id()).collect();
+        let recent_ms = time::to_millis(started).saturating_sub(UNLISTED_GRACE.as_millis() as u64);
+        match self.update_index(&self.kube, |index| {
+            let unlisted = index
+                .iter()
+                .filter(|e| !listed_ids.contains(e.deletion.volume_id.as_str()) && e.deletion.requested_ms >= recent_ms)
+                .cloned()
+                .collect::<Vec<_>>();
+            *index = listed.clone();
+            index.extend(unlisted);
+        }) {
+            Ok(()) => self.complaints().cleared("", "index"),
+            Err(e) => self.complaints().failed("", "index", &e),
+        }
+        self.complaints().retain(|id| listed_ids.contains(id));
+        Ok(())
+    }
+
+    pub fn run(self: Arc<Self>) {
+        thread::Builder::new()
+            .name("cleanup-controller".into())
+            .spawn(move || loop {
+                match self.poll_once() {
+                    Ok(()) => self.log.ok(),
+                    Err(e) => self.log.failed("cleanup pass", &e),
+                }
+                thread::sleep(jitter(self.cfg.poll_interval));
+            })
+            .expect("spawn cleanup thread");
+    }
+}
+
+fn read_index(kube: &Client) -> KubeResult<IndexCopy> {
+    match kube.get_configmap(INDEX_NAME) {
+        Ok(cm) => Ok(IndexCopy {
+            entries: IndexEntry::parse_index(&cm).into_iter().collect(),
+            resource_version: cm["metadata"]["resourceVersion"].as_str().map(str::to_owned),
+        }),
+        Err(KubeError::NotFound) => Ok(IndexCopy {
+            entries: BTreeSet::new(),
+            resource_version: None,
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+impl Deleter for CleanupController {
+    fn volume_deleted(&self, id: &str, name: Option<&str>, deadline: Deadline) -> Result<()> {
+        let kube = self.kube.with_deadline(deadline);
+        let pv = self
+            .find_pv(&kube, id, name)
+            .map_err(|e| unavailable(id, "find the volume's PV", &e))?;
+        let deletion = self
+            .write_record(&kube, id, pv.as_deref().unwrap_or_default())
+            .map_err(|e| unavailable(id, "write cleanup record", &e))?;
+        // The record is what counts; an index that missed it is mended by the next pass.
+        let entry = IndexEntry {
+            deletion,
+            pending: true,
+        };
+        match self.update_index(&kube, |index| {
+            index.retain(|e| e.deletion.volume_id != id);
+            index.insert(entry.clone());
+        }) {
+            Ok(()) => self.complaints().cleared(id, "index"),
+            Err(e) => self.complaints().failed(id, "index", &e),
+        }
+        if let Some(pv) = &pv {
+            self.set_finalizer(&kube, pv, true)
+                .map_err(|e| unavailable(id, "add PV finalizer", &e))?;
+        }
+        info!(
+            "volume {id}: cleanup requested on every node (PV {})",
+            pv.as_deref().unwrap_or("unknown")
+        );
+        Ok(())
+    }
+
+    fn creation_blocked(&self, id: &str, deadline: Deadline) -> Result<bool> {
+        self.pending(id, deadline)
+    }
+}
