@@ -666,3 +666,47 @@ fn delete_volume_stops_at_the_callers_deadline() {
     assert_eq!(api.pv_finalizers("pvc-deadline").unwrap(), vec![FINALIZER.to_owned()]);
     assert!(ctl.log_text().contains("deadline passed"), "{}", ctl.log_text());
 }
+
+/// The controller reads the CSINodes and the nodes' objects a page at a time (500 a page): a node
+/// on the second page that has not finished holds the record, and its report releases it.
+#[test]
+fn acknowledgements_are_read_past_the_first_page() {
+    let api = api("pages");
+    let cfg = config(Duration::from_secs(600));
+    let id = volume_id("pvc-pages");
+    api.add_pv("pvc-pages", DRIVER, &id);
+    let ctl = CleanupController::new(api.client(NS), cfg);
+    delete(&ctl, &id).unwrap();
+    let deletion = cleanup::CleanupRecord::parse(&record(&api, &id).unwrap())
+        .unwrap()
+        .deletion;
+    let report = |i: usize| {
+        let acks = NodeAcks {
+            node: format!("node-{i:04}"),
+            done: [deletion.clone()].into(),
+        };
+        api.put_configmap(NS, acks.new_object(), "node-local-cache");
+    };
+    const NODES: usize = 1203;
+    for i in 0..NODES {
+        api.add_node(&format!("node-{i:04}"), DRIVER);
+        if i != NODES - 1 {
+            report(i);
+        }
+    }
+    api.clear_log();
+    ctl.poll_once().unwrap();
+    assert_eq!(state_of(&api, &id), "pending", "the last node has not finished");
+    let pages = |what: &str| {
+        api.requests()
+            .iter()
+            .filter(|(m, p)| m == "GET" && p.contains(what) && p.contains("limit=500"))
+            .count()
+    };
+    assert_eq!(pages("/csinodes"), 3);
+    assert_eq!(pages("cleanup-node"), 3);
+    report(NODES - 1);
+    ctl.poll_once().unwrap();
+    assert_eq!(state_of(&api, &id), "complete");
+    assert_eq!(api.pv_finalizers("pvc-pages").unwrap(), Vec::<String>::new());
+}

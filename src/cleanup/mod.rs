@@ -92,7 +92,7 @@ impl Complaints {
             } else {
                 format!("volume {subject}: ")
             };
-            warn!("{what}cleanup {reason} failed: {text} (logged again only if it changes)");
+            warn!("{what}cleanup step {reason:?} failed: {text} (retried every poll; logged again only if the error changes)");
             self.last.insert(key, text);
         }
     }
