@@ -55,7 +55,7 @@ sync
 echo "made in $(($(date +%s) - started))s"
 bytes=$(du -sB1 "$copy" | cut -f1)
 # 90 % of the capacity is the low-water mark: a capacity of 99 % of the copy trims about 11 %.
-capacity=$((bytes / 100 * 99))
+capacity=$((bytes * 99 / 100))
 
 start() {
     env -u KUBERNETES_SERVICE_HOST "$driver" --mode=node --node-name=bench --base-dir="$work/base" \

@@ -193,7 +193,7 @@ unpublish pvc-small
 wait_log "volume ${ids[pvc-small]}: trimmed"
 grep "volume ${ids[pvc-small]}: trimmed" "$work/node.log" | sed 's/^/    /'
 note "\$ ls $work/base/${ids[pvc-small]}"
-note "$(ls "$work/base/${ids[pvc-small]}" | tr '\n' ' ')"
+note "$(find "$work/base/${ids[pvc-small]}" -type f -printf '%f\n' | sort | tr '\n' ' ')"
 
 step "Pods use three more caches and go away, one after the other: 12 MiB each"
 for pvc in pvc-oldest pvc-middle pvc-newest; do
