@@ -38,24 +38,24 @@ pub trait Deleter: Send + Sync {
     }
 }
 
-struct Record {
+struct VolumeRecord {
     name: String,
     capacity: i64,
     eviction: Policy,
 }
 
 #[derive(Clone)]
-pub struct Controller {
+pub struct ControllerService {
     rpc: Rpc,
     /// Capacity per created volume, to tell a repeated CreateVolume from a conflicting one.
     /// Lost on restart, which only makes the next repeat accept its new capacity.
-    volumes: Arc<Mutex<HashMap<String, Record>>>,
+    volumes: Arc<Mutex<HashMap<String, VolumeRecord>>>,
     deleter: Option<Arc<dyn Deleter>>,
 }
 
-impl Controller {
-    pub fn new(rpc: Rpc, deleter: Option<Arc<dyn Deleter>>) -> Controller {
-        let c = Controller {
+impl ControllerService {
+    pub fn new(rpc: Rpc, deleter: Option<Arc<dyn Deleter>>) -> ControllerService {
+        let c = ControllerService {
             rpc,
             volumes: Arc::default(),
             deleter,
@@ -151,7 +151,7 @@ impl Controller {
         let mut volumes = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
         volumes.insert(
             id.clone(),
-            Record {
+            VolumeRecord {
                 name: req.name.clone(),
                 capacity,
                 eviction: policy,
@@ -262,7 +262,7 @@ fn caller_deadline(ctx: &RpcContext) -> Deadline {
     Deadline::probe(move || d.exceeded())
 }
 
-impl grpc::Controller for Controller {
+impl grpc::Controller for ControllerService {
     fn create_volume(&mut self, ctx: RpcContext, req: CreateVolumeRequest, sink: UnarySink<CreateVolumeResponse>) {
         let this = self.clone();
         let deadline = caller_deadline(&ctx);
@@ -292,7 +292,7 @@ impl grpc::Controller for Controller {
         sink: UnarySink<ValidateVolumeCapabilitiesResponse>,
     ) {
         self.rpc.inline("ValidateVolumeCapabilities", req, sink, |req| {
-            Controller::validate(&req)
+            ControllerService::validate(&req)
         });
     }
 
@@ -303,7 +303,7 @@ impl grpc::Controller for Controller {
         sink: UnarySink<ControllerGetCapabilitiesResponse>,
     ) {
         self.rpc.inline("ControllerGetCapabilities", req, sink, |_| {
-            Ok(Controller::capabilities())
+            Ok(ControllerService::capabilities())
         });
     }
 }

@@ -727,7 +727,9 @@ impl Evictor {
             .filter(|n| volume::check_id(n).is_ok())
             .collect();
         for id in names {
-            let Some(_guard) = self.inflight.lock_volume(&id, None) else {
+            // Yielding, so a publish that arrives meanwhile waits the moment this takes instead
+            // of being refused.
+            let Some(_guard) = self.inflight.lock_volume_yielding(&id) else {
                 continue;
             };
             if matches!(

@@ -19,15 +19,15 @@ use crate::server::Rpc;
 pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
 
 #[derive(Clone)]
-pub struct Identity {
+pub struct IdentityService {
     cfg: Arc<Config>,
     rpc: Rpc,
     ready: Readiness,
 }
 
-impl Identity {
-    pub fn new(cfg: Arc<Config>, rpc: Rpc, ready: Readiness) -> Identity {
-        Identity { cfg, rpc, ready }
+impl IdentityService {
+    pub fn new(cfg: Arc<Config>, rpc: Rpc, ready: Readiness) -> IdentityService {
+        IdentityService { cfg, rpc, ready }
     }
 
     fn info(&self) -> GetPluginInfoResponse {
@@ -65,7 +65,7 @@ impl Identity {
     }
 }
 
-impl grpc::Identity for Identity {
+impl grpc::Identity for IdentityService {
     fn get_plugin_info(&mut self, _: RpcContext, req: GetPluginInfoRequest, sink: UnarySink<GetPluginInfoResponse>) {
         self.rpc.inline("GetPluginInfo", req, sink, |_| Ok(self.info()));
     }
@@ -76,8 +76,9 @@ impl grpc::Identity for Identity {
         req: GetPluginCapabilitiesRequest,
         sink: UnarySink<GetPluginCapabilitiesResponse>,
     ) {
-        self.rpc
-            .inline("GetPluginCapabilities", req, sink, |_| Ok(Identity::capabilities()));
+        self.rpc.inline("GetPluginCapabilities", req, sink, |_| {
+            Ok(IdentityService::capabilities())
+        });
     }
 
     fn probe(&mut self, _: RpcContext, req: ProbeRequest, sink: UnarySink<ProbeResponse>) {

@@ -9,13 +9,13 @@ use nix::sys::signal::{SigSet, Signal};
 
 use node_local_cache::cleanup::{CleanupConfig, CleanupController, NodeCleaner};
 use node_local_cache::config::{Config, Flags, Mode};
-use node_local_cache::controller::{Controller, Deleter};
+use node_local_cache::controller::{ControllerService, Deleter};
 use node_local_cache::eviction::Evictor;
-use node_local_cache::identity::{Identity, Readiness};
+use node_local_cache::identity::{IdentityService, Readiness};
 use node_local_cache::inflight::InFlight;
 use node_local_cache::kube::{self, KubeConfig, KubeFlags};
 use node_local_cache::logging::{self, LogFormat};
-use node_local_cache::node::{Node, NodeState};
+use node_local_cache::node::{NodeService, NodeState};
 use node_local_cache::proto::grpc;
 use node_local_cache::server::{self, Rpc};
 use node_local_cache::{memory, metrics};
@@ -49,7 +49,7 @@ fn node_services(
         error!("cannot start the eviction thread: {e}; copies are not held to their limits");
     }
     let ready: Readiness = Arc::new(move || probe_state.ready());
-    (ready, grpc::create_node(Node::new(state, rpc.clone())))
+    (ready, grpc::create_node(NodeService::new(state, rpc.clone())))
 }
 
 /// The controller: the Controller service, and the cleanup protocol's controller side.
@@ -60,7 +60,10 @@ fn controller_services(rpc: &Rpc, kube: Option<kube::Client>, cleanup_cfg: Clean
         c as Arc<dyn Deleter>
     });
     let ready: Readiness = Arc::new(|| true);
-    (ready, grpc::create_controller(Controller::new(rpc.clone(), deleter)))
+    (
+        ready,
+        grpc::create_controller(ControllerService::new(rpc.clone(), deleter)),
+    )
 }
 
 fn main() -> ExitCode {
@@ -121,7 +124,7 @@ fn main() -> ExitCode {
         Mode::Node => node_services(&cfg, &rpc, kube, cleanup_cfg),
         Mode::Controller => controller_services(&rpc, kube, cleanup_cfg),
     };
-    let identity = grpc::create_identity(Identity::new(cfg.clone(), rpc.clone(), ready.clone()));
+    let identity = grpc::create_identity(IdentityService::new(cfg.clone(), rpc.clone(), ready.clone()));
 
     if !flags.metrics_addr.is_empty() {
         metrics::set_ready(move || ready());

@@ -750,14 +750,14 @@ impl NodeState {
 }
 
 #[derive(Clone)]
-pub struct Node {
+pub struct NodeService {
     state: Arc<NodeState>,
     rpc: Rpc,
 }
 
-impl Node {
-    pub fn new(state: Arc<NodeState>, rpc: Rpc) -> Node {
-        Node { state, rpc }
+impl NodeService {
+    pub fn new(state: Arc<NodeState>, rpc: Rpc) -> NodeService {
+        NodeService { state, rpc }
     }
 
     fn capabilities() -> NodeGetCapabilitiesResponse {
@@ -773,7 +773,7 @@ impl Node {
     }
 }
 
-impl grpc::Node for Node {
+impl grpc::Node for NodeService {
     fn node_publish_volume(
         &mut self,
         _: RpcContext,
@@ -820,7 +820,7 @@ impl grpc::Node for Node {
         sink: UnarySink<NodeGetCapabilitiesResponse>,
     ) {
         self.rpc
-            .inline("NodeGetCapabilities", req, sink, |_| Ok(Node::capabilities()));
+            .inline("NodeGetCapabilities", req, sink, |_| Ok(NodeService::capabilities()));
     }
 
     fn node_get_info(&mut self, _: RpcContext, req: NodeGetInfoRequest, sink: UnarySink<NodeGetInfoResponse>) {

@@ -14,7 +14,7 @@ use fake_apiserver::FakeApi;
 use grpcio::RpcStatusCode;
 use node_local_cache::cleanup::{self, CleanupConfig, CleanupController, NodeAcks, NodeCleaner, FINALIZER};
 use node_local_cache::config::{Config, Mode};
-use node_local_cache::controller::{Controller, Deleter};
+use node_local_cache::controller::{ControllerService, Deleter};
 use node_local_cache::inflight::InFlight;
 use node_local_cache::node::NodeState;
 use node_local_cache::proto::csi;
@@ -96,21 +96,6 @@ fn state_of(api: &FakeApi, id: &str) -> String {
         .unwrap_or_else(|| "gone".into())
 }
 
-/// The nodes whose own object lists a finished deletion of `id`, sorted.
-fn acked_by(api: &FakeApi, id: &str) -> Vec<String> {
-    let mut nodes: Vec<String> = api.with(|s| {
-        s.objects
-            .iter()
-            .filter(|(k, _)| k.starts_with(&format!("configmaps/{NS}/nlc-node-")))
-            .filter_map(|(_, cm)| NodeAcks::parse(cm))
-            .filter(|a| a.done.iter().any(|d| d.volume_id == id))
-            .map(|a| a.node)
-            .collect()
-    });
-    nodes.sort();
-    nodes
-}
-
 /// What the previous version stored as data keys of a record: its acknowledgements included.
 fn data_keys(api: &FakeApi, id: &str) -> Vec<String> {
     let mut keys: Vec<String> = record(api, id)
@@ -160,7 +145,7 @@ fn deleted_volume_is_wiped_on_every_node_and_released() {
         assert_eq!(n.poll(), 1);
         assert!(!n.has(&id), "{} still has the volume", n.name);
     }
-    assert_eq!(acked_by(&api, &id), vec!["node-0", "node-1", "node-2"]);
+    assert_eq!(api.nodes_done(NS, &id), vec!["node-0", "node-1", "node-2"]);
     assert_eq!(
         data_keys(&api, &id),
         vec!["pv", "requestedAt", "volumeId"],
@@ -225,7 +210,7 @@ fn rapid_create_delete_create_keeps_the_new_volume() {
     let mut a = SimNode::new(&api, "node-a", &cfg);
     let mut b = SimNode::new(&api, "node-b", &cfg);
     let ctl = CleanupController::new(api.client(NS), cfg.clone());
-    let controller = Controller::new(Rpc::new(1, 8), Some(ctl.clone() as Arc<dyn Deleter>));
+    let controller = ControllerService::new(Rpc::new(1, 8), Some(ctl.clone() as Arc<dyn Deleter>));
     let none = Deadline::none();
 
     let id = controller
@@ -392,11 +377,11 @@ fn a_mounted_volume_waits_until_unmounted() {
         b"x",
         "data in use is never deleted"
     );
-    assert!(acked_by(&api, &id).is_empty(), "no ack while mounted");
+    assert!(api.nodes_done(NS, &id).is_empty(), "no ack while mounted");
     n.state.unpublish(&unpublish_req(&id, &target)).unwrap();
     assert_eq!(n.poll(), 1);
     assert!(!n.has(&id));
-    assert_eq!(acked_by(&api, &id), vec!["node-0"]);
+    assert_eq!(api.nodes_done(NS, &id), vec!["node-0"]);
     n.tree.assert_no_mounts();
 }
 
@@ -588,7 +573,7 @@ fn a_record_written_by_the_previous_version_is_still_cleaned_up() {
     // New node, no index yet (the controller is still the old one): it reads the records.
     assert_eq!(fresh.poll(), 2);
     assert!(!fresh.has(&pending) && !fresh.has(&tombstone));
-    assert_eq!(acked_by(&api, &pending), vec!["node-new"]);
+    assert_eq!(api.nodes_done(NS, &pending), vec!["node-new"]);
     // New controller: node-old's legacy key and node-new's object make everyone.
     let ctl = CleanupController::new(api.client(NS), cfg);
     ctl.poll_once().unwrap();

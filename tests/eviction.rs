@@ -331,13 +331,15 @@ fn a_publish_racing_an_eviction_sees_the_whole_old_copy_or_an_empty_one() {
 
 #[test]
 fn a_trim_stops_for_a_publish_of_its_volume() {
-    let (n, mut evictor) = node("yield", 256 * 1024, |_| {});
+    let (n, mut evictor) = node("yield", 512 * 1024, |_| {});
     let id = volume_id("pvc-yield");
     let copy = n.idle_copy(&id, lru(4 * KIB), 100);
-    for d in 0..50u32 {
-        let dir = copy.join(format!("d{d:02}"));
+    // Enough files that the trim lasts far longer than this thread can be kept off a busy CPU:
+    // the publish below must find it under way.
+    for d in 0..80u32 {
+        let dir = copy.join(format!("d{d:03}"));
         fs::create_dir(&dir).unwrap();
-        for i in 0..300u32 {
+        for i in 0..500u32 {
             fs::write(dir.join(format!("f{i:03}")), b"x").unwrap();
         }
     }

@@ -20,7 +20,7 @@ use common::*;
 use fake_apiserver::FakeApi;
 use grpcio::{CallOption, RpcStatusCode};
 use nix::fcntl::{renameat2, RenameFlags};
-use node_local_cache::cleanup::{self, CleanupConfig, CleanupController, NodeAcks, NodeCleaner, FINALIZER};
+use node_local_cache::cleanup::{self, CleanupConfig, CleanupController, NodeCleaner, FINALIZER};
 use node_local_cache::config::{Config, Mode};
 use node_local_cache::controller::Deleter;
 use node_local_cache::inflight::InFlight;
@@ -838,19 +838,6 @@ fn cleanup_config(node: &str) -> CleanupConfig {
     c
 }
 
-/// The nodes whose own cleanup object lists `id` as finished.
-fn record_acks(api: &FakeApi, id: &str) -> Vec<String> {
-    api.with(|s| {
-        s.objects
-            .iter()
-            .filter(|(k, _)| k.starts_with(&format!("configmaps/{NS}/nlc-node-")))
-            .filter_map(|(_, cm)| NodeAcks::parse(cm))
-            .filter(|a| a.done.iter().any(|d| d.volume_id == id))
-            .map(|a| a.node)
-            .collect()
-    })
-}
-
 fn record_state(api: &FakeApi, id: &str) -> String {
     api.object(&format!("configmaps/{NS}/{}", cleanup::record_name(id)))
         .and_then(|r| r["metadata"]["labels"][cleanup::LABEL].as_str().map(str::to_owned))
@@ -910,7 +897,7 @@ fn expired_token_stops_cleanup_until_the_file_is_rotated() {
     }
     let refused = api.requests().len();
     assert!(refused >= 2 * FAILED_POLLS, "the polls reached the server: {refused}");
-    assert!(record_acks(&api, &gone).is_empty());
+    assert!(api.nodes_done(NS, &gone).is_empty());
     assert_eq!(record_state(&api, &gone), "pending");
     assert_eq!(
         api.pv_finalizers("pvc-expiry").unwrap_or_default(),
@@ -922,7 +909,7 @@ fn expired_token_stops_cleanup_until_the_file_is_rotated() {
     api.rotate_token("token-2");
     assert_eq!(node.poll_once().unwrap(), 1);
     assert!(!tree.base().join(&gone).exists());
-    assert_eq!(record_acks(&api, &gone), vec!["node-0".to_owned()]);
+    assert_eq!(api.nodes_done(NS, &gone), vec!["node-0".to_owned()]);
     ctl.poll_once().unwrap();
     assert_eq!(record_state(&api, &gone), "complete");
     assert!(

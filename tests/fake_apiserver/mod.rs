@@ -226,6 +226,22 @@ impl FakeApi {
         })
     }
 
+    /// The nodes whose own cleanup object in `namespace` lists a finished deletion of `id`, sorted.
+    pub fn nodes_done(&self, namespace: &str, id: &str) -> Vec<String> {
+        let prefix = format!("configmaps/{namespace}/nlc-node-");
+        let mut nodes: Vec<String> = self.with(|s| {
+            s.objects
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .filter_map(|(_, cm)| node_local_cache::cleanup::NodeAcks::parse(cm))
+                .filter(|a| a.done.iter().any(|d| d.volume_id == id))
+                .map(|a| a.node)
+                .collect()
+        });
+        nodes.sort();
+        nodes
+    }
+
     pub fn rotate_token(&self, token: &str) {
         std::fs::write(&self.token_file, format!("{token}\n")).unwrap();
         self.with(|s| s.token = token.to_owned());
