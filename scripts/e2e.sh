@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Kubernetes' external storage e2e suite (focus External.Storage) against node-local-cache, as
-# test/e2e/testdriver.yaml declares it, on the kind cluster `scripts/smoke.sh --keep` leaves
+# deploy/testing/testdriver.yaml declares it, on the kind cluster `scripts/smoke.sh --keep` leaves
 # (the driver installed, the current kubectl context pointing at it).
 #
 #   scripts/e2e.sh BIN_DIR    BIN_DIR holds e2e.test and ginkgo, from the Kubernetes release's
@@ -36,7 +36,7 @@ skip_re="$(
 
 "$bin/ginkgo" --procs=4 --timeout=2h --focus='External.Storage' --skip="$skip_re" \
     "$bin/e2e.test" -- \
-    -storage.testdriver="$repo/test/e2e/testdriver.yaml" \
+    -storage.testdriver="$repo/deploy/testing/testdriver.yaml" \
     -kubeconfig="${KUBECONFIG:-$HOME/.kube/config}" \
     -report-dir="$report"
 echo "e2e reports in $report"

@@ -195,9 +195,9 @@ surge = ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"]
 if surge != "10%":
     errors.append(f"DaemonSet maxUnavailable {surge!r}, want '10%'")
 drv = next(d for d in docs if d["kind"] == "CSIDriver")
-td = yaml.safe_load(open("test/e2e/testdriver.yaml"))
+td = yaml.safe_load(open("deploy/testing/testdriver.yaml"))
 if td["DriverInfo"]["Capabilities"]["fsGroup"] != (drv["spec"]["fsGroupPolicy"] != "None"):
-    errors.append("test/e2e/testdriver.yaml's fsGroup capability disagrees with fsGroupPolicy")
+    errors.append("deploy/testing/testdriver.yaml's fsGroup capability disagrees with fsGroupPolicy")
 sys.exit("\n".join(errors) or None)
 PY
 }
@@ -288,7 +288,7 @@ check "image owner set once; tag, Cargo.toml and CHANGELOG.md agree" owner_and_v
 testdriver_valid() {
     python3 - <<'PY'
 import re, sys, yaml
-td = yaml.safe_load(open("test/e2e/testdriver.yaml"))
+td = yaml.safe_load(open("deploy/testing/testdriver.yaml"))
 errors = []
 known = {"StorageClass", "SnapshotClass", "InlineVolumes", "DriverInfo", "ClientNodeName", "Timeouts"}
 errors += [f"unknown top-level field {k}" for k in td if k not in known]
@@ -309,7 +309,7 @@ if "should concurrently access the single volume from pods on different node" no
 sys.exit("\n".join(errors) or None)
 PY
 }
-check "test/e2e/testdriver.yaml: valid, consistent with deploy/ and scripts/" testdriver_valid
+check "deploy/testing/testdriver.yaml: valid, consistent with deploy/ and scripts/" testdriver_valid
 
 # ---- dependencies ----
 
