@@ -7,7 +7,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
 use grpcio::{RpcContext, UnarySink};
 use log::{debug, info, warn};
@@ -17,7 +17,7 @@ use nix::sys::stat::Mode;
 use crate::config::{Config, DataOnUnpublish};
 use crate::error::{Error, Result};
 use crate::eviction;
-use crate::inflight::{InFlight, TargetGuard};
+use crate::inflight::InFlight;
 use crate::metrics;
 use crate::mounts::{self, BindSource, Binding};
 use crate::proto::csi::node_service_capability::rpc::Type as NodeRpc;
@@ -32,6 +32,11 @@ use crate::proto::grpc;
 use crate::safedir::{self, Usage};
 use crate::server::Rpc;
 use crate::volume;
+
+mod store;
+
+pub use store::VolumeMeta;
+use store::META_DIR;
 
 /// Volume dirs are open to the pod's user; the base dir (0700) keeps other host users out.
 const VOLUME_DIR_MODE: u32 = 0o777;
@@ -53,17 +58,8 @@ pub struct NodeState {
     kubelet_real: std::sync::OnceLock<PathBuf>,
 }
 
-/// What a node records beside each volume dir it creates (in `<base-dir>/.meta/<id>`, out of the
-/// pods' sight): when, and for which CreateVolume name (the PV name under csi-provisioner).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeMeta {
-    pub created: SystemTime,
-    pub name: String,
-}
-
 /// The volume_context key CreateVolume fills with its name, so nodes learn the PV name.
 pub const CONTEXT_NAME: &str = "node-local-cache.csi.io/name";
-const META_DIR: &str = ".meta";
 
 /// The base dir, opened without following a symlink at its last component.
 struct Base {
@@ -511,115 +507,6 @@ impl NodeState {
         Ok(())
     }
 
-    /// Deletes this node's copy of a volume unless it is in use (mounted anywhere, or another
-    /// call on the volume is under way). Returns whether the data is gone.
-    pub fn delete_data(&self, id: &str, holding: Option<&TargetGuard>) -> Result<bool> {
-        let Some(_whole) = self.inflight.lock_volume(id, holding) else {
-            debug!("volume {id}: busy; data kept for now");
-            return Ok(false);
-        };
-        let base = self.open_base(id)?;
-        let vol_path = base.real.join(id);
-        let holding = Self::mounts_where(id, &vol_path, |m| vol_path.starts_with(&m.mount_point))?;
-        let source = Self::bind_source(&holding, &vol_path, id)?;
-        if let Some(m) = Self::mounts_where(id, &vol_path, |m| source.shown_by(m))?.first() {
-            debug!("volume {id}: still mounted at {}; data kept", m.mount_point.display());
-            return Ok(false);
-        }
-        let started = Instant::now();
-        let existed = safedir::open_child(base.fd.as_fd(), OsStr::new(id)).is_ok();
-        safedir::remove_tree(base.fd.as_fd(), OsStr::new(id))
-            .map_err(|e| Error::sys("delete volume data", id, vol_path.join(&e.at), e.errno))?;
-        self.usage_cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-        if let Ok(meta_dir) = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)) {
-            let _ = nix::unistd::unlinkat(meta_dir.as_fd(), id, nix::unistd::UnlinkatFlags::NoRemoveDir);
-        }
-        if existed {
-            metrics::CLEANUP_DURATION.observe(started.elapsed());
-            metrics::VOLUME_DELETE_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            info!(
-                "volume {id}: data deleted from {} in {:.1}ms",
-                vol_path.display(),
-                started.elapsed().as_secs_f64() * 1e3
-            );
-        }
-        Ok(true)
-    }
-
-    fn write_meta(&self, base: &Base, id: &str, name: &str) -> std::result::Result<(), Errno> {
-        use nix::fcntl::OFlag;
-        use std::io::Write;
-        let (dir, _) = safedir::ensure_child(
-            base.fd.as_fd(),
-            OsStr::new(META_DIR),
-            Mode::from_bits_truncate(BASE_DIR_MODE),
-        )?;
-        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let fd = nix::fcntl::openat(dir.as_fd(), id, flags, Mode::from_bits_truncate(0o600))?;
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        let text = serde_json::json!({ "createdMs": created as u64, "name": name }).to_string();
-        std::fs::File::from(fd)
-            .write_all(text.as_bytes())
-            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
-    }
-
-    /// The record written when this node created the volume dir, if any.
-    pub fn meta(&self, id: &str) -> Option<VolumeMeta> {
-        use std::io::Read;
-        let base = self.open_base(id).ok()?;
-        let dir = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)).ok()?;
-        let fd = nix::fcntl::openat(
-            dir.as_fd(),
-            id,
-            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NOFOLLOW,
-            Mode::empty(),
-        )
-        .ok()?;
-        let mut text = String::new();
-        std::fs::File::from(fd).take(4096).read_to_string(&mut text).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        Some(VolumeMeta {
-            created: UNIX_EPOCH + std::time::Duration::from_millis(v["createdMs"].as_u64()?),
-            name: v["name"].as_str().unwrap_or_default().to_owned(),
-        })
-    }
-
-    /// Volume ids with a dir in the base dir.
-    pub fn local_volumes(&self) -> Result<Vec<String>> {
-        let base = self.open_base("")?;
-        let mut dir =
-            nix::dir::Dir::from_fd(base.fd).map_err(|e| Error::sys("read base dir", "", &self.cfg.base_dir, e))?;
-        let mut ids = Vec::new();
-        for entry in dir.iter() {
-            let entry = entry.map_err(|e| Error::sys("read base dir", "", &self.cfg.base_dir, e))?;
-            if let Ok(name) = entry.file_name().to_str() {
-                if volume::check_id(name).is_ok() {
-                    ids.push(name.to_owned());
-                }
-            }
-        }
-        ids.sort();
-        Ok(ids)
-    }
-
-    /// Whether this node holds a dir for `id`.
-    pub fn has_volume(&self, id: &str) -> bool {
-        self.open_base(id)
-            .is_ok_and(|b| safedir::open_child(b.fd.as_fd(), OsStr::new(id)).is_ok())
-    }
-
-    /// The cleanup poller's view of deleted volumes, replaced whole on every poll.
-    pub fn set_deleted(&self, deleted: HashMap<String, SystemTime>) {
-        *self.deleted.lock().unwrap_or_else(|p| p.into_inner()) = deleted;
-    }
-
-    fn deleted_at(&self, id: &str) -> Option<SystemTime> {
-        self.deleted.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied()
-    }
-
     pub fn stats(&self, req: &NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse> {
         let id = req.volume_id.as_str();
         volume::check_id_at(id, &req.volume_path)?;
@@ -715,22 +602,6 @@ impl NodeState {
                 .insert(id.to_owned(), (Instant::now(), u));
         }
         Ok(u)
-    }
-
-    /// Drops a volume's cached usage (its copy was trimmed).
-    pub fn forget_usage(&self, id: &str) {
-        self.usage_cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-    }
-
-    /// Forgets a copy that eviction took away, so the next publish starts afresh, as on a node
-    /// that never had it.
-    pub fn forget_copy(&self, id: &str) {
-        self.forget_usage(id);
-        if let Ok(base) = self.open_base(id) {
-            if let Ok(meta_dir) = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)) {
-                let _ = nix::unistd::unlinkat(meta_dir.as_fd(), id, nix::unistd::UnlinkatFlags::NoRemoveDir);
-            }
-        }
     }
 
     /// Volumes bind-mounted on this node now (the `active_volumes` gauge).
