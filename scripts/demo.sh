@@ -10,74 +10,11 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "demo.sh: run as root (the node plugins bind-mount): sudo $0" >&2
-    exit 2
-fi
-for tool in cargo cmake unshare mountpoint; do
-    if ! command -v "$tool" >/dev/null; then
-        echo "demo.sh: $tool is missing (cargo from rustup; cmake and util-linux from your distribution)" >&2
-        exit 2
-    fi
-done
-
-# A private mount namespace: the bind mounts the node plugins make stay in it and vanish with it,
-# even if this script is killed before its trap runs.
-if [ -z "${NLC_DEMO_IN_NAMESPACE:-}" ]; then
-    NLC_DEMO_IN_NAMESPACE=1 exec unshare --mount --propagation private "$BASH" "$0" "$@"
-fi
-
-# Bold headings and a coloured verdict on a terminal only, so a saved log stays plain text.
-if [ -t 1 ]; then
-    b=$'\033[1m' red=$'\033[1;31m' green=$'\033[1;32m' off=$'\033[0m'
-else
-    b='' red='' green='' off=''
-fi
-bold() { printf '\n%s%s%s\n' "$b" "$*" "$off"; }
-note() { printf '    %s\n' "$*"; }
-
-bold "==> cargo build --release"
-(cd "$repo" && cargo build --release)
-bin_dir="${CARGO_TARGET_DIR:-$repo/target}/release"
-driver="$bin_dir/node-local-cache"
-client="$bin_dir/csi-client"
-
-work="$(mktemp -d /tmp/nlc-demo.XXXXXX)"
-work="$(cd "$work" && pwd -P)"
-pids=()
-current_step="setup"
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    # Deepest mount first; lazy, so a busy one cannot keep the temp dir alive.
-    awk -v root="$work/" 'index($5, root) == 1 { print length($5), $5 }' /proc/self/mountinfo |
-        sort -rn | cut -d' ' -f2- | while read -r mnt; do umount -l "$mnt" 2>/dev/null || true; done
-    if [ "$status" -ne 0 ]; then
-        printf '\n%sFAILED%s at: %s\n' "$red" "$off" "$current_step" >&2
-        for log in "$work"/*.log; do
-            [ -e "$log" ] || continue
-            echo "--- last lines of $(basename "$log")" >&2
-            tail -n 15 "$log" >&2
-        done
-    fi
-    rm -rf "$work"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-step() {
-    current_step="$*"
-    bold "==> $*"
-}
+demo_name=demo
+demo_tools=(cargo cmake unshare mountpoint)
+# shellcheck source=scripts/demo-lib.sh
+source "$repo/scripts/demo-lib.sh"
+demo_setup "$@"
 
 # csi-client against one socket; echoes the command so each step can be repeated by hand.
 csi() {
