@@ -228,11 +228,6 @@ pub fn record_kube(verb: &str, status: u16) {
     KUBE_COUNTS[v][c].fetch_add(1, Ordering::Relaxed);
 }
 
-/// Total Kubernetes API requests recorded (for the load model and tests).
-pub fn kube_requests_total() -> u64 {
-    KUBE_COUNTS.iter().flatten().map(|c| c.load(Ordering::Relaxed)).sum()
-}
-
 type Gauge = Box<dyn Fn() -> u64 + Send + Sync>;
 static ACTIVE_VOLUMES: OnceLock<Gauge> = OnceLock::new();
 
