@@ -7,7 +7,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use grpcio::{RpcContext, UnarySink};
 use log::{debug, info, warn};
@@ -44,6 +44,8 @@ const BASE_DIR_MODE: u32 = 0o700;
 const TARGET_DIR_MODE: u32 = 0o750;
 /// Unmounts tried on one target in one unpublish (a crash may have stacked mounts there).
 const MAX_STACKED: usize = 16;
+/// Extra unmount attempts while a target is busy (5, 10, 20, 40 ms apart).
+const BUSY_RETRIES: usize = 4;
 
 pub struct NodeState {
     cfg: Arc<Config>,
@@ -423,6 +425,24 @@ impl NodeState {
         Ok(())
     }
 
+    /// Unmounts, trying again for a moment while the mount is busy: a process that forks while
+    /// it has a file open in the volume keeps the mount busy until the child execs or exits,
+    /// and a container's last processes may still be exiting. Busy after that is for the caller
+    /// to retry.
+    fn unmount_when_free(path: &Path) -> std::result::Result<(), Errno> {
+        let mut wait = Duration::from_millis(5);
+        for _ in 0..BUSY_RETRIES {
+            match mounts::unmount(path) {
+                Err(Errno::EBUSY) => {
+                    std::thread::sleep(wait);
+                    wait *= 2;
+                }
+                other => return other,
+            }
+        }
+        mounts::unmount(path)
+    }
+
     pub fn unpublish(&self, req: &NodeUnpublishVolumeRequest) -> Result<()> {
         let id = req.volume_id.as_str();
         volume::check_id_at(id, &req.target_path)?;
@@ -463,9 +483,18 @@ impl NodeState {
                     Errno::EBUSY,
                 ));
             }
-            match mounts::unmount(&t.real) {
+            match Self::unmount_when_free(&t.real) {
                 // EINVAL: no longer a mount point; someone else unmounted it first.
                 Ok(()) | Err(Errno::EINVAL) => unmounted += 1,
+                Err(Errno::EBUSY) => {
+                    return Err(Error::Unavailable {
+                        volume: id.to_owned(),
+                        reason: format!(
+                            "path {}: cannot unmount yet: something still has a file or directory open in it; retry",
+                            target.display()
+                        ),
+                    })
+                }
                 Err(e) => return Err(Error::sys("unmount", id, &target, e)),
             }
         }

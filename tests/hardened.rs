@@ -245,3 +245,25 @@ fn a_network_namespace_mount_does_not_break_the_mount_table() {
     let log = d.log_text();
     assert!(!log.contains("Invalid argument"), "{log}");
 }
+
+/// A target something still has a file open in (a container's last process exiting, or any
+/// process that forked while it had the file open) cannot be unmounted yet: that is for kubelet
+/// to retry, so UNAVAILABLE, never FAILED_PRECONDITION; once the file is closed it unpublishes.
+#[test]
+fn a_busy_target_answers_unavailable_until_it_is_free() {
+    let tree = Tree::new("busy");
+    let d = Driver::node(&tree, "node-a", &[]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-busy");
+    let target = tree.target("pod");
+    n.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
+    let open = fs::File::create(target.join("held-open")).unwrap();
+    let (c, msg) = code(n.node_unpublish_volume(&unpublish_req(&vol, &target)));
+    assert_eq!(c, RpcStatusCode::UNAVAILABLE, "{msg}");
+    assert!(msg.contains(&vol) && msg.contains(target.to_str().unwrap()), "{msg}");
+    assert_eq!(mounted_at(&target), 1, "still mounted, nothing lost");
+    drop(open);
+    n.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
+    assert_eq!(mounted_at(&target), 0);
+    assert!(tree.base().join(&vol).join("held-open").exists(), "data kept");
+}
