@@ -142,18 +142,7 @@ fn millis(t: SystemTime) -> u64 {
 }
 
 pub fn read_record(base: BorrowedFd<'_>, id: &str) -> Option<CopyRecord> {
-    use std::io::Read;
-    let dir = safedir::open_child(base, OsStr::new(RECORD_DIR)).ok()?;
-    let fd = openat(
-        dir.as_fd(),
-        id,
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
-    let mut text = String::new();
-    std::fs::File::from(fd).take(4096).read_to_string(&mut text).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let v = safedir::read_json_record(base, OsStr::new(RECORD_DIR), id)?;
     Some(CopyRecord {
         limits: Limits {
             capacity: v["capacityBytes"].as_u64().unwrap_or(0),

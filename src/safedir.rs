@@ -33,6 +33,23 @@ pub fn open_child(parent: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd, Errno
     openat(parent, name, DIR_FLAGS | OFlag::O_NOFOLLOW, Mode::empty())
 }
 
+/// A small JSON record the driver keeps beside the copies, `<dir>/<subdir>/<name>`: `None` when
+/// it is missing, a symlink, not JSON, or cut off at 4 KiB (none of ours is that large).
+pub fn read_json_record(dir: BorrowedFd<'_>, subdir: &OsStr, name: &str) -> Option<serde_json::Value> {
+    use std::io::Read;
+    let sub = open_child(dir, subdir).ok()?;
+    let fd = openat(
+        sub.as_fd(),
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut text = String::new();
+    std::fs::File::from(fd).take(4096).read_to_string(&mut text).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
 /// Opens `name` inside `parent`, creating it with exactly `mode` (umask aside) if it is missing.
 /// Returns the handle and whether this call created the directory.
 pub fn ensure_child(parent: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> Result<(OwnedFd, bool), Errno> {

@@ -87,19 +87,8 @@ impl NodeState {
 
     /// The record written when this node created the volume dir, if any.
     pub fn meta(&self, id: &str) -> Option<VolumeMeta> {
-        use std::io::Read;
         let base = self.open_base(id).ok()?;
-        let dir = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)).ok()?;
-        let fd = nix::fcntl::openat(
-            dir.as_fd(),
-            id,
-            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NOFOLLOW,
-            Mode::empty(),
-        )
-        .ok()?;
-        let mut text = String::new();
-        std::fs::File::from(fd).take(4096).read_to_string(&mut text).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let v = safedir::read_json_record(base.fd.as_fd(), OsStr::new(META_DIR), id)?;
         Some(VolumeMeta {
             created: UNIX_EPOCH + std::time::Duration::from_millis(v["createdMs"].as_u64()?),
             name: v["name"].as_str().unwrap_or_default().to_owned(),
