@@ -16,7 +16,8 @@ use log::{debug, info, warn};
 use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat2, AtFlags, OFlag, RenameFlags};
-use nix::sys::stat::{fstatat, Mode};
+use nix::sys::stat::{fstatat, utimensat, Mode, UtimensatFlags};
+use nix::sys::time::TimeSpec;
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use crate::error::{Error, Result};
@@ -126,20 +127,16 @@ impl Limits {
     }
 }
 
-/// What a node keeps about one copy, beside it in `<base-dir>/.eviction/<id>`.
+/// What a node keeps about one copy, beside it in `<base-dir>/.eviction/<id>`. The file's
+/// modification time is the copy's last use: set in place at each unpublish (no new file, so no
+/// inode to allocate on the hot path), and at each write of the limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CopyRecord {
     pub limits: Limits,
-    /// When the last pod on this node let go of the copy.
-    pub last_unpublish: Option<SystemTime>,
 }
 
 /// Records are read, changed and written whole; one change at a time in this process.
 static RECORDS: Mutex<()> = Mutex::new(());
-
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
 
 pub fn read_record(base: BorrowedFd<'_>, id: &str) -> Option<CopyRecord> {
     let v = safedir::read_json_record(base, OsStr::new(RECORD_DIR), id)?;
@@ -148,23 +145,26 @@ pub fn read_record(base: BorrowedFd<'_>, id: &str) -> Option<CopyRecord> {
             capacity: v["capacityBytes"].as_u64().unwrap_or(0),
             policy: v["eviction"].as_str().and_then(Policy::parse).unwrap_or_default(),
         },
-        last_unpublish: v["lastUnpublishMs"]
-            .as_u64()
-            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
     })
+}
+
+/// When the copy was last let go of (or its limits last written): the record's modification
+/// time. Records of earlier versions kept a `lastUnpublishMs` field written with the file, so
+/// their modification time is that moment or a little later.
+fn last_use(base: BorrowedFd<'_>, id: &str) -> Option<SystemTime> {
+    let dir = safedir::open_child(base, OsStr::new(RECORD_DIR)).ok()?;
+    let st = fstatat(dir.as_fd(), id, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
+    Some(UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32))
 }
 
 /// Written to a temporary name and renamed over the record, so a reader sees the old or the new.
 fn write_record(base: BorrowedFd<'_>, id: &str, r: &CopyRecord) -> std::result::Result<(), Errno> {
     use std::io::Write;
     let (dir, _) = safedir::ensure_child(base, OsStr::new(RECORD_DIR), Mode::from_bits_truncate(PRIVATE_DIR_MODE))?;
-    let mut v = serde_json::json!({
+    let v = serde_json::json!({
         "capacityBytes": r.limits.capacity,
         "eviction": r.limits.policy.as_str(),
     });
-    if let Some(t) = r.last_unpublish {
-        v["lastUnpublishMs"] = millis(t).into();
-    }
     let tmp = format!(".{id}.tmp");
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let fd = openat(dir.as_fd(), tmp.as_str(), flags, Mode::from_bits_truncate(0o600))?;
@@ -192,17 +192,28 @@ pub fn note_publish(base: BorrowedFd<'_>, id: &str, limits: Limits) -> std::resu
 }
 
 /// An unpublish that took a pod's mount away: the copy's last use, for least-recently-used order.
+/// Sets the record's modification time in place; writes a record only for a copy that has none.
 pub fn note_unpublish(base: BorrowedFd<'_>, id: &str, at: SystemTime) -> std::result::Result<(), Errno> {
     let _lock = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
-    let old = read_record(base, id).unwrap_or_default();
-    write_record(
-        base,
-        id,
-        &CopyRecord {
-            last_unpublish: Some(at),
-            ..old
-        },
-    )
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let mtime = TimeSpec::from_duration(since);
+    let touch = || {
+        let dir = safedir::open_child(base, OsStr::new(RECORD_DIR))?;
+        utimensat(
+            dir.as_fd(),
+            id,
+            &TimeSpec::UTIME_OMIT,
+            &mtime,
+            UtimensatFlags::NoFollowSymlink,
+        )
+    };
+    match touch() {
+        Err(Errno::ENOENT) => {
+            write_record(base, id, &CopyRecord::default())?;
+            touch()
+        }
+        other => other,
+    }
 }
 
 /// For NodeGetVolumeStats: how far a copy in use is over its capacity, when it is and its
@@ -232,7 +243,7 @@ pub struct LocalCopy {
     pub id: String,
     pub bytes: u64,
     pub limits: Limits,
-    /// The last unpublish, or the copy dir's mtime for a copy with no record.
+    /// The last unpublish (the record's modification time), or the copy dir's for a copy with no record.
     pub last_used: SystemTime,
     pub in_use: bool,
 }
@@ -507,7 +518,7 @@ impl Evictor {
     fn look_at(&mut self, base: &Base, id: &str, in_use: bool) -> Result<LocalCopy> {
         let path = base.real.join(id);
         let record = read_record(base.fd.as_fd(), id).unwrap_or_default();
-        let last_used = match record.last_unpublish {
+        let last_used = match last_use(base.fd.as_fd(), id) {
             Some(t) => t,
             None => {
                 let st = fstatat(base.fd.as_fd(), id, AtFlags::AT_SYMLINK_NOFOLLOW)
