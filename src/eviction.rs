@@ -4,7 +4,7 @@
 //! and evicts whole idle copies, least recently unpublished first. Copies in use are never
 //! touched. docs/eviction.md explains the policy.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -135,8 +135,15 @@ pub struct CopyRecord {
     pub limits: Limits,
 }
 
-/// Records are read, changed and written whole; one change at a time in this process.
-static RECORDS: Mutex<()> = Mutex::new(());
+/// Records are read, changed and written whole, one change at a time in this process. Held: the
+/// limits each record was last read or written with, by base dir (device and inode: a base dir
+/// made anew starts with nothing known) and volume, so a publish with the same limits (nearly
+/// all of them) touches no file.
+static RECORDS: Mutex<BTreeMap<((u64, u64), String), Limits>> = Mutex::new(BTreeMap::new());
+
+fn known_key(base: BorrowedFd<'_>, id: &str) -> std::result::Result<((u64, u64), String), Errno> {
+    Ok((safedir::identity(base)?, id.to_owned()))
+}
 
 pub fn read_record(base: BorrowedFd<'_>, id: &str) -> Option<CopyRecord> {
     let v = safedir::read_json_record(base, OsStr::new(RECORD_DIR), id)?;
@@ -175,7 +182,10 @@ fn write_record(base: BorrowedFd<'_>, id: &str, r: &CopyRecord) -> std::result::
 }
 
 fn remove_record(base: BorrowedFd<'_>, id: &str) {
-    let _lock = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut known = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Ok(key) = known_key(base, id) {
+        known.remove(&key);
+    }
     if let Ok(dir) = safedir::open_child(base, OsStr::new(RECORD_DIR)) {
         let _ = unlinkat(dir.as_fd(), id, UnlinkatFlags::NoRemoveDir);
     }
@@ -183,18 +193,22 @@ fn remove_record(base: BorrowedFd<'_>, id: &str) {
 
 /// A publish hands the node the volume's limits (written only when they changed).
 pub fn note_publish(base: BorrowedFd<'_>, id: &str, limits: Limits) -> std::result::Result<(), Errno> {
-    let _lock = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
-    let old = read_record(base, id).unwrap_or_default();
-    if old.limits == limits {
+    let key = known_key(base, id)?;
+    let mut known = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
+    if known.get(&key) == Some(&limits) {
         return Ok(());
     }
-    write_record(base, id, &CopyRecord { limits, ..old })
+    if read_record(base, id).unwrap_or_default().limits != limits {
+        write_record(base, id, &CopyRecord { limits })?;
+    }
+    known.insert(key, limits);
+    Ok(())
 }
 
 /// An unpublish that took a pod's mount away: the copy's last use, for least-recently-used order.
 /// Sets the record's modification time in place; writes a record only for a copy that has none.
 pub fn note_unpublish(base: BorrowedFd<'_>, id: &str, at: SystemTime) -> std::result::Result<(), Errno> {
-    let _lock = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
+    let known = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let mtime = TimeSpec::from_duration(since);
     let touch = || {
@@ -209,7 +223,11 @@ pub fn note_unpublish(base: BorrowedFd<'_>, id: &str, at: SystemTime) -> std::re
     };
     match touch() {
         Err(Errno::ENOENT) => {
-            write_record(base, id, &CopyRecord::default())?;
+            let limits = known_key(base, id)
+                .ok()
+                .and_then(|key| known.get(&key).copied())
+                .unwrap_or_default();
+            write_record(base, id, &CopyRecord { limits })?;
             touch()
         }
         other => other,
@@ -402,7 +420,7 @@ fn reason_label(r: EvictionReason) -> &'static str {
 }
 
 /// The base dir as one pass uses it.
-struct Base {
+struct PassBase {
     fd: OwnedFd,
     real: PathBuf,
     /// Where the base dir lives as mountinfo names it.
@@ -444,7 +462,7 @@ impl Evictor {
         Ok(())
     }
 
-    fn open_base(&self) -> Result<Base> {
+    fn open_base(&self) -> Result<PassBase> {
         let path = &self.node.config().base_dir;
         let not_ready = |reason: String| Error::NodeNotReady {
             volume: String::new(),
@@ -456,7 +474,7 @@ impl Evictor {
         let holding = read_mounts(|m| real.starts_with(&m.mount_point), &real)?;
         let source = BindSource::of_dir(&holding, &real)
             .ok_or_else(|| not_ready("no mount in /proc/self/mountinfo contains the base dir".into()))?;
-        Ok(Base { fd, real, source })
+        Ok(PassBase { fd, real, source })
     }
 
     /// One look at every copy on the node, and the trims and evictions it calls for.
@@ -515,7 +533,7 @@ impl Evictor {
         Ok(report)
     }
 
-    fn look_at(&mut self, base: &Base, id: &str, in_use: bool) -> Result<LocalCopy> {
+    fn look_at(&mut self, base: &PassBase, id: &str, in_use: bool) -> Result<LocalCopy> {
         let path = base.real.join(id);
         let record = read_record(base.fd.as_fd(), id).unwrap_or_default();
         let last_used = match last_use(base.fd.as_fd(), id) {
@@ -553,7 +571,7 @@ impl Evictor {
     /// Takes the volume's lock as a publish does and checks again that no mount shows the copy:
     /// the mount table read for the plan may be a while old. Also returns a mount point inside
     /// the copy, if another filesystem is mounted there.
-    fn claim(&self, base: &Base, id: &str) -> std::result::Result<(VolumeGuard, Option<PathBuf>), String> {
+    fn claim(&self, base: &PassBase, id: &str) -> std::result::Result<(VolumeGuard, Option<PathBuf>), String> {
         let guard = self
             .inflight
             .lock_volume_yielding(id)
@@ -572,7 +590,7 @@ impl Evictor {
         Ok((guard, inner.map(|m| m.mount_point.clone())))
     }
 
-    fn run(&mut self, base: &Base, copy: &LocalCopy, step: &Step) -> Done {
+    fn run(&mut self, base: &PassBase, copy: &LocalCopy, step: &Step) -> Done {
         let id = copy.id.clone();
         let (guard, inner_mount) = match self.claim(base, &id) {
             Ok(g) => g,
@@ -601,7 +619,14 @@ impl Evictor {
         }
     }
 
-    fn trim_copy(&self, base: &Base, copy: &LocalCopy, to: u64, reason: EvictionReason, guard: &VolumeGuard) -> Done {
+    fn trim_copy(
+        &self,
+        base: &PassBase,
+        copy: &LocalCopy,
+        to: u64,
+        reason: EvictionReason,
+        guard: &VolumeGuard,
+    ) -> Done {
         let id = copy.id.clone();
         let path = base.real.join(&id);
         let root = match safedir::open_child(base.fd.as_fd(), OsStr::new(&id)) {
@@ -652,7 +677,7 @@ impl Evictor {
 
     /// Renames the copy into the trash at once (a publish after this finds no copy and starts an
     /// empty one; a publish before it finds the whole copy), then deletes it without the lock.
-    fn evict_copy(&self, base: &Base, copy: &LocalCopy, reason: EvictionReason, guard: VolumeGuard) -> Done {
+    fn evict_copy(&self, base: &PassBase, copy: &LocalCopy, reason: EvictionReason, guard: VolumeGuard) -> Done {
         let id = copy.id.clone();
         let path = base.real.join(&id);
         let trash = match safedir::ensure_child(
@@ -715,7 +740,7 @@ impl Evictor {
     }
 
     /// Records of copies that are gone (deleted by the cleanup, or with data-on-unpublish=delete).
-    fn prune_records(&self, base: &Base) {
+    fn prune_records(&self, base: &PassBase) {
         let Ok(dir) = safedir::open_child(base.fd.as_fd(), OsStr::new(RECORD_DIR)) else {
             return;
         };

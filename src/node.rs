@@ -58,6 +58,8 @@ pub struct NodeState {
     /// The kubelet dir with the node's own symlinks resolved, once it has resolved: every
     /// publish, unpublish and stats call compares against it.
     kubelet_real: std::sync::OnceLock<PathBuf>,
+    /// The base dir as last opened, reused while its path still names the same directory.
+    base: Mutex<Option<Arc<Base>>>,
 }
 
 /// The volume_context key CreateVolume fills with its name, so nodes learn the PV name.
@@ -67,6 +69,8 @@ pub const CONTEXT_NAME: &str = "node-local-cache.csi.io/name";
 struct Base {
     fd: OwnedFd,
     real: PathBuf,
+    /// Device and inode, to tell whether the path still names this directory.
+    identity: (u64, u64),
 }
 
 /// A target's parent dir (opened following the node's own symlinks) and the target's name in it.
@@ -86,6 +90,7 @@ impl NodeState {
             usage_cache: Mutex::default(),
             deleted: Mutex::default(),
             kubelet_real: std::sync::OnceLock::new(),
+            base: Mutex::default(),
         })
     }
 
@@ -112,8 +117,17 @@ impl NodeState {
         self.open_base("").is_ok() && nix::unistd::access(&self.cfg.base_dir, nix::unistd::AccessFlags::W_OK).is_ok()
     }
 
-    fn open_base(&self, volume: &str) -> Result<Base> {
+    /// The base dir's handle. Every call checks with one stat that the path still names the dir
+    /// the handle has open (a removed, replaced or mounted-over base dir is opened afresh), instead
+    /// of opening and resolving it each time.
+    fn open_base(&self, volume: &str) -> Result<Arc<Base>> {
         let path = &self.cfg.base_dir;
+        let cached = self.base.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(base) = cached {
+            if safedir::dir_identity_at(path) == Ok(base.identity) {
+                return Ok(base);
+            }
+        }
         let not_ready = |reason: &str| Error::NodeNotReady {
             volume: volume.to_owned(),
             path: path.clone(),
@@ -127,14 +141,17 @@ impl NodeState {
             e => not_ready(e.desc()),
         })?;
         let real = safedir::real_path(fd.as_fd()).map_err(|e| Error::sys("resolve base dir", volume, path, e))?;
-        Ok(Base { fd, real })
+        let identity = safedir::identity(fd.as_fd()).map_err(|e| Error::sys("stat base dir", volume, path, e))?;
+        let base = Arc::new(Base { fd, real, identity });
+        *self.base.lock().unwrap_or_else(|p| p.into_inner()) = Some(base.clone());
+        Ok(base)
     }
 
     /// The base dir's path as mountinfo names it, even when the dir itself is unusable (so a
     /// target can still be unpublished after someone removed the base dir).
     fn base_real(&self, volume: &str) -> PathBuf {
         self.open_base(volume)
-            .map(|b| b.real)
+            .map(|b| b.real.clone())
             .unwrap_or_else(|_| self.cfg.base_dir.clone())
     }
 

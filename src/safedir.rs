@@ -136,6 +136,16 @@ pub fn identity(fd: BorrowedFd<'_>) -> Result<(u64, u64), Errno> {
     Ok((st.st_dev, st.st_ino))
 }
 
+/// Device and inode of the directory at `path`, not following a symlink at its last component:
+/// whether a handle opened earlier still names what the path names (one stat, no open).
+pub fn dir_identity_at(path: &Path) -> Result<(u64, u64), Errno> {
+    let st = nix::sys::stat::lstat(path)?;
+    if st.st_mode & libc_s_ifmt() != libc_s_ifdir() {
+        return Err(Errno::ENOTDIR);
+    }
+    Ok((st.st_dev, st.st_ino))
+}
+
 /// Bytes and inodes used below a directory, like `du -s --apparent-size`'s block count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {

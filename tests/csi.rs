@@ -83,6 +83,41 @@ fn probe_is_not_ready_with_a_symlinked_base_dir() {
     tree.assert_no_mounts();
 }
 
+/// The plugin keeps the base dir open between calls. A base dir moved away and made again, or
+/// replaced by a symlink, while it runs must be seen at the next call: copies land in the dir the
+/// path names now, and a symlink is refused as at start.
+#[test]
+fn a_base_dir_replaced_while_the_plugin_runs_is_seen_at_the_next_call() {
+    let tree = Tree::new("base-replaced");
+    let node = Driver::node(&tree, "node-a", &[]);
+    let client = node.node_client();
+    let vol = volume_id("pvc-base-replaced");
+    let target = tree.target("pod1");
+    client.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
+    client.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
+
+    let moved = tree.root.join("base-moved");
+    fs::rename(tree.base(), &moved).unwrap();
+    fs::create_dir(tree.base()).unwrap();
+    client.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
+    fs::write(target.join("new"), "x").unwrap();
+    assert!(
+        tree.base().join(&vol).join("new").exists(),
+        "the copy is in the new base dir"
+    );
+    assert!(!moved.join(&vol).join("new").exists());
+    client.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
+
+    fs::rename(tree.base(), tree.root.join("base-moved-2")).unwrap();
+    symlink(&moved, tree.base()).unwrap();
+    let (c, msg) = code(client.node_publish_volume(&publish_req(&vol, &target, false)));
+    assert_eq!(c, RpcStatusCode::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains(&vol) && msg.contains("symlink"), "{msg}");
+    assert!(!node.identity().probe(&csi::ProbeRequest::new()).unwrap().ready.value);
+    assert!(!target.exists());
+    tree.assert_no_mounts();
+}
+
 #[test]
 fn controller_creates_deletes_and_validates() {
     let tree = Tree::new("controller");

@@ -264,6 +264,44 @@ fn the_node_budget_evicts_the_least_recently_used_idle_copy_then_trims_the_next(
     n.tree.assert_no_mounts_but_base();
 }
 
+/// The limits of each copy are written when a publish brings new ones and read from memory
+/// otherwise; memory is kept per base dir, so another base dir (a node remade, or a second node
+/// in this process) gets its own record.
+#[test]
+fn a_publish_writes_the_limits_only_when_they_change_and_per_base_dir() {
+    use std::os::unix::fs::MetadataExt;
+    let (a, _) = node("limits-a", 16 * 1024, |_| {});
+    let (b, _) = node("limits-b", 16 * 1024, |_| {});
+    let id = volume_id("pvc-limits");
+    let record = |n: &Node| n.tree.base().join(".eviction").join(&id);
+    let limits_of = |n: &Node| eviction::read_record(n.base_fd().as_fd(), &id).map(|r| r.limits);
+
+    let t = a.publish(&id, "pod-1", lru(100 * KIB));
+    assert_eq!(limits_of(&a), Some(lru(100 * KIB)));
+    let written = fs::metadata(record(&a)).unwrap();
+    let t2 = a.publish(&id, "pod-2", lru(100 * KIB));
+    let again = fs::metadata(record(&a)).unwrap();
+    assert_eq!(
+        (written.ino(), written.mtime_nsec()),
+        (again.ino(), again.mtime_nsec()),
+        "same limits: nothing written"
+    );
+    a.unpublish(&id, &t2);
+    let t2 = a.publish(&id, "pod-2", lru(200 * KIB));
+    assert_eq!(limits_of(&a), Some(lru(200 * KIB)));
+
+    let tb = b.publish(&id, "pod-1", lru(200 * KIB));
+    assert_eq!(
+        limits_of(&b),
+        Some(lru(200 * KIB)),
+        "the other base dir has its own record"
+    );
+    for (n, t) in [(&a, &t), (&a, &t2), (&b, &tb)] {
+        n.unpublish(&id, t);
+    }
+    a.tree.assert_no_mounts_but_base();
+}
+
 /// Every unpublish notes the copy's last use. Writing a new record file for it (create, write,
 /// rename) cost an inode allocation per unpublish: on ext4 that was a quarter of the plugin's CPU
 /// in publish/unpublish cycles. The note is the record's modification time, set in place.

@@ -98,8 +98,10 @@ impl NodeState {
     /// Volume ids with a dir in the base dir.
     pub fn local_volumes(&self) -> Result<Vec<String>> {
         let base = self.open_base("")?;
-        let mut dir =
-            nix::dir::Dir::from_fd(base.fd).map_err(|e| Error::sys("read base dir", "", &self.cfg.base_dir, e))?;
+        // A handle of its own: reading a directory moves its offset, and the base's is shared.
+        let mut dir = safedir::open_child(base.fd.as_fd(), OsStr::new("."))
+            .and_then(nix::dir::Dir::from_fd)
+            .map_err(|e| Error::sys("read base dir", "", &self.cfg.base_dir, e))?;
         let mut ids = Vec::new();
         for entry in dir.iter() {
             let entry = entry.map_err(|e| Error::sys("read base dir", "", &self.cfg.base_dir, e))?;
