@@ -14,15 +14,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-# Fully static with glibc. The flag goes to the final link only (cargo rustc), never through
-# RUSTFLAGS, which would rebuild the gRPC C core with it. The cache mounts keep that C core
-# between builds; the binaries are copied out before the cache is unmounted.
+# Fully static with glibc, linked as scripts/build-static.sh explains. The cache mounts keep the
+# gRPC C core between builds; the binaries are copied out before the cache is unmounted.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo rustc --release --locked --bin node-local-cache -- -C target-feature=+crt-static \
-    && cargo rustc --release --locked --bin csi-client -- -C target-feature=+crt-static \
-    && mkdir -p /out \
-    && cp target/release/node-local-cache target/release/csi-client /out/
+    bash scripts/build-static.sh /out node-local-cache csi-client
 
 FROM scratch
 LABEL org.opencontainers.image.title="node-local-cache" \

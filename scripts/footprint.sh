@@ -92,10 +92,8 @@ trap cleanup EXIT
 if [ "$build" -eq 1 ]; then
     cargo build --release --bins
     if [ "$static" -eq 1 ]; then
-        # As the Dockerfile does; copied at once, since the next cargo build relinks it without
-        # the flag.
-        cargo rustc --release --locked --bin node-local-cache -- -C target-feature=+crt-static
-        cp "$plugin" "$tree/node-local-cache"
+        # As the Dockerfile does.
+        bash scripts/build-static.sh "$tree" node-local-cache
         plugin="$tree/node-local-cache"
     fi
 fi

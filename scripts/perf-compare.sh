@@ -6,7 +6,9 @@
 #
 #   scripts/perf-compare.sh BASE_BINARY NEW_BINARY [ROUNDS] [CYCLES] [CONCURRENCY]
 #
-# csi-bench is taken from CSI_BENCH, else from beside NEW_BINARY.
+# csi-bench is taken from CSI_BENCH, else from beside NEW_BINARY. With TREE_FS=tmpfs the base
+# dir and the targets are on a tmpfs: the disk's own cost of making and removing the target dirs
+# (large and varying on ext4) then stays out of the comparison of the two plugins.
 set -euo pipefail
 
 base=${1:?usage: perf-compare.sh BASE_BINARY NEW_BINARY [ROUNDS] [CYCLES] [CONCURRENCY]}
@@ -27,6 +29,7 @@ cleanup() {
     if [ -n "$tree" ]; then
         awk -v root="$tree/" 'index($5, root) == 1 { print $5 }' /proc/self/mountinfo |
             sort -r | while read -r m; do umount -l "$m" || true; done
+        if [ "${TREE_FS:-}" = tmpfs ]; then umount -l "$tree" || true; fi
         rm -rf "$tree"
     fi
 }
@@ -40,6 +43,7 @@ status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 run_one() {
     local label=$1 bin=$2
     tree=$(mktemp -d /tmp/nlc-perf.XXXXXX)
+    if [ "${TREE_FS:-}" = tmpfs ]; then mount -t tmpfs -o mode=0755 nlc-perf "$tree"; fi
     mkdir -p "$tree/kubelet/pods" "$tree/base"
     "$bin" --mode=node --node-name=perf --base-dir="$tree/base" --kubelet-dir="$tree/kubelet" \
         --csi-socket="unix://$tree/csi.sock" --metrics-addr= --log-level=warn 2>"$tree/log" &
@@ -62,7 +66,7 @@ run_one() {
     pid=""
 }
 
-echo "csi-bench: $cycles cycles at concurrency $concurrency, $rounds interleaved rounds"
+echo "csi-bench: $cycles cycles at concurrency $concurrency, $rounds interleaved rounds, tree on ${TREE_FS:-the filesystem of /tmp}"
 for ((r = 1; r <= rounds; r++)); do
     run_one base "$base"
     run_one new "$new"
