@@ -139,9 +139,12 @@ pub struct CopyRecord {
 /// limits each record was last read or written with, by base dir (device and inode: a base dir
 /// made anew starts with nothing known) and volume, so a publish with the same limits (nearly
 /// all of them) touches no file.
-static RECORDS: Mutex<BTreeMap<((u64, u64), String), Limits>> = Mutex::new(BTreeMap::new());
+static RECORDS: Mutex<BTreeMap<RecordKey, Limits>> = Mutex::new(BTreeMap::new());
 
-fn known_key(base: BorrowedFd<'_>, id: &str) -> std::result::Result<((u64, u64), String), Errno> {
+/// A record in memory: its base dir's device and inode, and the volume id.
+type RecordKey = ((u64, u64), String);
+
+fn known_key(base: BorrowedFd<'_>, id: &str) -> std::result::Result<RecordKey, Errno> {
     Ok((safedir::identity(base)?, id.to_owned()))
 }
 
