@@ -163,8 +163,13 @@ pub fn read_record(base: BorrowedFd<'_>, id: &str) -> Option<CopyRecord> {
 /// their modification time is that moment or a little later.
 fn last_use(base: BorrowedFd<'_>, id: &str) -> Option<SystemTime> {
     let dir = safedir::open_child(base, OsStr::new(RECORD_DIR)).ok()?;
-    let st = fstatat(dir.as_fd(), id, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
-    Some(UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32))
+    fstatat(dir.as_fd(), id, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .ok()
+        .map(|st| modified(&st))
+}
+
+fn modified(st: &nix::sys::stat::FileStat) -> SystemTime {
+    UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32)
 }
 
 /// Written to a temporary name and renamed over the record, so a reader sees the old or the new.
@@ -544,7 +549,7 @@ impl Evictor {
             None => {
                 let st = fstatat(base.fd.as_fd(), id, AtFlags::AT_SYMLINK_NOFOLLOW)
                     .map_err(|e| Error::sys("stat copy", id, &path, e))?;
-                UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32)
+                modified(&st)
             }
         };
         let cached = self.measured.get(id).filter(|(at, _)| !in_use && *at == last_used);
