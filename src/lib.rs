@@ -5,6 +5,7 @@ pub mod config;
 pub mod controller;
 pub mod error;
 pub mod eviction;
+pub mod grpc_plugins;
 pub mod identity;
 pub mod inflight;
 pub mod kube;

@@ -349,6 +349,9 @@ pub fn start(socket: &Path, services: Vec<grpcio::Service>, rpc: Rpc) -> std::re
         builder = builder.register_service(s);
     }
     let mut server = builder.build().map_err(|e| format!("build gRPC server: {e}"))?;
+    if !crate::grpc_plugins::in_effect() {
+        warn!("gRPC core configured with its stock plugin set (this build did not link grpc_plugins)");
+    }
     let addr = format!("unix:{}", socket.display());
     server
         .add_listening_port(addr.clone(), grpcio::ServerCredentials::insecure())

@@ -37,6 +37,8 @@ fn identity_answers_in_both_modes() {
             let probe = d.identity().probe(&csi::ProbeRequest::new()).unwrap();
             assert!(probe.ready.value, "not ready");
         }
+        // The binary configured gRPC's core with its own plugin set (src/grpc_plugins.rs).
+        assert!(!d.log_text().contains("stock plugin set"), "log:\n{}", d.log_text());
     }
     tree.assert_no_mounts();
 }

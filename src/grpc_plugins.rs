@@ -1,0 +1,105 @@
+//! Which of the gRPC C core's plugins this binary registers.
+//!
+//! At start-up the core builds its configuration by calling `grpc_core::BuildCoreConfiguration`,
+//! which in the stock build registers every load-balancing policy, resolver and filter it was
+//! compiled with: round robin, weighted round robin, priority, outlier detection, grpclb, RLS,
+//! fault injection, DNS, HTTP proxies... A CSI plugin serves one Unix socket, and its clients
+//! (csi-client, csi-bench, the tests) dial a Unix socket: none of those are ever used, yet
+//! registering them touches their code at start (resident memory on every node) and keeps it in
+//! the binary. This module defines `BuildCoreConfiguration` itself with only the plugins a
+//! Unix-socket server and client need; the linker then never takes the stock definition (an
+//! archive member that defines nothing else) nor the code only it reaches.
+//!
+//! The names are the C++ (Itanium ABI) names of the functions in the pinned grpcio-sys
+//! (`=0.13.0`, gRPC 1.56.2). A rename in another gRPC fails the link; a new plugin that the
+//! core needs shows up in the test suite, which runs every call through this configuration.
+//! Each takes one pointer and returns nothing, which the C and C++ ABIs pass alike.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// `grpc_core::CoreConfiguration::Builder`: only ever passed through.
+#[repr(C)]
+pub struct CoreBuilder {
+    _opaque: [u8; 0],
+}
+
+extern "C" {
+    #[link_name = "_ZN17grpc_event_engine12experimental44RegisterEventEngineChannelArgPreconditioningEPN9grpc_core17CoreConfiguration7BuilderE"]
+    fn register_event_engine_channel_args(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core28RegisterTCPConnectHandshakerEPNS_17CoreConfiguration7BuilderE"]
+    fn register_tcp_connect_handshaker(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core25RegisterPickFirstLbPolicyEPNS_17CoreConfiguration7BuilderE"]
+    fn register_pick_first(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core31BuildClientChannelConfigurationEPNS_17CoreConfiguration7BuilderE"]
+    fn build_client_channel_configuration(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core35SecurityRegisterHandshakerFactoriesEPNS_17CoreConfiguration7BuilderE"]
+    fn register_security_handshakers(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core29RegisterClientAuthorityFilterEPNS_17CoreConfiguration7BuilderE"]
+    fn register_client_authority_filter(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core26RegisterChannelIdleFiltersEPNS_17CoreConfiguration7BuilderE"]
+    fn register_channel_idle_filters(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core19RegisterHttpFiltersEPNS_17CoreConfiguration7BuilderE"]
+    fn register_http_filters(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core22RegisterDeadlineFilterEPNS_17CoreConfiguration7BuilderE"]
+    fn register_deadline_filter(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core25RegisterMessageSizeFilterEPNS_17CoreConfiguration7BuilderE"]
+    fn register_message_size_filter(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core37RegisterServiceConfigChannelArgFilterEPNS_17CoreConfiguration7BuilderE"]
+    fn register_service_config_channel_arg_filter(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core21RegisterResourceQuotaEPNS_17CoreConfiguration7BuilderE"]
+    fn register_resource_quota(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core24RegisterSockaddrResolverEPNS_17CoreConfiguration7BuilderE"]
+    fn register_sockaddr_resolver(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core23RegisterSecurityFiltersEPNS_17CoreConfiguration7BuilderE"]
+    fn register_security_filters(b: *mut CoreBuilder);
+    #[link_name = "_ZN9grpc_core16RegisterBuiltinsEPNS_17CoreConfiguration7BuilderE"]
+    fn register_builtins(b: *mut CoreBuilder);
+}
+
+/// Set once the core has built its configuration through `build_core_configuration`.
+static IN_EFFECT: AtomicBool = AtomicBool::new(false);
+
+/// The core's configuration: what the stock one registers, in its order, less what a
+/// Unix-socket server and client never use (kept out: HTTP CONNECT handshaker and proxy mapper,
+/// every load-balancing policy but pick_first, the DNS and fake resolvers, grpclb, RLS, fault
+/// injection, backend metrics).
+#[export_name = "_ZN9grpc_core22BuildCoreConfigurationEPNS_17CoreConfiguration7BuilderE"]
+extern "C" fn build_core_configuration(builder: *mut CoreBuilder) {
+    // SAFETY: the core calls this once, with its builder, from `CoreConfiguration::Get`; each
+    // function registers into that builder and is the one the stock configuration calls with it.
+    unsafe {
+        register_event_engine_channel_args(builder);
+        register_tcp_connect_handshaker(builder);
+        register_pick_first(builder);
+        build_client_channel_configuration(builder);
+        register_security_handshakers(builder);
+        register_client_authority_filter(builder);
+        register_channel_idle_filters(builder);
+        register_http_filters(builder);
+        register_deadline_filter(builder);
+        register_message_size_filter(builder);
+        register_service_config_channel_arg_filter(builder);
+        register_resource_quota(builder);
+        register_sockaddr_resolver(builder);
+        register_security_filters(builder);
+        register_builtins(builder);
+    }
+    IN_EFFECT.store(true, Ordering::Release);
+}
+
+/// Whether the core was configured here rather than by its stock configuration (which the
+/// linker takes if this module's definition did not make it into the binary). Meaningful once
+/// a gRPC environment exists.
+pub fn in_effect() -> bool {
+    IN_EFFECT.load(Ordering::Acquire)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_core_is_configured_here() {
+        let env = std::sync::Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());
+        let _server = grpcio::ServerBuilder::new(env).build().unwrap();
+        assert!(super::in_effect(), "the stock gRPC plugin registry was linked instead");
+    }
+}
