@@ -322,6 +322,37 @@ fi
 # ---- Dockerfile, workflow, scripts ----
 
 check "Dockerfile: hadolint" hadolint Dockerfile
+
+# The files under scripts/ that the image build runs or reads (named in the Dockerfile, or by
+# scripts/build-static.sh, which it runs) must be in the build context: .dockerignore leaves
+# scripts/ out but for them. Docker's rules: a pattern excludes what it names and all below it,
+# `!` takes an exclusion back, and the last rule that matches decides.
+build_context_complete() {
+    python3 - <<'PY'
+import fnmatch, re, sys
+rules = []
+for line in open(".dockerignore"):
+    line = line.strip()
+    if not line or line.startswith("#"):
+        continue
+    keep = line.startswith("!")
+    rules.append((line.lstrip("!").rstrip("/"), keep))
+def excluded(path):
+    out = False
+    for pattern, keep in rules:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatchcase(p, pattern) for p in prefixes):
+            out = not keep
+    return out
+dockerfile = "".join(l for l in open("Dockerfile") if not l.lstrip().startswith("#"))
+needed = set(re.findall(r"scripts/[\w.-]+", dockerfile))
+needed |= set(re.findall(r"scripts/[\w.-]+\.txt", open("scripts/build-static.sh").read()))
+missing = sorted(p for p in needed if excluded(p))
+sys.exit("\n".join(f"{p}: the image build needs it, .dockerignore leaves it out" for p in missing) or None)
+PY
+}
+check "Dockerfile: what the build runs is in the build context (.dockerignore)" build_context_complete
 check ".github/workflows: actionlint" actionlint .github/workflows/*.yml
 scripts=(scripts/*.sh)
 [ -f .ci/run ] && scripts+=(.ci/run)
