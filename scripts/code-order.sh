@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Regenerates scripts/code-order.txt: the functions the node plugin runs from start through its
+# everyday calls, in the order it first runs them. scripts/build-static.sh hands the list to the
+# linker (lld's --symbol-ordering-file), which puts those functions first in the code, together.
+# The kernel maps code a page cache folio at a time, around each page touched: with the code a
+# node runs spread over the whole binary, nearly all of it was resident; packed together, the
+# rest stays on disk. docs/performance.md has the figures.
+#
+#   scripts/code-order.sh        (as root: the workload bind-mounts; needs valgrind)
+#
+# The workload: start, Probe, 40 publish/unpublish cycles at concurrency 4 (csi-bench), one
+# publish of a volume with a size, NodeGetVolumeStats, NodeGetInfo, NodeGetCapabilities, a
+# /metrics and /readyz scrape, unpublish, SIGTERM. Run it again after a dependency or toolchain
+# update (the symbol names change) or a change to what those calls do; scripts/image-check.sh
+# fails when a tenth of the list no longer names a function in the binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v valgrind >/dev/null || { echo "code-order.sh needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+target_dir=${CARGO_TARGET_DIR:-target}
+
+work=$(mktemp -d /tmp/nlc-code-order.XXXXXX)
+pid=""
+cleanup() {
+    if [ -n "$pid" ]; then kill -KILL "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+    awk -v root="$work/" 'index($5, root) == 1 { print $5 }' /proc/self/mountinfo |
+        sort -r | while read -r m; do umount -l "$m" || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# The image's binary with its symbols (the names are the same as in the stripped one), and the
+# tools that drive it.
+NLC_KEEP_SYMBOLS=1 scripts/build-static.sh "$work/bin" node-local-cache
+cargo build --release --locked --bin csi-bench --bin csi-client
+bench="$target_dir/release/csi-bench"
+client="$target_dir/release/csi-client"
+
+tree="$work/tree"
+mkdir -p "$tree/kubelet/pods/pod-a/volumes" "$tree/base"
+socket="$tree/csi.sock"
+valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/callgrind.out" \
+    "$work/bin/node-local-cache" --mode=node --node-name=code-order --base-dir="$tree/base" \
+    --kubelet-dir="$tree/kubelet" --csi-socket="unix://$socket" --metrics-addr=127.0.0.1:0 \
+    2>"$work/log" &
+pid=$!
+"$bench" --node-socket "$socket" --probe --timeout 120s >/dev/null
+"$bench" --node-socket "$socket" --target-root "$tree/kubelet/pods" --no-floor --cycles 40 \
+    --concurrency 4 --fail-on-error >/dev/null
+volume=nlc-6f1a2b3c-4d5e-5f60-8172-839405a6b7c8
+target="$tree/kubelet/pods/pod-a/volumes/mount"
+cap='{"mount":{},"access_mode":{"mode":"MULTI_NODE_MULTI_WRITER"}}'
+call() { "$client" --socket "$socket" "$1" --json "$2" >/dev/null; }
+call NodePublishVolume "{\"volume_id\":\"$volume\",\"target_path\":\"$target\",\"volume_capability\":$cap,\"volume_context\":{\"node-local-cache.csi.io/capacity-bytes\":\"1073741824\",\"node-local-cache.csi.io/name\":\"pvc-code-order\"}}"
+call NodeGetVolumeStats "{\"volume_id\":\"$volume\",\"volume_path\":\"$target\"}"
+call NodeGetInfo '{}'
+call NodeGetCapabilities '{}'
+addr=$(sed -n 's|.*metrics on http://\([0-9.:]*\)/metrics.*|\1|p' "$work/log" | head -1)
+for path in /metrics /readyz; do
+    exec 3<>"/dev/tcp/${addr%:*}/${addr##*:}"
+    printf 'GET %s HTTP/1.0\r\n\r\n' "$path" >&3
+    cat <&3 >/dev/null
+    exec 3<&-
+done
+call NodeUnpublishVolume "{\"volume_id\":\"$volume\",\"target_path\":\"$target\"}"
+kill -TERM "$pid"
+wait "$pid"
+pid=""
+
+# Callgrind names a function once, `fn=(N) name` or `cfn=(N) name`, then by number; a cost line
+# under `fn=` means it ran. Names callgrind could not tell (0x...) and its suffix for a second
+# function of the same name ('2) are dropped, and only functions the binary defines are kept.
+nm --defined-only "$work/bin/node-local-cache" | awk '$2 ~ /^[tTwW]$/ { print $3 }' | sort -u >"$work/defined"
+awk '
+    /^c?fn=\(/ {
+        id = $1; sub(/^c?fn=/, "", id)
+        name = substr($0, index($0, ")") + 2)
+        if (name != "") names[id] = name
+        if ($0 ~ /^fn=/) cur = id
+        next
+    }
+    /^[0-9+*-]/ && cur != "" && !(cur in ran) { ran[cur] = 1; print names[cur] }
+' "$work/callgrind.out" | sed "s/'[0-9]*\$//" | awk '!/^0x/ && !seen[$0]++' >"$work/ran"
+awk 'NR == FNR { defined[$0] = 1; next } $0 in defined' "$work/defined" "$work/ran" >scripts/code-order.txt
+echo "scripts/code-order.txt: $(wc -l <scripts/code-order.txt) functions"
