@@ -10,18 +10,24 @@
 #
 # The workload: start, Probe, 40 publish/unpublish cycles at concurrency 4 (csi-bench), one
 # publish of a volume with a size, NodeGetVolumeStats, NodeGetInfo, NodeGetCapabilities, a
-# /metrics and /readyz scrape, unpublish, SIGTERM. Run it again after a dependency or toolchain
+# /metrics and /readyz scrape, unpublish, SIGTERM; all the while the cleanup protocol polls an
+# API server over TLS every second (a stand-in made here with python3 and openssl, answering
+# the node's reads as the real one does, managedFields and all). Run it again after a dependency or toolchain
 # update (the symbol names change) or a change to what those calls do; scripts/image-check.sh
 # fails when a tenth of the list no longer names a function in the binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v valgrind >/dev/null || { echo "code-order.sh needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+for tool in valgrind python3 openssl nm; do
+    command -v "$tool" >/dev/null || { echo "code-order.sh needs $tool" >&2; exit 1; }
+done
 target_dir=${CARGO_TARGET_DIR:-target}
 
 work=$(mktemp -d /tmp/nlc-code-order.XXXXXX)
 pid=""
+api_pid=""
 cleanup() {
     if [ -n "$pid" ]; then kill -KILL "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+    if [ -n "$api_pid" ]; then kill "$api_pid" 2>/dev/null || true; wait "$api_pid" 2>/dev/null || true; fi
     awk -v root="$work/" 'index($5, root) == 1 { print $5 }' /proc/self/mountinfo |
         sort -r | while read -r m; do umount -l "$m" || true; done
     rm -rf "$work"
@@ -35,12 +41,67 @@ cargo build --release --locked --bin csi-bench --bin csi-client
 bench="$target_dir/release/csi-bench"
 client="$target_dir/release/csi-client"
 
+# The API server stand-in: the cleanup index, an empty PV list, 404 for anything else.
+# RSA, as kubeadm makes a cluster's CA and serving certificate.
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=code-order-ca \
+    -keyout "$work/ca.key" -out "$work/ca.crt" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver -keyout "$work/api.key" -out "$work/api.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$work/api.ext"
+openssl x509 -req -in "$work/api.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" -CAcreateserial -days 1 \
+    -extfile "$work/api.ext" -out "$work/api.crt" 2>/dev/null
+echo "code-order-token" >"$work/token"
+python3 - "$work" <<'PY' &
+import http.server, json, ssl, sys
+work = sys.argv[1]
+def meta(name):
+    return {"name": name, "namespace": "kube-system", "uid": "0b6f1c2e-5a7d-4e8f-9a0b-1c2d3e4f5a6b",
+            "resourceVersion": "5429", "creationTimestamp": "2026-11-28T07:52:41Z",
+            "managedFields": [{"manager": "node-local-cache", "operation": "Update", "apiVersion": "v1",
+                               "time": "2026-11-28T07:52:41Z", "fieldsType": "FieldsV1",
+                               "fieldsV1": {"f:data": {".": {}, "f:records": {}}}}]}
+class Api(http.server.BaseHTTPRequestHandler):
+    def answer(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def do_GET(self):
+        with open(f"{work}/api.requests", "a") as log:
+            log.write(f"{self.command} {self.path}\n")
+        if "/configmaps/nlc-cleanup-index" in self.path:
+            self.answer(200, {"kind": "ConfigMap", "apiVersion": "v1", "metadata": meta("nlc-cleanup-index"),
+                              "data": {"records": ""}})
+        elif "/persistentvolumes" in self.path:
+            self.answer(200, {"kind": "PersistentVolumeList", "apiVersion": "v1",
+                              "metadata": {"resourceVersion": "5429"}, "items": []})
+        else:
+            self.answer(404, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                              "message": "not found", "reason": "NotFound", "code": 404})
+    do_PATCH = do_POST = do_PUT = do_DELETE = do_GET
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+tls.load_cert_chain(f"{work}/api.crt", f"{work}/api.key")
+server.socket = tls.wrap_socket(server.socket, server_side=True)
+open(f"{work}/api.port.tmp", "w").write(str(server.server_address[1]))
+__import__("os").rename(f"{work}/api.port.tmp", f"{work}/api.port")
+server.serve_forever()
+PY
+api_pid=$!
+for _ in $(seq 100); do [ -s "$work/api.port" ] && break; sleep 0.1; done
+[ -s "$work/api.port" ] || { echo "the API server stand-in did not start" >&2; exit 1; }
+
 tree="$work/tree"
 mkdir -p "$tree/kubelet/pods/pod-a/volumes" "$tree/base"
 socket="$tree/csi.sock"
 valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/callgrind.out" \
     "$work/bin/node-local-cache" --mode=node --node-name=code-order --base-dir="$tree/base" \
     --kubelet-dir="$tree/kubelet" --csi-socket="unix://$socket" --metrics-addr=127.0.0.1:0 \
+    --kube-api-url="https://127.0.0.1:$(cat "$work/api.port")" --kube-token-file="$work/token" \
+    --kube-ca-file="$work/ca.crt" --namespace=kube-system --cleanup-poll-interval=1s \
     2>"$work/log" &
 pid=$!
 "$bench" --node-socket "$socket" --probe --timeout 120s >/dev/null
@@ -62,6 +123,13 @@ for path in /metrics /readyz; do
     exec 3<&-
 done
 call NodeUnpublishVolume "{\"volume_id\":\"$volume\",\"target_path\":\"$target\"}"
+# Three polls of the API at least, however slow the run under callgrind was.
+for _ in $(seq 600); do
+    [ "$(grep -c nlc-cleanup-index "$work/api.requests" 2>/dev/null || true)" -ge 3 ] && break
+    sleep 0.1
+done
+[ "$(grep -c nlc-cleanup-index "$work/api.requests" 2>/dev/null || true)" -ge 3 ] ||
+    { echo "the driver did not poll the API server stand-in; its log:" >&2; cat "$work/log" >&2; exit 1; }
 kill -TERM "$pid"
 wait "$pid"
 pid=""
