@@ -17,7 +17,7 @@
 #   symbol ordering          node-local-cache only, where rustc links with its own lld (x86_64
 #                            Linux): the functions in scripts/code-order.txt (what a node runs,
 #                            made by scripts/code-order.sh) go first and together, so the code a
-#                            node never runs is never mapped: 2.5 MiB less resident memory.
+#                            node never runs is never mapped: 1.6-1.7 MiB less resident memory.
 #                            NLC_CODE_ORDER_REPORT=FILE writes "found listed" there (how many of
 #                            the listed functions the binary still has), or "unordered".
 # NLC_KEEP_SYMBOLS=1 keeps the symbols (scripts/code-order.sh reads them).

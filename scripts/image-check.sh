@@ -59,7 +59,7 @@ fi
 echo "== code order (scripts/code-order.txt)"
 # On x86_64 the driver's everyday functions are linked first and together; a list whose names no
 # longer match (a dependency or toolchain update) leaves them spread out again, and every node
-# keeps ~2 MiB more of the binary resident. Then: scripts/code-order.sh.
+# keeps ~1.7 MiB more of the binary resident. Then: scripts/code-order.sh.
 read -r found listed <"$built/code-order" || true
 if [ "$found" = unordered ]; then
     echo "not ordered on $(uname -m) (x86_64 only)"
