@@ -6,15 +6,16 @@
 # node runs spread over the whole binary, nearly all of it was resident; packed together, the
 # rest stays on disk. docs/performance.md has the figures.
 #
-#   scripts/code-order.sh        (as root: the workload bind-mounts; needs valgrind)
+#   scripts/code-order.sh    (as root: the workload bind-mounts; needs valgrind, python3, openssl)
 #
 # The workload: start, Probe, 40 publish/unpublish cycles at concurrency 4 (csi-bench), one
 # publish of a volume with a size, NodeGetVolumeStats, NodeGetInfo, NodeGetCapabilities, a
 # /metrics and /readyz scrape, unpublish, SIGTERM; all the while the cleanup protocol polls an
 # API server over TLS every second (a stand-in made here with python3 and openssl, answering
-# the node's reads as the real one does, managedFields and all). Run it again after a dependency or toolchain
-# update (the symbol names change) or a change to what those calls do; scripts/image-check.sh
-# fails when a tenth of the list no longer names a function in the binary.
+# the node's reads as the real one does, managedFields and all). Run it again after a
+# dependency or toolchain update (the symbol names change) or a change to what those calls do;
+# scripts/image-check.sh fails when a tenth of the list no longer names a function in the
+# binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for tool in valgrind python3 openssl nm; do
