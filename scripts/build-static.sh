@@ -40,11 +40,14 @@ for bin in "${bins[@]}"; do
     fi
     report=""
     if [ -n "${NLC_CODE_ORDER_REPORT:-}" ] && [ "$bin" = node-local-cache ]; then
-        [ "$ordered" = 1 ] || { echo "unordered" >"$NLC_CODE_ORDER_REPORT"; }
-        report=$NLC_CODE_ORDER_REPORT
-        # The linker names each listed function it cannot find, but only when it runs: drop the
-        # binary's fingerprint so cargo links it again.
-        rm -f "$target_dir"/release/.fingerprint/node-local-cache-*/bin-node-local-cache
+        if [ "$ordered" = 1 ]; then
+            report=$NLC_CODE_ORDER_REPORT
+            # The linker names each listed function it cannot find, but only when it runs: drop
+            # the binary's fingerprint so cargo links it again.
+            rm -f "$target_dir"/release/.fingerprint/node-local-cache-*/bin-node-local-cache
+        else
+            echo "unordered" >"$NLC_CODE_ORDER_REPORT"
+        fi
     fi
     log=$(mktemp)
     # cargo's stderr to the terminal and the log (stdout stays stdout); pipefail keeps its status.
@@ -52,7 +55,7 @@ for bin in "${bins[@]}"; do
         rm -f "$log"
         exit 1
     fi
-    if [ -n "$report" ] && [ "$ordered" = 1 ]; then
+    if [ -n "$report" ]; then
         listed=$(grep -c . "$order")
         missing=$(grep -c 'symbol ordering file: no such symbol' "$log" || true)
         echo "$((listed - missing)) $listed" >"$report"

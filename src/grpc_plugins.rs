@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `grpc_core::CoreConfiguration::Builder`: only ever passed through.
 #[repr(C)]
-pub struct CoreBuilder {
+struct CoreBuilder {
     _opaque: [u8; 0],
 }
 
