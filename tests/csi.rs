@@ -43,6 +43,44 @@ fn identity_answers_in_both_modes() {
     tree.assert_no_mounts();
 }
 
+/// Every call passes each filter of the server's stack; src/grpc_plugins.rs keeps out the ones
+/// a CSI Unix socket never needs (the call tracer and the auth filters). The core names the
+/// stack it builds for a connection when asked to trace it.
+#[test]
+fn a_call_passes_only_the_filters_it_needs() {
+    let tree = Tree::new("filters");
+    let args = [
+        "--mode=node".to_owned(),
+        "--node-name=node-a".to_owned(),
+        format!("--base-dir={}", tree.base().display()),
+        format!("--kubelet-dir={}", tree.kubelet().display()),
+    ];
+    let trace = [("GRPC_TRACE", "channel_stack"), ("GRPC_VERBOSITY", "debug")];
+    let node = Driver::start_with_env(&tree, "node-a", &args, &trace);
+    assert!(node.identity().probe(&csi::ProbeRequest::new()).unwrap().ready.value);
+    let log = node.log_text();
+    let stack: Vec<&str> = log
+        .lines()
+        .skip_while(|l| !l.contains("CHANNEL_STACK: init SERVER_CHANNEL"))
+        .skip(1)
+        .map_while(|l| l.split("CHANNEL_STACK:   filter ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        stack,
+        [
+            "server",
+            "message_size",
+            "deadline",
+            "http-server",
+            "compression",
+            "connected"
+        ],
+        "log:\n{log}"
+    );
+    tree.assert_no_mounts();
+}
+
 #[test]
 fn probe_is_not_ready_with_a_symlinked_base_dir() {
     let tree = Tree::new("probe-symlink");

@@ -133,10 +133,16 @@ impl Driver {
     }
 
     pub fn start(tree: &Tree, name: &str, args: &[String]) -> Driver {
+        Driver::start_with_env(tree, name, args, &[])
+    }
+
+    /// As `start`, with these variables added to the driver's environment.
+    pub fn start_with_env(tree: &Tree, name: &str, args: &[String], env: &[(&str, &str)]) -> Driver {
         let socket = tree.socket(name);
         let log = tree.root.join(format!("{name}.log"));
         let mut cmd = Command::new(BIN);
-        cmd.args(args)
+        cmd.envs(env.iter().copied())
+            .args(args)
             .arg(format!("--csi-socket=unix://{}", socket.display()))
             .arg("--log-level=debug");
         if !args.iter().any(|a| a.starts_with("--metrics-addr")) {
