@@ -171,13 +171,11 @@ impl NodeState {
 
     fn open_target(&self, volume: &str, target: &Path) -> Result<Target> {
         let parent_path = target.parent().expect("checked targets have a parent");
-        let parent = safedir::open_dir_following(parent_path).map_err(|e| match e {
+        let (parent, real_parent) = safedir::open_dir_resolved(parent_path).map_err(|e| match e {
             Errno::ENOENT => Error::not_found(volume, target, "parent directory does not exist"),
             Errno::ENOTDIR => Error::bad_path(volume, target, "a parent is not a directory"),
-            e => Error::sys("open parent dir", volume, target, e),
+            e => Error::sys("open and resolve parent dir", volume, target, e),
         })?;
-        let real_parent =
-            safedir::real_path(parent.as_fd()).map_err(|e| Error::sys("resolve parent dir", volume, target, e))?;
         let kubelet = self.kubelet_real(volume)?;
         if !real_parent.starts_with(kubelet) {
             return Err(Error::bad_path(

@@ -81,6 +81,38 @@ fn a_call_passes_only_the_filters_it_needs() {
     tree.assert_no_mounts();
 }
 
+/// A node may link its kubelet dir elsewhere; kubelet then sends target paths through the link.
+/// The mount lands at the real path (where mountinfo shows it), and repeats, stats and
+/// unpublish find it there.
+#[test]
+fn targets_through_a_symlinked_kubelet_dir() {
+    let tree = Tree::new("linked-kubelet");
+    let linked = tree.root.join("linked-kubelet");
+    symlink(tree.kubelet(), &linked).unwrap();
+    let args = [
+        "--mode=node".to_owned(),
+        "--node-name=node-a".to_owned(),
+        format!("--base-dir={}", tree.base().display()),
+        format!("--kubelet-dir={}", linked.display()),
+    ];
+    let node = Driver::start(&tree, "node-a", &args);
+    let n = node.node_client();
+    let vol = volume_id("pvc-linked-kubelet");
+    let real = tree.target("pod1");
+    let target = linked.join(real.strip_prefix(tree.kubelet()).unwrap());
+    for _ in 0..2 {
+        n.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
+        assert_eq!(mounted_at(&real), 1);
+    }
+    fs::write(target.join("f"), b"x").unwrap();
+    assert!(tree.base().join(&vol).join("f").exists());
+    n.node_get_volume_stats(&stats_req(&vol, &target)).unwrap();
+    n.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
+    assert_eq!(mounted_at(&real), 0);
+    assert!(!real.exists());
+    tree.assert_no_mounts();
+}
+
 #[test]
 fn probe_is_not_ready_with_a_symlinked_base_dir() {
     let tree = Tree::new("probe-symlink");
