@@ -358,5 +358,19 @@ scripts=(scripts/*.sh)
 [ -f .ci/run ] && scripts+=(.ci/run)
 check "shellcheck: ${scripts[*]}" shellcheck "${scripts[@]}"
 
+# A script with a #! line is run by its path (the docs say `scripts/NAME.sh`), so git must record
+# it as executable; a file that other scripts source (demo-lib.sh) has none.
+scripts_executable() {
+    local f bad=0
+    for f in "${scripts[@]}"; do
+        if head -c 2 "$f" | grep -q '^#!' && [ "$(git ls-files -s "$f" | cut -c1-6)" != 100755 ]; then
+            echo "$f: starts with #! but is not executable in git (git update-index --chmod=+x $f)"
+            bad=1
+        fi
+    done
+    return "$bad"
+}
+check "scripts: every one with a #! line is executable in git" scripts_executable
+
 echo "lint: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
