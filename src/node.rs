@@ -239,13 +239,13 @@ impl NodeState {
         let Ok(base) = self.open_base(id) else {
             return false;
         };
-        let (Ok(vol), Ok(top)) = (
-            safedir::open_child(base.fd.as_fd(), OsStr::new(id)),
-            safedir::open_child(t.parent.as_fd(), &t.name),
-        ) else {
-            return false;
-        };
-        matches!((safedir::identity(vol.as_fd()), safedir::identity(top.as_fd())), (Ok(a), Ok(b)) if a == b)
+        matches!(
+            (
+                safedir::child_dir_identity(base.fd.as_fd(), OsStr::new(id)),
+                safedir::child_dir_identity(t.parent.as_fd(), &t.name),
+            ),
+            (Ok(vol), Ok(top)) if vol == top
+        )
     }
 
     pub fn publish(&self, req: &NodePublishVolumeRequest) -> Result<()> {
@@ -312,7 +312,7 @@ impl NodeState {
                 });
             }
         }
-        let (vol_fd, made_vol) = safedir::ensure_child(
+        let (vol_fd, made_vol) = safedir::open_or_ensure_child(
             base.fd.as_fd(),
             OsStr::new(id),
             Mode::from_bits_truncate(VOLUME_DIR_MODE),

@@ -129,6 +129,16 @@ pub fn ensure_child(parent: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> Result<
     Err(Errno::ENOENT)
 }
 
+/// As `ensure_child`, for a name that is there nearly every time (a volume's dir on its second
+/// and later publish): one open when it is.
+pub fn open_or_ensure_child(parent: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> Result<(OwnedFd, bool), Errno> {
+    match open_child(parent, name) {
+        Ok(fd) => Ok((fd, false)),
+        Err(Errno::ENOENT) => ensure_child(parent, name, mode),
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes the empty directory `name` inside `parent`.
 pub fn remove_child(parent: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
     unlinkat(parent, name, UnlinkatFlags::RemoveDir)
@@ -179,6 +189,16 @@ pub fn real_path(fd: BorrowedFd<'_>) -> Result<PathBuf, Errno> {
 /// Device and inode: the identity of what a handle refers to.
 pub fn identity(fd: BorrowedFd<'_>) -> Result<(u64, u64), Errno> {
     let st = fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Device and inode of the directory `name` inside `parent` (of the mount on top of it, if any),
+/// not following a symlink: what `open_child` and `identity` would give, in one stat.
+pub fn child_dir_identity(parent: BorrowedFd<'_>, name: &OsStr) -> Result<(u64, u64), Errno> {
+    let st = fstatat(parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?;
+    if st.st_mode & libc_s_ifmt() != libc_s_ifdir() {
+        return Err(Errno::ENOTDIR);
+    }
     Ok((st.st_dev, st.st_ino))
 }
 
@@ -512,6 +532,47 @@ mod tests {
     }
 
     #[test]
+    fn child_dir_identity_is_what_an_open_child_shows() {
+        let d = tmp("child-identity");
+        fs::create_dir_all(d.join("vol")).unwrap();
+        fs::create_dir_all(d.join("target")).unwrap();
+        symlink(d.join("vol"), d.join("link")).unwrap();
+        fs::write(d.join("file"), b"").unwrap();
+        let parent = open_dir(&d).unwrap();
+        let opened = |name: &str| identity(open_child(parent.as_fd(), OsStr::new(name)).unwrap().as_fd()).unwrap();
+        assert_eq!(child_dir_identity(parent.as_fd(), OsStr::new("vol")), Ok(opened("vol")));
+        nix::mount::mount(
+            Some(&d.join("vol")),
+            &d.join("target"),
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let seen = child_dir_identity(parent.as_fd(), OsStr::new("target"));
+        let top = opened("target");
+        nix::mount::umount(&d.join("target")).unwrap();
+        assert_eq!(
+            (seen, top),
+            (Ok(opened("vol")), opened("vol")),
+            "the mount's root, as open shows it"
+        );
+        for (name, want) in [
+            ("link", Errno::ENOTDIR),
+            ("file", Errno::ENOTDIR),
+            ("missing", Errno::ENOENT),
+        ] {
+            assert_eq!(
+                child_dir_identity(parent.as_fd(), OsStr::new(name)),
+                Err(want),
+                "{name}"
+            );
+            assert!(open_child(parent.as_fd(), OsStr::new(name)).is_err(), "{name}");
+        }
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn normalized_absolute_paths() {
         for ok in ["/", "/a", "/a/b", "/a/.b", "/a/b..c"] {
             assert!(is_normalized_absolute(Path::new(ok)), "{ok}");
@@ -535,6 +596,19 @@ mod tests {
         assert!(!created);
         symlink("/etc", d.join("evil")).unwrap();
         assert!(ensure_child(parent.as_fd(), OsStr::new("evil"), Mode::from_bits_truncate(0o777)).is_err());
+        // The open-first variant: the same answers, made or found.
+        let mode = Mode::from_bits_truncate(0o750);
+        let (_, created) = open_or_ensure_child(parent.as_fd(), OsStr::new("w"), mode).unwrap();
+        assert!(created);
+        assert_eq!(fs::metadata(d.join("w")).unwrap().permissions().mode() & 0o777, 0o750);
+        let (fd, created) = open_or_ensure_child(parent.as_fd(), OsStr::new("w"), mode).unwrap();
+        assert!(!created);
+        assert_eq!(identity(fd.as_fd()), dir_identity_at(&d.join("w")));
+        for name in ["evil", "file"] {
+            fs::write(d.join("file"), b"").unwrap();
+            let e = open_or_ensure_child(parent.as_fd(), OsStr::new(name), mode).err();
+            assert!(matches!(e, Some(Errno::ELOOP | Errno::ENOTDIR)), "{name}: {e:?}");
+        }
         fs::remove_dir_all(&d).unwrap();
     }
 
