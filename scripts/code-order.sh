@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates scripts/code-order.txt: the functions the node plugin runs from start through its
-# everyday calls, in the order it first runs them. scripts/build-static.sh hands the list to the
+# everyday calls, sorted by name (the set is what counts; sorted, a new run of the script changes
+# only the lines of functions that came or went). scripts/build-static.sh hands the list to the
 # linker (lld's --symbol-ordering-file), which puts those functions first in the code, together.
 # The kernel maps code a page cache folio at a time, around each page touched: with the code a
 # node runs spread over the whole binary, nearly all of it was resident; packed together, the
@@ -149,5 +150,6 @@ awk '
     }
     /^[0-9+*-]/ && cur != "" && !(cur in ran) { ran[cur] = 1; print names[cur] }
 ' "$work/callgrind.out" | sed "s/'[0-9]*\$//" | awk '!/^0x/ && !seen[$0]++' >"$work/ran"
-awk 'NR == FNR { defined[$0] = 1; next } $0 in defined' "$work/defined" "$work/ran" >scripts/code-order.txt
+awk 'NR == FNR { defined[$0] = 1; next } $0 in defined' "$work/defined" "$work/ran" |
+    LC_ALL=C sort >scripts/code-order.txt
 echo "scripts/code-order.txt: $(wc -l <scripts/code-order.txt) functions"
