@@ -36,9 +36,9 @@ static OPENAT2_WORKS: AtomicBool = AtomicBool::new(true);
 ///
 /// When no component of a normalized absolute path is a symlink, the kernel's name for the dir
 /// is the path itself: `openat2` with `RESOLVE_NO_SYMLINKS` opens it only in that case, so the
-/// name needs no lookup through `/proc/self/fd` (a third of the path syscalls' time of a
-/// publish). A path with a symlink in it, or a kernel without `openat2`, takes the long way; so
-/// does every error, which then comes from the plain open.
+/// name needs no `readlink` through `/proc/self/fd` (3.5 µs on the development machine). A path
+/// with a symlink in it, or a kernel without `openat2`, takes the long way; so does every error,
+/// which then comes from the plain open.
 pub fn open_dir_resolved(path: &Path) -> Result<(OwnedFd, PathBuf), Errno> {
     if OPENAT2_WORKS.load(Ordering::Relaxed) && is_normalized_absolute(path) {
         let how = nix::fcntl::OpenHow::new()
