@@ -147,20 +147,18 @@ impl NodeState {
         Ok(base)
     }
 
-    /// The base dir's path as mountinfo names it, even when the dir itself is unusable (so a
-    /// target can still be unpublished after someone removed the base dir).
-    fn base_real(&self, volume: &str) -> PathBuf {
-        self.open_base(volume)
-            .map(|b| b.real.clone())
-            .unwrap_or_else(|_| self.cfg.base_dir.clone())
+    /// The base dir's path as mountinfo names it, even when the dir itself is unusable (`base`
+    /// is `None`: so a target can still be unpublished after someone removed the base dir).
+    fn base_real(&self, base: Option<&Base>) -> PathBuf {
+        base.map_or_else(|| self.cfg.base_dir.clone(), |b| b.real.clone())
     }
 
     fn kubelet_real(&self, volume: &str) -> Result<&Path> {
         if let Some(p) = self.kubelet_real.get() {
             return Ok(p);
         }
-        let real = safedir::open_dir_following(&self.cfg.kubelet_dir)
-            .and_then(|fd| safedir::real_path(fd.as_fd()))
+        let real = safedir::open_dir_resolved(&self.cfg.kubelet_dir)
+            .map(|(_, real)| real)
             .map_err(|e| Error::NodeNotReady {
                 volume: volume.to_owned(),
                 path: self.cfg.kubelet_dir.clone(),
@@ -235,8 +233,8 @@ impl NodeState {
     /// Whether the top mount at the target shows this volume's dir itself (same device and
     /// inode): our own bind, known without the mount table. Anything else (a foreign mount, a
     /// volume dir gone or unreadable) is left to the table to tell apart.
-    fn shows_volume(&self, id: &str, t: &Target) -> bool {
-        let Ok(base) = self.open_base(id) else {
+    fn shows_volume(base: Option<&Base>, id: &str, t: &Target) -> bool {
+        let Some(base) = base else {
             return false;
         };
         matches!(
@@ -473,10 +471,13 @@ impl NodeState {
             }
             other => other?,
         };
+        // The base dir's handle, checked once per call and only if something is mounted.
+        let base_cell = std::cell::OnceCell::new();
+        let base = || base_cell.get_or_init(|| self.open_base(id).ok()).as_deref();
         let mut unmounted = 0;
         while Self::maybe_mounted(&t) {
-            if !self.shows_volume(id, &t) {
-                let vol_dir = self.base_real(id).join(id);
+            if !Self::shows_volume(base(), id, &t) {
+                let vol_dir = self.base_real(base()).join(id);
                 let table = Self::mounts_for(id, &vol_dir, &t.real, &target)?;
                 let Some(top) = mounts::at(&table, &t.real).last().copied() else {
                     break;
@@ -532,7 +533,7 @@ impl NodeState {
             Err(e) => return Err(Error::sys("remove target dir", id, &target, e)),
         }
         if unmounted > 0 {
-            if let Ok(base) = self.open_base(id) {
+            if let Some(base) = base() {
                 if let Err(e) = eviction::note_unpublish(base.fd.as_fd(), id, SystemTime::now()) {
                     warn!(
                         "volume {id}: record its last use under {}: {}",
@@ -570,7 +571,9 @@ impl NodeState {
             Err(Error::NotFound { .. }) => return Err(not_published()),
             other => other?,
         };
-        let vol_dir = self.base_real(id).join(id);
+        // The base dir's handle, checked once for the whole call.
+        let base = self.open_base(id).ok();
+        let vol_dir = self.base_real(base.as_deref()).join(id);
         let table = Self::mounts_for(id, &vol_dir, &t.real, &path)?;
         let source = Self::bind_source(&table, &vol_dir, id)?;
         let binding = mounts::at(&table, &t.real).last().map(|m| source.classify(m));
@@ -585,13 +588,8 @@ impl NodeState {
                 );
             }
             Some(Binding::Ours) => {
-                if self
-                    .open_base(id)
-                    .and_then(|b| {
-                        safedir::open_child(b.fd.as_fd(), OsStr::new(id)).map_err(|e| Error::sys("open", id, &path, e))
-                    })
-                    .is_err()
-                {
+                let vol = base.as_ref().map(|b| safedir::open_child(b.fd.as_fd(), OsStr::new(id)));
+                if !matches!(vol, Some(Ok(_))) {
                     condition.abnormal = true;
                     condition.message = format!(
                         "volume {id}: the node's data dir {} is missing",
@@ -605,9 +603,8 @@ impl NodeState {
         let vfs = nix::sys::statvfs::fstatvfs(root.as_fd()).map_err(|e| Error::sys("statvfs", id, &path, e))?;
         let used = self.usage(id, root, &path)?;
         if !condition.abnormal {
-            let over = self
-                .open_base(id)
-                .ok()
+            let over = base
+                .as_ref()
                 .and_then(|b| eviction::over_capacity(b.fd.as_fd(), id, used.bytes));
             if let Some(message) = over {
                 condition.abnormal = true;

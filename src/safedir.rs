@@ -24,7 +24,7 @@ pub fn open_dir(path: &Path) -> Result<OwnedFd, Errno> {
 }
 
 /// Opens a directory, following symlinks all the way (for the parent of a target).
-pub fn open_dir_following(path: &Path) -> Result<OwnedFd, Errno> {
+fn open_dir_following(path: &Path) -> Result<OwnedFd, Errno> {
     nix::fcntl::open(path, DIR_FLAGS, Mode::empty())
 }
 

@@ -49,14 +49,8 @@ fn identity_answers_in_both_modes() {
 #[test]
 fn a_call_passes_only_the_filters_it_needs() {
     let tree = Tree::new("filters");
-    let args = [
-        "--mode=node".to_owned(),
-        "--node-name=node-a".to_owned(),
-        format!("--base-dir={}", tree.base().display()),
-        format!("--kubelet-dir={}", tree.kubelet().display()),
-    ];
     let trace = [("GRPC_TRACE", "channel_stack"), ("GRPC_VERBOSITY", "debug")];
-    let node = Driver::start_with_env(&tree, "node-a", &args, &trace);
+    let node = Driver::node_with_env(&tree, "node-a", &[], &trace);
     assert!(node.identity().probe(&csi::ProbeRequest::new()).unwrap().ready.value);
     let log = node.log_text();
     let stack: Vec<&str> = log

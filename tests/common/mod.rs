@@ -114,6 +114,11 @@ pub struct Driver {
 
 impl Driver {
     pub fn node(tree: &Tree, name: &str, extra: &[&str]) -> Driver {
+        Driver::node_with_env(tree, name, extra, &[])
+    }
+
+    /// As `node`, with these variables added to the driver's environment.
+    pub fn node_with_env(tree: &Tree, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Driver {
         let base = tree.base();
         let kubelet = tree.kubelet();
         let mut args = vec![
@@ -123,7 +128,7 @@ impl Driver {
             format!("--kubelet-dir={}", kubelet.display()),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Driver::start(tree, name, &args)
+        Driver::start_with_env(tree, name, &args, env)
     }
 
     pub fn controller(tree: &Tree, extra: &[&str]) -> Driver {
@@ -137,7 +142,7 @@ impl Driver {
     }
 
     /// As `start`, with these variables added to the driver's environment.
-    pub fn start_with_env(tree: &Tree, name: &str, args: &[String], env: &[(&str, &str)]) -> Driver {
+    fn start_with_env(tree: &Tree, name: &str, args: &[String], env: &[(&str, &str)]) -> Driver {
         let socket = tree.socket(name);
         let log = tree.root.join(format!("{name}.log"));
         let mut cmd = Command::new(BIN);
