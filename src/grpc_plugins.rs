@@ -6,9 +6,11 @@
 //! fault injection, DNS, HTTP proxies... A CSI plugin serves one Unix socket, and its clients
 //! (csi-client, csi-bench, the tests) dial a Unix socket: none of those are ever used, yet
 //! registering them touches their code at start (resident memory on every node) and keeps it in
-//! the binary. This module defines `BuildCoreConfiguration` itself with only the plugins a
-//! Unix-socket server and client need; the linker then never takes the stock definition (an
-//! archive member that defines nothing else) nor the code only it reaches.
+//! the binary. Each binary defines `BuildCoreConfiguration` itself, through
+//! `grpc_core_configuration!`, with only the plugins its side needs: the node plugin a
+//! Unix-socket server's, the clients also a Unix-socket channel's. The linker then never takes
+//! the stock definition (an archive member that defines nothing else) nor the code only it
+//! reaches; in the node plugin that includes the whole client channel.
 //!
 //! Two filters every server call would otherwise pass through are left out too, because the
 //! core runs each of them through its promise-to-callback adapter: 7,000 to 10,000 instructions
@@ -30,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `grpc_core::CoreConfiguration::Builder`: only ever passed through.
 #[repr(C)]
-struct CoreBuilder {
+pub struct CoreBuilder {
     _opaque: [u8; 0],
 }
 
@@ -65,17 +67,45 @@ extern "C" {
     fn register_builtins(b: *mut CoreBuilder);
 }
 
-/// Set once the core has built its configuration through `build_core_configuration`.
+/// Set once the core has built its configuration through this module.
 static IN_EFFECT: AtomicBool = AtomicBool::new(false);
 
-/// The core's configuration: what the stock one registers, in its order, less what a
-/// Unix-socket server and client never use (kept out: HTTP CONNECT handshaker and proxy mapper,
-/// every load-balancing policy but pick_first, the DNS and fake resolvers, grpclb, RLS, fault
-/// injection, backend metrics, the security filters).
-#[export_name = "_ZN9grpc_core22BuildCoreConfigurationEPNS_17CoreConfiguration7BuilderE"]
-extern "C" fn build_core_configuration(builder: *mut CoreBuilder) {
-    // SAFETY: the core calls this once, with its builder, from `CoreConfiguration::Get`; each
-    // function registers into that builder and is the one the stock configuration calls with it.
+/// What a Unix-socket server needs from the stock configuration, in its order: channel args,
+/// the insecure credentials' handshaker, the server's filters and transport. Kept out, besides
+/// what `build_for_client` also keeps out, is everything only a channel uses (the client
+/// channel, pick_first, the `unix:` resolver, the authority and service config filters, the
+/// TCP connect handshaker): the node plugin never dials, and without these references the
+/// linker leaves the client channel's code out of its binary (0.23 MB, docs/performance.md).
+///
+/// # Safety
+/// Only as the core's `BuildCoreConfiguration`, with the builder it passes: use
+/// `grpc_core_configuration!(server)`.
+pub unsafe fn build_for_server(builder: *mut CoreBuilder) {
+    // SAFETY: the caller passes the core's builder; each function registers into it and is one
+    // the stock configuration calls with it.
+    unsafe {
+        register_event_engine_channel_args(builder);
+        register_security_handshakers(builder);
+        register_channel_idle_filters(builder);
+        register_http_filters(builder);
+        register_deadline_filter(builder);
+        register_message_size_filter(builder);
+        register_resource_quota(builder);
+        register_builtins(builder);
+    }
+    IN_EFFECT.store(true, Ordering::Release);
+}
+
+/// What a Unix-socket client (and server) needs: the stock configuration, in its order, less
+/// the HTTP CONNECT handshaker and proxy mapper, every load-balancing policy but pick_first,
+/// the DNS and fake resolvers, grpclb, RLS, fault injection, backend metrics and the security
+/// filters.
+///
+/// # Safety
+/// Only as the core's `BuildCoreConfiguration`, with the builder it passes: use
+/// `grpc_core_configuration!(client)`.
+pub unsafe fn build_for_client(builder: *mut CoreBuilder) {
+    // SAFETY: as in `build_for_server`.
     unsafe {
         register_event_engine_channel_args(builder);
         register_tcp_connect_handshaker(builder);
@@ -95,6 +125,27 @@ extern "C" fn build_core_configuration(builder: *mut CoreBuilder) {
     IN_EFFECT.store(true, Ordering::Release);
 }
 
+/// Defines the gRPC core's configuration in the binary that invokes it (once, at its top
+/// level): `server` for the node plugin, `client` for a binary that dials a CSI socket. The
+/// definition has to be in the binary, not in this library, because what it registers decides
+/// what the linker keeps. A binary without it gets the stock configuration.
+#[macro_export]
+macro_rules! grpc_core_configuration {
+    (server) => {
+        $crate::grpc_core_configuration!(@define build_for_server);
+    };
+    (client) => {
+        $crate::grpc_core_configuration!(@define build_for_client);
+    };
+    (@define $build:ident) => {
+        #[export_name = "_ZN9grpc_core22BuildCoreConfigurationEPNS_17CoreConfiguration7BuilderE"]
+        extern "C" fn build_core_configuration(builder: *mut $crate::grpc_plugins::CoreBuilder) {
+            // SAFETY: the core calls this once, with its builder, from `CoreConfiguration::Get`.
+            unsafe { $crate::grpc_plugins::$build(builder) }
+        }
+    };
+}
+
 /// Registers nothing: the builtins call this to add the server call tracer filter, a pass-through
 /// unless a call tracer is installed. Defined here, the linker never takes the core's.
 #[export_name = "_ZN9grpc_core30RegisterServerCallTracerFilterEPNS_17CoreConfiguration7BuilderE"]
@@ -109,6 +160,8 @@ pub fn in_effect() -> bool {
 
 #[cfg(test)]
 mod tests {
+    crate::grpc_core_configuration!(client);
+
     #[test]
     fn the_core_is_configured_here() {
         let env = std::sync::Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());

@@ -20,6 +20,9 @@ use node_local_cache::proto::grpc;
 use node_local_cache::server::{self, Rpc};
 use node_local_cache::{memory, metrics};
 
+// gRPC's core with a server's plugins only: this binary never dials.
+node_local_cache::grpc_core_configuration!(server);
+
 /// The node plugin: the Node service, this node's side of the cleanup protocol, and the
 /// eviction pass that holds its copies to their limits.
 fn node_services(

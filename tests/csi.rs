@@ -43,6 +43,26 @@ fn identity_answers_in_both_modes() {
     tree.assert_no_mounts();
 }
 
+/// The node plugin never dials: its gRPC core is configured with a server's plugins only, so
+/// the linker leaves the client channel out of the binary (src/grpc_plugins.rs). The client
+/// channel's trace flags name themselves in the binary that has it, as csi-client does.
+#[test]
+fn the_node_plugin_carries_no_client_channel() {
+    let node = fs::read(BIN).unwrap();
+    let client = fs::read(env!("CARGO_BIN_EXE_csi-client")).unwrap();
+    let has = |bin: &[u8], name: &str| bin.windows(name.len()).any(|w| w == name.as_bytes());
+    for name in ["client_channel_lb_call", "retry_filter", "subchannel_pool"] {
+        assert!(
+            has(&client, name),
+            "csi-client has no {name}: this check has gone stale"
+        );
+        assert!(
+            !has(&node, name),
+            "the node plugin links gRPC's client channel ({name})"
+        );
+    }
+}
+
 /// Every call passes each filter of the server's stack; src/grpc_plugins.rs keeps out the ones
 /// a CSI Unix socket never needs (the call tracer and the auth filters). The core names the
 /// stack it builds for a connection when asked to trace it.

@@ -35,6 +35,8 @@ use node_local_cache::proto::grpc::{ControllerClient, IdentityClient, NodeClient
 use node_local_cache::server::socket_path;
 use node_local_cache::volume;
 
+node_local_cache::grpc_core_configuration!(client);
+
 /// `--access-mode` values, as clap's kebab-case names of the CSI modes.
 const ACCESS_MODES: [(&str, Mode); 7] = [
     ("single-node-writer", Mode::SINGLE_NODE_WRITER),

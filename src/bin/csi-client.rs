@@ -23,6 +23,8 @@ use node_local_cache::config::parse_duration;
 use node_local_cache::proto::grpc;
 use node_local_cache::server::socket_path;
 
+node_local_cache::grpc_core_configuration!(client);
+
 const EXAMPLES: &str = r#"Examples:
   csi-client --socket unix:///csi/csi.sock Probe
   csi-client NodeGetInfo

@@ -19,6 +19,9 @@ use node_local_cache::proto::grpc::{ControllerClient, IdentityClient, NodeClient
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_node-local-cache");
 
+// The clients here run with the core configuration csi-client ships with.
+node_local_cache::grpc_core_configuration!(client);
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
