@@ -323,8 +323,9 @@ fi
 
 check "Dockerfile: hadolint" hadolint Dockerfile
 
-# The files under scripts/ that the image build runs or reads (named in the Dockerfile, or by
-# scripts/build-static.sh, which it runs) must be in the build context: .dockerignore leaves
+# The files under scripts/ that the image build runs or reads (named in the Dockerfile, by
+# scripts/build-static.sh, which it runs, or by .cargo/config.toml, which cargo reads: the C++
+# compiler wrapper) must be in the build context: .dockerignore leaves
 # scripts/ out but for them. Docker's rules: a pattern excludes what it names and all below it,
 # `!` takes an exclusion back, and the last rule that matches decides.
 build_context_complete() {
@@ -348,6 +349,7 @@ def excluded(path):
 dockerfile = "".join(l for l in open("Dockerfile") if not l.lstrip().startswith("#"))
 needed = set(re.findall(r"scripts/[\w.-]+", dockerfile))
 needed |= set(re.findall(r"scripts/[\w.-]+\.txt", open("scripts/build-static.sh").read()))
+needed |= set(re.findall(r"scripts/[\w.-]+", open(".cargo/config.toml").read()))
 missing = sorted(p for p in needed if excluded(p))
 sys.exit("\n".join(f"{p}: the image build needs it, .dockerignore leaves it out" for p in missing) or None)
 PY
@@ -371,6 +373,21 @@ scripts_executable() {
     return "$bad"
 }
 check "scripts: every one with a #! line is executable in git" scripts_executable
+
+# scripts/cxx-hot.sh names the C core's sources it builds at -O3 by path: after a grpcio update a
+# path that no longer exists would leave that code at -Os without a word.
+hot_sources_exist() {
+    local grpc bad=0 n=0 src
+    grpc=$(cargo metadata --locked --format-version 1 |
+        jq -r '.packages[] | select(.name == "grpcio-sys") | .manifest_path' | xargs dirname)/grpc
+    while read -r src; do
+        n=$((n + 1))
+        [ -f "$grpc/$src" ] || { echo "scripts/cxx-hot.sh: $src is not in $grpc"; bad=1; }
+    done < <(sed -n 's|^ *\*/grpc/\([^ )]*\).*|\1|p' scripts/cxx-hot.sh)
+    [ "$n" -gt 0 ] || { echo "scripts/cxx-hot.sh names no source"; bad=1; }
+    return "$bad"
+}
+check "scripts/cxx-hot.sh: every source it names is in the pinned grpcio-sys" hot_sources_exist
 
 echo "lint: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
