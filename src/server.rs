@@ -350,7 +350,7 @@ pub fn start(socket: &Path, services: Vec<grpcio::Service>, rpc: Rpc) -> std::re
     }
     let mut server = builder.build().map_err(|e| format!("build gRPC server: {e}"))?;
     if !crate::grpc_plugins::in_effect() {
-        warn!("gRPC core configured with its stock plugin set (this build did not link grpc_plugins)");
+        warn!("gRPC core configured with its stock plugin set (this binary does not invoke grpc_core_configuration!)");
     }
     let addr = format!("unix:{}", socket.display());
     server
