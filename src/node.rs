@@ -588,7 +588,9 @@ impl NodeState {
                 );
             }
             Some(Binding::Ours) => {
-                let vol = base.as_ref().map(|b| safedir::open_child(b.fd.as_fd(), OsStr::new(id)));
+                let vol = base
+                    .as_ref()
+                    .map(|b| safedir::child_dir_identity(b.fd.as_fd(), OsStr::new(id)));
                 if !matches!(vol, Some(Ok(_))) {
                     condition.abnormal = true;
                     condition.message = format!(

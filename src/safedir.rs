@@ -195,17 +195,17 @@ pub fn identity(fd: BorrowedFd<'_>) -> Result<(u64, u64), Errno> {
 /// Device and inode of the directory `name` inside `parent` (of the mount on top of it, if any),
 /// not following a symlink: what `open_child` and `identity` would give, in one stat.
 pub fn child_dir_identity(parent: BorrowedFd<'_>, name: &OsStr) -> Result<(u64, u64), Errno> {
-    let st = fstatat(parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?;
-    if st.st_mode & libc_s_ifmt() != libc_s_ifdir() {
-        return Err(Errno::ENOTDIR);
-    }
-    Ok((st.st_dev, st.st_ino))
+    dir_identity_of(&fstatat(parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?)
 }
 
 /// Device and inode of the directory at `path`, not following a symlink at its last component:
 /// whether a handle opened earlier still names what the path names (one stat, no open).
 pub fn dir_identity_at(path: &Path) -> Result<(u64, u64), Errno> {
-    let st = nix::sys::stat::lstat(path)?;
+    dir_identity_of(&nix::sys::stat::lstat(path)?)
+}
+
+/// Device and inode from a stat that did not follow a symlink, if it shows a directory.
+fn dir_identity_of(st: &nix::sys::stat::FileStat) -> Result<(u64, u64), Errno> {
     if st.st_mode & libc_s_ifmt() != libc_s_ifdir() {
         return Err(Errno::ENOTDIR);
     }
