@@ -152,7 +152,12 @@ impl InFlight {
                 map.remove(volume);
             }
         }
-        self.released.notify_all();
+        // Only the end of whole-volume work lets a waiting target operation on (see
+        // `lock_target`); a notify is a syscall even with nobody waiting.
+        if target.is_none() {
+            drop(map);
+            self.released.notify_all();
+        }
     }
 }
 

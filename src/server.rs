@@ -26,34 +26,57 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Counts jobs queued or running, so shutdown can wait for them.
 #[derive(Default)]
 struct Busy {
-    count: Mutex<usize>,
+    state: Mutex<BusyState>,
     idle: Condvar,
+}
+
+/// Jobs queued or running, and how many threads wait for none to be. A condition variable's
+/// notify is a syscall even with nobody waiting, and every job ends with one: it is made only
+/// for a waiter.
+#[derive(Default)]
+struct BusyState {
+    jobs: usize,
+    waiters: usize,
 }
 
 impl Busy {
     fn add(&self, n: isize) {
-        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        *c = c.saturating_add_signed(n);
-        if *c == 0 {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.jobs = s.jobs.saturating_add_signed(n);
+        let wake = s.jobs == 0 && s.waiters > 0;
+        drop(s);
+        if wake {
             self.idle.notify_all();
         }
     }
 
     fn wait_idle(&self, timeout: Duration) -> bool {
-        let c = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        let (c, _) = self
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.waiters += 1;
+        let (mut s, _) = self
             .idle
-            .wait_timeout_while(c, timeout, |c| *c > 0)
+            .wait_timeout_while(s, timeout, |s| s.jobs > 0)
             .unwrap_or_else(|p| p.into_inner());
-        *c == 0
+        s.waiters -= 1;
+        s.jobs == 0
     }
 }
 
 /// Jobs waiting for a worker, at most `cap` of them.
 struct Queue {
-    jobs: Mutex<VecDeque<Job>>,
+    jobs: Mutex<Jobs>,
     ready: Condvar,
     cap: usize,
+    /// How often an idle worker wakes to let go of held replies.
+    sweep: Duration,
+}
+
+/// The queued jobs and the workers asleep waiting for one: a job is announced only when one
+/// sleeps (under load the workers find the next job without sleeping, and a notify nobody
+/// waits for is still a syscall).
+struct Jobs {
+    queue: VecDeque<Job>,
+    sleeping: usize,
 }
 
 /// How often an idle worker lets go of the replies it still holds (see `held_replies`).
@@ -70,10 +93,18 @@ struct Pool {
 
 impl Pool {
     fn new(name: &str, threads: usize, cap: usize) -> Pool {
+        Pool::with_sweep(name, threads, cap, IDLE_SWEEP)
+    }
+
+    fn with_sweep(name: &str, threads: usize, cap: usize, sweep: Duration) -> Pool {
         let queue = Arc::new(Queue {
-            jobs: Mutex::new(VecDeque::with_capacity(cap)),
+            jobs: Mutex::new(Jobs {
+                queue: VecDeque::with_capacity(cap),
+                sleeping: 0,
+            }),
             ready: Condvar::new(),
             cap: cap.max(1),
+            sweep,
         });
         let busy = Arc::new(Busy::default());
         for i in 0..threads.max(1) {
@@ -95,13 +126,16 @@ impl Pool {
 
     fn submit(&self, job: Job) -> std::result::Result<(), Job> {
         let mut jobs = self.queue.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        if jobs.len() >= self.queue.cap {
+        if jobs.queue.len() >= self.queue.cap {
             return Err(job);
         }
         self.busy.add(1);
-        jobs.push_back(job);
+        jobs.queue.push_back(job);
+        let wake = jobs.sleeping > 0;
         drop(jobs);
-        self.queue.ready.notify_one();
+        if wake {
+            self.queue.ready.notify_one();
+        }
         Ok(())
     }
 }
@@ -112,14 +146,16 @@ impl Queue {
     fn next(&self) -> Job {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(job) = jobs.pop_front() {
+            if let Some(job) = jobs.queue.pop_front() {
                 return job;
             }
+            jobs.sleeping += 1;
             let (guard, waited) = self
                 .ready
-                .wait_timeout(jobs, IDLE_SWEEP)
+                .wait_timeout(jobs, self.sweep)
                 .unwrap_or_else(|p| p.into_inner());
             jobs = guard;
+            jobs.sleeping -= 1;
             if waited.timed_out() {
                 drop(jobs);
                 sweep_held_replies();
@@ -454,6 +490,40 @@ mod tests {
         let mut got: Vec<i32> = rx.try_iter().collect();
         got.sort();
         assert_eq!(got, vec![0, 1, 2]);
+    }
+
+    /// Each job that finds workers asleep wakes one. The idle sweep, which would also pick a job
+    /// up, is set beyond the test's wait, so a job nobody was woken for fails it.
+    #[test]
+    fn each_job_wakes_a_sleeping_worker() {
+        let pool = Pool::with_sweep("t", 2, 4, Duration::from_secs(3600));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.queue.jobs.lock().unwrap().sleeping < 2 {
+            assert!(Instant::now() < deadline, "workers never went to sleep");
+            thread::sleep(Duration::from_millis(1));
+        }
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Arc::new(Mutex::new(release_rx));
+        for i in 0..2 {
+            let started_tx = started_tx.clone();
+            let release_rx = release_rx.clone();
+            pool.submit(Box::new(move || {
+                started_tx.send(i).unwrap();
+                // Holds this worker until the test has seen both jobs start.
+                let _ = release_rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            }))
+            .ok()
+            .unwrap();
+        }
+        for _ in 0..2 {
+            started
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a job waited for a worker that was never woken");
+        }
+        release_tx.send(()).unwrap();
+        release_tx.send(()).unwrap();
+        assert!(pool.busy.wait_idle(Duration::from_secs(10)));
     }
 
     #[test]
