@@ -64,7 +64,8 @@ fn the_node_plugin_carries_no_client_channel() {
 }
 
 /// Every call passes each filter of the server's stack; src/grpc_plugins.rs keeps out the ones
-/// a CSI Unix socket never needs (the call tracer and the auth filters). The core names the
+/// a CSI Unix socket never needs (the call tracer and the auth filters) and the message-size
+/// filter, whose check the handlers make themselves. The core names the
 /// stack it builds for a connection when asked to trace it.
 #[test]
 fn a_call_passes_only_the_filters_it_needs() {
@@ -82,16 +83,39 @@ fn a_call_passes_only_the_filters_it_needs() {
         .collect();
     assert_eq!(
         stack,
-        [
-            "server",
-            "message_size",
-            "deadline",
-            "http-server",
-            "compression",
-            "connected"
-        ],
+        ["server", "deadline", "http-server", "compression", "connected"],
         "log:\n{log}"
     );
+    tree.assert_no_mounts();
+}
+
+/// gRPC's 4 MiB receive limit holds without the message-size filter (src/grpc_plugins.rs leaves
+/// it out; the compression filter checks the same limit): a bigger request is refused with
+/// RESOURCE_EXHAUSTED and leaves nothing behind, and one just under the limit is served.
+#[test]
+fn a_request_over_the_receive_limit_is_refused() {
+    let tree = Tree::new("oversize");
+    let d = Driver::node(&tree, "node-a", &[]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-big");
+    let target = tree.target("pod1");
+
+    let mut big = publish_req(&vol, &target, false);
+    big.volume_context.insert("filler".into(), "x".repeat(5 << 20));
+    let (c, msg) = code(n.node_publish_volume_opt(&big, opt()));
+    assert_eq!(c, RpcStatusCode::RESOURCE_EXHAUSTED, "{msg}");
+    assert!(msg.contains("larger than max") && msg.contains("4194304"), "{msg}");
+    assert!(!target.exists(), "a refused request made {}", target.display());
+    assert!(!tree.base().join(&vol).exists());
+
+    let mut under = publish_req(&vol, &target, false);
+    under
+        .volume_context
+        .insert("filler".into(), "x".repeat((4 << 20) - 4096));
+    n.node_publish_volume_opt(&under, opt()).unwrap();
+    assert_eq!(mounted_at(&target), 1);
+    n.node_unpublish_volume_opt(&unpublish_req(&vol, &target), opt())
+        .unwrap();
     tree.assert_no_mounts();
 }
 
