@@ -58,35 +58,44 @@ impl InFlight {
     }
 
     /// A target operation. Yielding whole-volume work is asked to stop and waited for up to
-    /// `YIELD_WAIT`; anything else in the way refuses the call at once.
+    /// `YIELD_WAIT`; anything else in the way refuses the call at once. Targets are compared as
+    /// bytes: callers pass what `volume::check_target` returned, which has one spelling per path.
     pub fn lock_target(&self, volume: &str, target: &Path) -> Result<TargetGuard> {
-        let deadline = Instant::now() + YIELD_WAIT;
+        let busy = || Error::InFlight {
+            volume: volume.to_owned(),
+            path: target.to_owned(),
+        };
+        let mut deadline = None;
         let mut map = self.map();
-        loop {
-            let ops = map.entry(volume.to_owned()).or_default();
-            let busy = Error::InFlight {
-                volume: volume.to_owned(),
-                path: target.to_owned(),
-            };
-            if ops.targets.iter().any(|t| t == target) {
-                return Err(busy);
+        while let Some(ops) = map.get(volume) {
+            if ops.targets.iter().any(|t| t.as_os_str() == target.as_os_str()) {
+                return Err(busy());
             }
             if !ops.whole_volume {
                 break;
             }
-            let Some(stop) = &ops.stop else { return Err(busy) };
+            let Some(stop) = &ops.stop else { return Err(busy()) };
             stop.store(true, Ordering::Relaxed);
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + YIELD_WAIT);
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(busy);
+                return Err(busy());
             }
             map = match self.released.wait_timeout(map, left) {
                 Ok((m, _)) => m,
                 Err(p) => p.into_inner().0,
             };
         }
-        let ops = map.entry(volume.to_owned()).or_default();
-        ops.targets.push(target.to_owned());
+        match map.get_mut(volume) {
+            Some(ops) => ops.targets.push(target.to_owned()),
+            None => {
+                let ops = VolumeOps {
+                    targets: vec![target.to_owned()],
+                    ..VolumeOps::default()
+                };
+                map.insert(volume.to_owned(), ops);
+            }
+        }
         Ok(TargetGuard {
             owner: self.clone(),
             volume: volume.to_owned(),
@@ -112,7 +121,7 @@ impl InFlight {
         let others = ops
             .targets
             .iter()
-            .filter(|t| except.is_none_or(|g| g.volume != volume || **t != g.target))
+            .filter(|t| except.is_none_or(|g| g.volume != volume || t.as_os_str() != g.target.as_os_str()))
             .count();
         if ops.whole_volume || others > 0 {
             return None;
@@ -142,7 +151,7 @@ impl InFlight {
         let mut map = self.map();
         if let Some(ops) = map.get_mut(volume) {
             match target {
-                Some(t) => ops.targets.retain(|x| x != t),
+                Some(t) => ops.targets.retain(|x| x.as_os_str() != t.as_os_str()),
                 None => {
                     ops.whole_volume = false;
                     ops.stop = None;

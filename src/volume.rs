@@ -36,11 +36,7 @@ pub fn check_id(id: &str) -> Result<()> {
     if id.is_empty() {
         return Err(Error::missing("volume_id", ""));
     }
-    let well_formed = id.len() == ID_LEN
-        && id.starts_with(ID_PREFIX)
-        && Uuid::try_parse(&id[ID_PREFIX.len()..])
-            .map(|u| u.hyphenated().to_string() == id[ID_PREFIX.len()..])
-            .unwrap_or(false);
+    let well_formed = id.len() == ID_LEN && id.starts_with(ID_PREFIX) && is_hyphenated_uuid(&id[ID_PREFIX.len()..]);
     if well_formed {
         Ok(())
     } else {
@@ -49,6 +45,16 @@ pub fn check_id(id: &str) -> Result<()> {
             path: PathBuf::new(),
         })
     }
+}
+
+/// The text `Uuid::hyphenated` writes: 8-4-4-4-12 lowercase hex digits. Checked byte by byte
+/// (every call checks an id, and parsing and printing it again allocated).
+fn is_hyphenated_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        })
 }
 
 /// `check_id` for a call that names a path, so a refusal names it too.
@@ -187,6 +193,35 @@ mod tests {
             assert!(err.to_string().contains("/k/pods/p/mount"), "{err}");
         }
         assert!(matches!(check_id(""), Err(Error::MissingField { .. })));
+    }
+
+    /// The byte check accepts exactly what parsing the UUID and printing it back did.
+    #[test]
+    fn the_uuid_check_agrees_with_parsing_and_printing() {
+        let by_parsing = |s: &str| Uuid::try_parse(s).is_ok_and(|u| u.hyphenated().to_string() == s);
+        let good = id_for_name("y")[ID_PREFIX.len()..].to_owned();
+        let mut cases = vec![
+            good.clone(),
+            good.to_uppercase(),
+            good.replace('-', ""),
+            format!("{{{good}}}"),
+            format!("urn:uuid:{good}"),
+            "00000000-0000-0000-0000-000000000000".to_owned(),
+            "ffffffff-ffff-ffff-ffff-ffffffffffff".to_owned(),
+        ];
+        // Every byte position of a good id, replaced by each byte that matters to the check.
+        for i in 0..good.len() {
+            for b in [b'-', b'0', b'9', b'a', b'f', b'g', b'A', b'F', b'/', b'.', b' ', 0xc3] {
+                let mut v = good.clone().into_bytes();
+                v[i] = b;
+                if let Ok(s) = String::from_utf8(v) {
+                    cases.push(s);
+                }
+            }
+        }
+        for c in &cases {
+            assert_eq!(is_hyphenated_uuid(c), by_parsing(c), "{c:?}");
+        }
     }
 
     fn cap(mode: Mode, block: bool, flags: &[&str]) -> VolumeCapability {
