@@ -79,7 +79,7 @@ struct Jobs {
     sleeping: usize,
 }
 
-/// How often an idle worker lets go of the replies it still holds (see `held_replies`).
+/// How often an idle worker lets go of the replies it still holds (see `HELD_REPLIES`).
 const IDLE_SWEEP: Duration = Duration::from_secs(1);
 
 /// Threads fed by a bounded queue. An idle worker sleeps on a condition variable: it costs
