@@ -2,7 +2,8 @@
 # Interleaved A/B runs of two node plugin binaries under the same csi-bench load, so both see the
 # same machine state. Prints one line per run: throughput, cycle p50, the plugin's CPU time per
 # cycle (utime+stime from /proc/PID/stat over the run) and its resident memory idle (after
-# start-up) and at its peak (VmHWM). Needs root (bind mounts) and jq.
+# start-up) and at its peak (VmHWM); at the end, each round's ratios and their medians. Needs root
+# (bind mounts) and jq.
 #
 #   scripts/perf-compare.sh BASE_BINARY NEW_BINARY [ROUNDS] [CYCLES] [CONCURRENCY]
 #
@@ -25,6 +26,7 @@ ticks=$(getconf CLK_TCK)
 
 tree=""
 pid=""
+results=$(mktemp)
 cleanup() {
     if [ -n "$pid" ]; then
         kill -TERM "$pid" 2>/dev/null || true
@@ -37,7 +39,7 @@ cleanup() {
         rm -rf "$tree"
     fi
 }
-trap cleanup EXIT
+trap 'cleanup; rm -f "$results"' EXIT
 
 # utime + stime of a process, in clock ticks.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
@@ -65,10 +67,33 @@ run_one() {
     jq -r --arg name "$label" --argjson cpu "$((cpu1 - cpu0))" --argjson ticks "$ticks" \
         --argjson idle "$idle" --argjson hwm "$hwm" --argjson cycles "$cycles" \
         '"\($name)\tcycles/s \(.driver.throughput_per_s | floor)\tcycle p50 \(.driver.cycle.p50_ms) ms\tcpu/cycle \(($cpu / $ticks * 1e6 / $cycles) | floor) us\tidle RSS \($idle / 1024 * 10 | floor / 10) MiB\tpeak RSS \($hwm / 1024 * 10 | floor / 10) MiB"' \
-        "$tree/out.json"
+        "$tree/out.json" | tee -a "$results"
     cleanup
     tree=""
     pid=""
+}
+
+# Per round, new against base, and the median over the rounds: the machine's speed moves from
+# round to round by more than most changes, so the medians are what to compare.
+summary() {
+    awk -F'\t' '
+        function median(a, n,    i, j, t) {
+            for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        {
+            split($2, tp, " "); split($3, p50, " "); split($4, cpu, " ")
+            if ($1 == "base") { btp = tp[2]; bp50 = p50[3]; bcpu = cpu[2]; next }
+            n++; t[n] = tp[2] / btp; l[n] = p50[3] / bp50; c[n] = 100 * (cpu[2] / bcpu - 1)
+            ts = ts sprintf(" %.2f", t[n]); ls = ls sprintf(" %.2f", l[n]); cs = cs sprintf(" %.0f", c[n])
+        }
+        END {
+            if (n == 0) exit
+            printf "new against base, per round:\n"
+            printf "  throughput:%s (median %.2f)\n", ts, median(t, n)
+            printf "  cycle p50:%s (median %.2f)\n", ls, median(l, n)
+            printf "  CPU per cycle, %%:%s (median %.1f)\n", cs, median(c, n)
+        }' "$1"
 }
 
 echo "csi-bench: $cycles cycles at concurrency $concurrency, $rounds interleaved rounds, tree on ${TREE_FS:-the filesystem of /tmp}"
@@ -76,3 +101,4 @@ for ((r = 1; r <= rounds; r++)); do
     run_one base "$base"
     run_one new "$new"
 done
+summary "$results"
