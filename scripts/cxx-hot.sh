@@ -16,6 +16,8 @@ for arg in "$@"; do
     prev=$arg
 done
 if [ "$size_first" = 1 ]; then
+    # message_size_filter.cc stays for the clients' calls (csi-client, csi-bench): the node
+    # plugin no longer registers that filter (src/grpc_plugins.rs).
     case "$src" in
     */grpc/src/core/ext/filters/deadline/deadline_filter.cc | \
     */grpc/src/core/ext/filters/http/message_compress/compression_filter.cc | \

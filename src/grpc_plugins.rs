@@ -23,6 +23,10 @@
 //!   identity, and runs an auth metadata processor when one is set (none is); the client's only
 //!   attaches call credentials (none are used).
 //!
+//! The node plugin also leaves out the message-size filter (promise-based as well): on a server
+//! it checks the whole received message against the receive limit, which the compression filter
+//! already does (gRPC's 4 MiB, RESOURCE_EXHAUSTED). The clients keep it for their send limit.
+//!
 //! The names are the C++ (Itanium ABI) names of the functions in the pinned grpcio-sys
 //! (`=0.13.0`, gRPC 1.56.2). A rename in another gRPC fails the link; a new plugin that the
 //! core needs shows up in the test suite, which runs every call through this configuration.
@@ -76,9 +80,8 @@ static IN_EFFECT: AtomicBool = AtomicBool::new(false);
 /// channel, pick_first, the `unix:` resolver, the authority and service config filters, the
 /// TCP connect handshaker): the node plugin never dials, and without these references the
 /// linker leaves the client channel's code out of its binary (0.23 MB, docs/performance.md).
-/// The message-size filter stays out too: on a server it only repeats the receive limit that
-/// the compression filter already enforces on the same whole message (gRPC's 4 MiB, answered
-/// with RESOURCE_EXHAUSTED), and it cost every call a tenth of its user-space instructions.
+/// So is the message-size filter (see the module's comment): a tenth of a call's user-space
+/// instructions.
 ///
 /// # Safety
 /// Only as the core's `BuildCoreConfiguration`, with the builder it passes: use
