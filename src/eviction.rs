@@ -139,13 +139,11 @@ pub struct CopyRecord {
 /// limits each record was last read or written with, by base dir (device and inode: a base dir
 /// made anew starts with nothing known) and volume, so a publish with the same limits (nearly
 /// all of them) touches no file.
-static RECORDS: Mutex<BTreeMap<RecordKey, Limits>> = Mutex::new(BTreeMap::new());
+static RECORDS: Mutex<BTreeMap<(u64, u64), BTreeMap<String, Limits>>> = Mutex::new(BTreeMap::new());
 
-/// A record in memory: its base dir's device and inode, and the volume id.
-type RecordKey = ((u64, u64), String);
-
-fn known_key(base: BorrowedFd<'_>, id: &str) -> std::result::Result<RecordKey, Errno> {
-    Ok((safedir::identity(base)?, id.to_owned()))
+/// The limits known for volume `id` under the base dir with this device and inode.
+fn known_limits(known: &BTreeMap<(u64, u64), BTreeMap<String, Limits>>, base: (u64, u64), id: &str) -> Option<Limits> {
+    known.get(&base)?.get(id).copied()
 }
 
 pub fn read_record(base: BorrowedFd<'_>, id: &str) -> Option<CopyRecord> {
@@ -191,8 +189,8 @@ fn write_record(base: BorrowedFd<'_>, id: &str, r: &CopyRecord) -> std::result::
 
 fn remove_record(base: BorrowedFd<'_>, id: &str) {
     let mut known = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Ok(key) = known_key(base, id) {
-        known.remove(&key);
+    if let Some(records) = safedir::identity(base).ok().and_then(|b| known.get_mut(&b)) {
+        records.remove(id);
     }
     if let Ok(dir) = safedir::open_child(base, OsStr::new(RECORD_DIR)) {
         let _ = unlinkat(dir.as_fd(), id, UnlinkatFlags::NoRemoveDir);
@@ -200,16 +198,21 @@ fn remove_record(base: BorrowedFd<'_>, id: &str) {
 }
 
 /// A publish hands the node the volume's limits (written only when they changed).
-pub fn note_publish(base: BorrowedFd<'_>, id: &str, limits: Limits) -> std::result::Result<(), Errno> {
-    let key = known_key(base, id)?;
+/// `base_identity` is the base dir's device and inode, which the caller already holds.
+pub fn note_publish(
+    base: BorrowedFd<'_>,
+    base_identity: (u64, u64),
+    id: &str,
+    limits: Limits,
+) -> std::result::Result<(), Errno> {
     let mut known = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
-    if known.get(&key) == Some(&limits) {
+    if known_limits(&known, base_identity, id) == Some(limits) {
         return Ok(());
     }
     if read_record(base, id).unwrap_or_default().limits != limits {
         write_record(base, id, &CopyRecord { limits })?;
     }
-    known.insert(key, limits);
+    known.entry(base_identity).or_default().insert(id.to_owned(), limits);
     Ok(())
 }
 
@@ -231,9 +234,9 @@ pub fn note_unpublish(base: BorrowedFd<'_>, id: &str, at: SystemTime) -> std::re
     };
     match touch() {
         Err(Errno::ENOENT) => {
-            let limits = known_key(base, id)
+            let limits = safedir::identity(base)
                 .ok()
-                .and_then(|key| known.get(&key).copied())
+                .and_then(|b| known_limits(&known, b, id))
                 .unwrap_or_default();
             write_record(base, id, &CopyRecord { limits })?;
             touch()

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::eviction;
 use crate::inflight::InFlight;
 use crate::metrics;
-use crate::mounts::{self, BindSource, Binding};
+use crate::mounts::{self, BindSource, Binding, MountPointCheck};
 use crate::proto::csi::node_service_capability::rpc::Type as NodeRpc;
 use crate::proto::csi::volume_usage::Unit;
 use crate::proto::csi::{
@@ -223,27 +223,30 @@ impl NodeState {
     /// Whether anything may be mounted at the target: statx says so or cannot tell. "No" is
     /// final, so the common publish and unpublish never read the mount table.
     fn maybe_mounted(t: &Target) -> bool {
-        match mounts::is_mount_point(t.parent.as_fd(), &t.name) {
-            Ok(Some(mounted)) => mounted,
-            Err(Errno::ENOENT) => false,
-            Ok(None) | Err(_) => true,
+        Self::mounted_top(t).is_some()
+    }
+
+    /// `None` when nothing is mounted at the target (as far as statx tells, without the table);
+    /// else the device and inode of the directory on top, if statx could show it.
+    fn mounted_top(t: &Target) -> Option<Option<(u64, u64)>> {
+        match mounts::check_mount_point(t.parent.as_fd(), &t.name) {
+            Ok(MountPointCheck {
+                mounted: Some(false), ..
+            })
+            | Err(Errno::ENOENT) => None,
+            Ok(check) => Some(check.dir),
+            Err(_) => Some(None),
         }
     }
 
-    /// Whether the top mount at the target shows this volume's dir itself (same device and
-    /// inode): our own bind, known without the mount table. Anything else (a foreign mount, a
-    /// volume dir gone or unreadable) is left to the table to tell apart.
-    fn shows_volume(base: Option<&Base>, id: &str, t: &Target) -> bool {
-        let Some(base) = base else {
+    /// Whether the directory on top at the target (`top`, from `mounted_top`) is this volume's
+    /// dir itself (same device and inode): our own bind, known without the mount table. Anything
+    /// else (a foreign mount, a volume dir gone or unreadable) is left to the table to tell apart.
+    fn shows_volume(base: Option<&Base>, id: &str, top: Option<(u64, u64)>) -> bool {
+        let (Some(base), Some(top)) = (base, top) else {
             return false;
         };
-        matches!(
-            (
-                safedir::child_dir_identity(base.fd.as_fd(), OsStr::new(id)),
-                safedir::child_dir_identity(t.parent.as_fd(), &t.name),
-            ),
-            (Ok(vol), Ok(top)) if vol == top
-        )
+        safedir::child_dir_identity(base.fd.as_fd(), OsStr::new(id)) == Ok(top)
     }
 
     pub fn publish(&self, req: &NodePublishVolumeRequest) -> Result<()> {
@@ -358,7 +361,7 @@ impl NodeState {
         };
 
         let started = Instant::now();
-        if let Err(e) = mounts::bind(&safedir::fd_path(vol_fd.as_fd()), &safedir::fd_path(tgt_fd.as_fd())) {
+        if let Err(e) = mounts::bind_handles(vol_fd.as_fd(), tgt_fd.as_fd()) {
             undo(&tgt_fd, false);
             return Err(match e {
                 Errno::ENOENT => Error::conflict(id, &target, "target changed while it was being mounted"),
@@ -423,7 +426,7 @@ impl NodeState {
             }
             metrics::VOLUME_CREATE_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        if let Err(e) = eviction::note_publish(base.fd.as_fd(), id, limits) {
+        if let Err(e) = eviction::note_publish(base.fd.as_fd(), base.identity, id, limits) {
             warn!(
                 "volume {id}: record its capacity under {}: {}",
                 base.real.display(),
@@ -475,8 +478,8 @@ impl NodeState {
         let base_cell = std::cell::OnceCell::new();
         let base = || base_cell.get_or_init(|| self.open_base(id).ok()).as_deref();
         let mut unmounted = 0;
-        while Self::maybe_mounted(&t) {
-            if !Self::shows_volume(base(), id, &t) {
+        while let Some(top) = Self::mounted_top(&t) {
+            if !Self::shows_volume(base(), id, top) {
                 let vol_dir = self.base_real(base()).join(id);
                 let table = Self::mounts_for(id, &vol_dir, &t.real, &target)?;
                 let Some(top) = mounts::at(&table, &t.real).last().copied() else {

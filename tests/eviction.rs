@@ -487,6 +487,7 @@ fn hostile_trees_are_trimmed_and_evicted_as_the_safe_delete_handles_them() {
     let base = n.base_fd();
     eviction::note_publish(
         base.as_fd(),
+        safedir::identity(base.as_fd()).unwrap(),
         &id,
         Limits {
             capacity: 4 * KIB,

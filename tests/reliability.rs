@@ -582,6 +582,7 @@ fn a_settled_bind_is_never_carried_off_by_a_rename() {
     fs::create_dir(&name).unwrap();
     symlink(&tree.root, &alt).unwrap();
     let parent_fd = safedir::open_dir(&parent).unwrap();
+    let source_fd = safedir::open_dir(&source).unwrap();
     let swaps = swapper(name.clone(), alt.clone(), tree.root.clone(), true);
 
     let ino_at = |p: &Path| fs::symlink_metadata(p).map(|m| m.ino()).ok();
@@ -590,7 +591,7 @@ fn a_settled_bind_is_never_carried_off_by_a_rename() {
         let Ok(dir) = safedir::open_child(parent_fd.as_fd(), OsStr::new("racer")) else {
             continue;
         };
-        mounts::bind(&source, &safedir::fd_path(dir.as_fd())).unwrap();
+        mounts::bind_handles(source_fd.as_fd(), dir.as_fd()).unwrap();
         safedir::settle_renames(dir.as_fd()).unwrap();
         let found_here = ino_at(&name) == Some(want);
         // Long enough for a rename that was under way to finish.
