@@ -13,6 +13,8 @@ use nix::errno::Errno;
 use nix::libc;
 use nix::mount::{MntFlags, MsFlags};
 
+use crate::safedir::fd_path;
+
 /// One line of mountinfo (proc(5)); only the fields the driver uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
@@ -400,11 +402,7 @@ pub fn bind_handles(source: BorrowedFd<'_>, target: BorrowedFd<'_>) -> Result<()
             Err(e) => return Err(e),
         }
     }
-    bind(&proc_fd_path(source), &proc_fd_path(target))
-}
-
-fn proc_fd_path(fd: BorrowedFd<'_>) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+    bind(&fd_path(source), &fd_path(target))
 }
 
 /// A detached copy of the mount at `dir`, rooted at `dir`: unmounted again when its handle is
@@ -760,7 +758,7 @@ mod tests {
         let (src, by_handles) = (open(&dir.join("src")), open(&shared.join("by-handles")));
         let attached = clone_tree(src.as_fd()).and_then(|tree| attach_tree(tree.as_fd(), by_handles.as_fd()));
         let by_paths = open(&shared.join("by-paths"));
-        bind(&proc_fd_path(src.as_fd()), &proc_fd_path(by_paths.as_fd())).unwrap();
+        bind(&fd_path(src.as_fd()), &fd_path(by_paths.as_fd())).unwrap();
         let table = read_table().unwrap();
         let at = |p: PathBuf| table.iter().find(|m| m.mount_point == p).cloned();
         let seen = [
@@ -809,7 +807,7 @@ mod tests {
         let (src, gone) = (open(&dir.join("src")), open(&dir.join("gone")));
         std::fs::remove_dir(dir.join("gone")).unwrap();
         let by_handles = bind_handles(src.as_fd(), gone.as_fd());
-        let by_paths = bind(&proc_fd_path(src.as_fd()), &proc_fd_path(gone.as_fd()));
+        let by_paths = bind(&fd_path(src.as_fd()), &fd_path(gone.as_fd()));
         let left: Vec<_> = read_table()
             .unwrap()
             .into_iter()
