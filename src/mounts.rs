@@ -329,6 +329,19 @@ impl BindFlags {
         f
     }
 
+    /// The same flags as `mount_setattr` takes them.
+    fn mount_attr(self) -> u64 {
+        [
+            (self.read_only, libc::MOUNT_ATTR_RDONLY),
+            (self.nosuid, libc::MOUNT_ATTR_NOSUID),
+            (self.nodev, libc::MOUNT_ATTR_NODEV),
+            (self.noexec, libc::MOUNT_ATTR_NOEXEC),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |attr, (_, bit)| attr | bit)
+    }
+
     pub fn needs_remount(self) -> bool {
         self != BindFlags::default()
     }
@@ -385,15 +398,45 @@ pub fn bind(source: &Path, target: &Path) -> Result<(), Errno> {
 /// Linux 5.2) or a seccomp profile refuses them.
 static MOUNT_API: AtomicBool = AtomicBool::new(true);
 
+/// Whether `mount_setattr` may be used: cleared when the kernel lacks it (before Linux 5.12) or
+/// a seccomp profile refuses it.
+static SETATTR_API: AtomicBool = AtomicBool::new(true);
+
+/// What `bind_handles` made: a bind that already carries the flags asked for, or a plain bind
+/// that takes them only from a remount (`remount_bind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    WithFlags,
+    Plain,
+}
+
 /// Binds the directory `source` onto the directory `target`, both open handles: a clone of the
 /// source (`open_tree`) attached on the target (`move_mount`), the same non-recursive bind as
 /// `bind`, propagated the same way. Through handles the kernel walks no `/proc/self/fd` path and
-/// copies no option page: 13 µs instead of 20 per bind on the development machine. Where those
-/// syscalls are missing or refused, `bind` on the handles' `/proc/self/fd` paths.
-pub fn bind_handles(source: BorrowedFd<'_>, target: BorrowedFd<'_>) -> Result<(), Errno> {
+/// copies no option page: 13 µs instead of 20 per bind on the development machine. `flags` are
+/// set on the clone before it is attached (`mount_setattr`), so a read-only bind is never
+/// writable, not even for a moment; they are only ever added to what the clone inherited. Where
+/// those syscalls are missing or refused: `bind` on the handles' `/proc/self/fd` paths, or a
+/// plain bind through handles, and the caller remounts.
+pub fn bind_handles(source: BorrowedFd<'_>, target: BorrowedFd<'_>, flags: BindFlags) -> Result<Bound, Errno> {
     if MOUNT_API.load(Ordering::Relaxed) {
         match clone_tree(source) {
-            Ok(tree) => return attach_tree(tree.as_fd(), target),
+            Ok(tree) => {
+                let bound = if flags.needs_remount() && SETATTR_API.load(Ordering::Relaxed) {
+                    match add_mount_attr(tree.as_fd(), flags.mount_attr()) {
+                        Ok(()) => Bound::WithFlags,
+                        Err(Errno::ENOSYS | Errno::EPERM) => {
+                            SETATTR_API.store(false, Ordering::Relaxed);
+                            debug!("mount_setattr unavailable; setting a bind's flags with a remount");
+                            Bound::Plain
+                        }
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    Bound::Plain
+                };
+                return attach_tree(tree.as_fd(), target).map(|()| bound);
+            }
             // EPERM is also a missing capability; `bind` then fails the same way.
             Err(Errno::ENOSYS | Errno::EPERM) => {
                 MOUNT_API.store(false, Ordering::Relaxed);
@@ -402,7 +445,30 @@ pub fn bind_handles(source: BorrowedFd<'_>, target: BorrowedFd<'_>) -> Result<()
             Err(e) => return Err(e),
         }
     }
-    bind(&fd_path(source), &fd_path(target))
+    bind(&fd_path(source), &fd_path(target)).map(|()| Bound::Plain)
+}
+
+/// Adds the `MOUNT_ATTR_*` bits `set` to the mount behind `mount` (never clears one).
+fn add_mount_attr(mount: BorrowedFd<'_>, set: u64) -> Result<(), Errno> {
+    let attr = libc::mount_attr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: the path is a NUL-terminated literal; `attr` is a live mount_attr of the size
+    // passed; `mount` stays open while it is borrowed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    Errno::result(rc).map(drop)
 }
 
 /// A detached copy of the mount at `dir`, rooted at `dir`: unmounted again when its handle is
@@ -438,13 +504,14 @@ fn attach_tree(tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> Result<(), Errno
 
 /// A bind mount ignores MS_RDONLY and friends on creation; they take effect only on a remount.
 /// `mount_root` must name the root of the new bind (an fd opened through it), never the dir below.
-/// Restrictions the bind inherited from its source (nosuid, nodev, noexec, atime) are kept: a
-/// remount replaces all of them, and dropping one would loosen the source's rules.
+/// Restrictions the bind inherited from its source (read-only, nosuid, nodev, noexec, atime) are
+/// kept: a remount replaces all of them, and dropping one would loosen the source's rules.
 pub fn remount_bind(mount_root: &Path, flags: BindFlags) -> Result<(), Errno> {
     use nix::sys::statvfs::FsFlags;
     let inherited = nix::sys::statvfs::statvfs(mount_root)?.flags();
     let mut ms = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags.ms_flags();
     for (fs, m) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
         (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
         (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
         (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
@@ -793,6 +860,48 @@ mod tests {
         assert_eq!(data.as_deref(), Some(&b"cached"[..]));
     }
 
+    /// Flags asked for are added to what a bind inherits, never put in its place: from a
+    /// read-only source, a bind asked for `noexec` alone is read-only and noexec, whether the flags
+    /// come with the bind (`mount_setattr` on the clone) or from a remount after it.
+    #[test]
+    fn a_bind_keeps_its_sources_read_only() {
+        let dir = std::env::temp_dir().join(format!("nlc-mounts-ro-source-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["src", "with-flags", "remounted"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let src = dir.join("src");
+        bind(&src, &src).unwrap();
+        let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        nix::mount::mount(None::<&Path>, &src, None::<&Path>, ro, None::<&Path>).unwrap();
+        let open =
+            |p: &Path| nix::fcntl::open(p, nix::fcntl::OFlag::O_DIRECTORY, nix::sys::stat::Mode::empty()).unwrap();
+        let noexec = BindFlags {
+            noexec: true,
+            ..Default::default()
+        };
+        let (src_fd, with_flags) = (open(&src), open(&dir.join("with-flags")));
+        let bound = bind_handles(src_fd.as_fd(), with_flags.as_fd(), noexec);
+        let remounted = dir.join("remounted");
+        bind(&src, &remounted).unwrap();
+        let remount = remount_bind(&remounted, noexec);
+        let table = read_table().unwrap();
+        let options = |p: PathBuf| table.iter().find(|m| m.mount_point == p).map(|m| m.options.clone());
+        let seen = (options(dir.join("with-flags")), options(remounted.clone()));
+        for m in [dir.join("with-flags"), remounted, src] {
+            let _ = detach(&m);
+        }
+        drop((src_fd, with_flags));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        assert_eq!((bound, remount), (Ok(Bound::WithFlags), Ok(())));
+        for options in [seen.0, seen.1] {
+            let options = options.expect("a bind is missing from the mount table");
+            let set: Vec<&str> = options.split(',').collect();
+            assert!(set.contains(&"ro") && set.contains(&"noexec"), "{options}");
+        }
+    }
+
     /// A target removed after it was opened takes no mount: ENOENT, which the node plugin
     /// reports as a target that changed while it was being mounted.
     #[test]
@@ -806,7 +915,7 @@ mod tests {
             |p: &Path| nix::fcntl::open(p, nix::fcntl::OFlag::O_DIRECTORY, nix::sys::stat::Mode::empty()).unwrap();
         let (src, gone) = (open(&dir.join("src")), open(&dir.join("gone")));
         std::fs::remove_dir(dir.join("gone")).unwrap();
-        let by_handles = bind_handles(src.as_fd(), gone.as_fd());
+        let by_handles = bind_handles(src.as_fd(), gone.as_fd(), BindFlags::default());
         let by_paths = bind(&fd_path(src.as_fd()), &fd_path(gone.as_fd()));
         let left: Vec<_> = read_table()
             .unwrap()

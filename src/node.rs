@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::eviction;
 use crate::inflight::InFlight;
 use crate::metrics;
-use crate::mounts::{self, BindSource, Binding, MountPointCheck};
+use crate::mounts::{self, BindSource, Binding, Bound, MountPointCheck};
 use crate::proto::csi::node_service_capability::rpc::Type as NodeRpc;
 use crate::proto::csi::volume_usage::Unit;
 use crate::proto::csi::{
@@ -361,13 +361,16 @@ impl NodeState {
         };
 
         let started = Instant::now();
-        if let Err(e) = mounts::bind_handles(vol_fd.as_fd(), tgt_fd.as_fd()) {
-            undo(&tgt_fd, false);
-            return Err(match e {
-                Errno::ENOENT => Error::conflict(id, &target, "target changed while it was being mounted"),
-                e => Error::sys("bind mount", id, &target, e),
-            });
-        }
+        let bound = match mounts::bind_handles(vol_fd.as_fd(), tgt_fd.as_fd(), flags) {
+            Ok(bound) => bound,
+            Err(e) => {
+                undo(&tgt_fd, false);
+                return Err(match e {
+                    Errno::ENOENT => Error::conflict(id, &target, "target changed while it was being mounted"),
+                    e => Error::sys("bind mount", id, &target, e),
+                });
+            }
+        };
         // A rename that began before the bind may still move the new mount point; after this
         // the mount stays where it is, so the checks below hold once they pass.
         if let Err(e) = safedir::settle_renames(tgt_fd.as_fd()) {
@@ -389,7 +392,7 @@ impl NodeState {
                 ));
             }
         };
-        if flags.needs_remount() {
+        if flags.needs_remount() && bound == Bound::Plain {
             if let Err(e) = mounts::remount_bind(&safedir::fd_path(mount_root.as_fd()), flags) {
                 drop(mount_root);
                 undo(&tgt_fd, true);

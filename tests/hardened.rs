@@ -164,6 +164,17 @@ fn a_read_only_base_refuses_read_write_publishes_and_serves_read_only_ones() {
             assert_eq!(mounted_at(&rw), 0, "{name}: no mount left behind");
             assert!(!rw.exists(), "{name}: the target dir it made is gone");
         }
+        // A read-write publish that asks for a restriction as well: the bind must not lose the
+        // base's read-only on the way to gaining the restriction.
+        let restricted = tree.target("rw-noexec");
+        for _ in 0..2 {
+            let req = with_flags(publish_req(&vol, &restricted, false), &["noexec"]);
+            let (c, msg) = code(n.node_publish_volume(&req));
+            assert_eq!(c, RpcStatusCode::FAILED_PRECONDITION, "{name}: {msg}");
+            assert!(msg.contains(&vol) && msg.contains("read-only"), "{name}: {msg}");
+            assert_eq!(mounted_at(&restricted), 0, "{name}: no mount left behind");
+            assert!(!restricted.exists(), "{name}: the target dir it made is gone");
+        }
         let ro = tree.target("ro");
         for _ in 0..2 {
             n.node_publish_volume(&publish_req(&vol, &ro, true))
