@@ -746,15 +746,25 @@ mod tests {
         );
     }
 
-    #[test]
-    fn statx_tells_a_mount_point_without_following_symlinks() {
-        let dir = std::env::temp_dir().join(format!("nlc-mounts-statx-{}", std::process::id()));
+    /// A fresh directory for one test (named for it), holding the directories `subs`.
+    fn scratch(test: &str, subs: &[&str]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nlc-mounts-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        for sub in ["a", "b"] {
+        for sub in subs {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
+        dir
+    }
+
+    fn open_dir(path: &Path) -> OwnedFd {
+        nix::fcntl::open(path, nix::fcntl::OFlag::O_DIRECTORY, nix::sys::stat::Mode::empty()).unwrap()
+    }
+
+    #[test]
+    fn statx_tells_a_mount_point_without_following_symlinks() {
+        let dir = scratch("statx", &["a", "b"]);
         std::os::unix::fs::symlink(dir.join("b"), dir.join("link")).unwrap();
-        let fd = nix::fcntl::open(&dir, nix::fcntl::OFlag::O_DIRECTORY, nix::sys::stat::Mode::empty()).unwrap();
+        let fd = open_dir(&dir);
         let at = |name: &str| check_mount_point(fd.as_fd(), OsStr::new(name)).map(|c| c.mounted);
         assert_eq!(at("b"), Ok(Some(false)));
         bind(&dir.join("a"), &dir.join("b")).unwrap();
@@ -773,13 +783,9 @@ mod tests {
     #[test]
     fn statx_shows_the_dir_on_top_as_stat_does() {
         use std::os::unix::fs::MetadataExt;
-        let dir = std::env::temp_dir().join(format!("nlc-mounts-statx-dir-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        for sub in ["a", "b"] {
-            std::fs::create_dir_all(dir.join(sub)).unwrap();
-        }
+        let dir = scratch("statx-dir", &["a", "b"]);
         std::os::unix::fs::symlink(dir.join("b"), dir.join("link")).unwrap();
-        let fd = nix::fcntl::open(&dir, nix::fcntl::OFlag::O_DIRECTORY, nix::sys::stat::Mode::empty()).unwrap();
+        let fd = open_dir(&dir);
         let at = |name: &str| check_mount_point(fd.as_fd(), OsStr::new(name)).map(|c| c.dir);
         let stat = |name: &str| {
             let m = std::fs::symlink_metadata(dir.join(name)).unwrap();
@@ -801,11 +807,7 @@ mod tests {
     /// sees a node plugin's binds only through that propagation.
     #[test]
     fn a_bind_through_handles_is_the_bind_through_paths() {
-        let dir = std::env::temp_dir().join(format!("nlc-mounts-handles-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        for sub in ["src", "shared", "peer"] {
-            std::fs::create_dir_all(dir.join(sub)).unwrap();
-        }
+        let dir = scratch("handles", &["src", "shared", "peer"]);
         std::fs::write(dir.join("src/data"), b"cached").unwrap();
         let (shared, peer) = (dir.join("shared"), dir.join("peer"));
         let propagation = |path: &Path, flag: MsFlags| {
@@ -820,11 +822,9 @@ mod tests {
         for sub in ["by-handles", "by-paths"] {
             std::fs::create_dir(shared.join(sub)).unwrap();
         }
-        let open =
-            |p: &Path| nix::fcntl::open(p, nix::fcntl::OFlag::O_DIRECTORY, nix::sys::stat::Mode::empty()).unwrap();
-        let (src, by_handles) = (open(&dir.join("src")), open(&shared.join("by-handles")));
+        let (src, by_handles) = (open_dir(&dir.join("src")), open_dir(&shared.join("by-handles")));
         let attached = clone_tree(src.as_fd()).and_then(|tree| attach_tree(tree.as_fd(), by_handles.as_fd()));
-        let by_paths = open(&shared.join("by-paths"));
+        let by_paths = open_dir(&shared.join("by-paths"));
         bind(&fd_path(src.as_fd()), &fd_path(by_paths.as_fd())).unwrap();
         let table = read_table().unwrap();
         let at = |p: PathBuf| table.iter().find(|m| m.mount_point == p).cloned();
@@ -865,22 +865,16 @@ mod tests {
     /// come with the bind (`mount_setattr` on the clone) or from a remount after it.
     #[test]
     fn a_bind_keeps_its_sources_read_only() {
-        let dir = std::env::temp_dir().join(format!("nlc-mounts-ro-source-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        for sub in ["src", "with-flags", "remounted"] {
-            std::fs::create_dir_all(dir.join(sub)).unwrap();
-        }
+        let dir = scratch("ro-source", &["src", "with-flags", "remounted"]);
         let src = dir.join("src");
         bind(&src, &src).unwrap();
         let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         nix::mount::mount(None::<&Path>, &src, None::<&Path>, ro, None::<&Path>).unwrap();
-        let open =
-            |p: &Path| nix::fcntl::open(p, nix::fcntl::OFlag::O_DIRECTORY, nix::sys::stat::Mode::empty()).unwrap();
         let noexec = BindFlags {
             noexec: true,
             ..Default::default()
         };
-        let (src_fd, with_flags) = (open(&src), open(&dir.join("with-flags")));
+        let (src_fd, with_flags) = (open_dir(&src), open_dir(&dir.join("with-flags")));
         let bound = bind_handles(src_fd.as_fd(), with_flags.as_fd(), noexec);
         let remounted = dir.join("remounted");
         bind(&src, &remounted).unwrap();
@@ -906,14 +900,8 @@ mod tests {
     /// reports as a target that changed while it was being mounted.
     #[test]
     fn a_bind_onto_a_removed_dir_is_refused() {
-        let dir = std::env::temp_dir().join(format!("nlc-mounts-removed-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        for sub in ["src", "gone"] {
-            std::fs::create_dir_all(dir.join(sub)).unwrap();
-        }
-        let open =
-            |p: &Path| nix::fcntl::open(p, nix::fcntl::OFlag::O_DIRECTORY, nix::sys::stat::Mode::empty()).unwrap();
-        let (src, gone) = (open(&dir.join("src")), open(&dir.join("gone")));
+        let dir = scratch("removed", &["src", "gone"]);
+        let (src, gone) = (open_dir(&dir.join("src")), open_dir(&dir.join("gone")));
         std::fs::remove_dir(dir.join("gone")).unwrap();
         let by_handles = bind_handles(src.as_fd(), gone.as_fd(), BindFlags::default());
         let by_paths = bind(&fd_path(src.as_fd()), &fd_path(gone.as_fd()));
