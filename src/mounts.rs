@@ -803,12 +803,15 @@ mod tests {
     }
 
     /// The bind through handles (`open_tree` + `move_mount`) and the one through `/proc/self/fd`
-    /// paths (`mount`) make the same mount, and both reach the peers of a shared mount: kubelet
-    /// sees a node plugin's binds only through that propagation.
+    /// paths (`mount`) make the same mount, neither carries a mount inside the source along, and
+    /// both reach the peers of a shared mount: kubelet sees a node plugin's binds only through
+    /// that propagation.
     #[test]
     fn a_bind_through_handles_is_the_bind_through_paths() {
-        let dir = scratch("handles", &["src", "shared", "peer"]);
+        let dir = scratch("handles", &["src/inner", "shared", "peer"]);
         std::fs::write(dir.join("src/data"), b"cached").unwrap();
+        let inner = dir.join("src/inner");
+        nix::mount::mount(Some("tmpfs"), &inner, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
         let (shared, peer) = (dir.join("shared"), dir.join("peer"));
         let propagation = |path: &Path, flag: MsFlags| {
             nix::mount::mount(None::<&Path>, path, None::<&Path>, flag, None::<&Path>).unwrap();
@@ -834,12 +837,17 @@ mod tests {
             at(peer.join("by-handles")),
             at(peer.join("by-paths")),
         ];
+        let carried: Vec<_> = ["by-handles/inner", "by-paths/inner"]
+            .into_iter()
+            .filter_map(|sub| at(shared.join(sub)))
+            .collect();
         let data = std::fs::read(peer.join("by-handles/data")).ok();
         for m in [
             shared.join("by-handles"),
             shared.join("by-paths"),
             peer.clone(),
             shared.clone(),
+            inner,
         ] {
             let _ = detach(&m);
         }
@@ -858,6 +866,7 @@ mod tests {
             );
         }
         assert_eq!(data.as_deref(), Some(&b"cached"[..]));
+        assert!(carried.is_empty(), "a bind carried a submount along: {carried:?}");
     }
 
     /// Flags asked for are added to what a bind inherits, never put in its place: from a
