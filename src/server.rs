@@ -79,7 +79,8 @@ struct Jobs {
     sleeping: usize,
 }
 
-/// How often an idle worker lets go of the replies it still holds (see `HELD_REPLIES`).
+/// How often an idle worker that still holds replies lets go of those gRPC has finished with
+/// (see `HELD_REPLIES`).
 const IDLE_SWEEP: Duration = Duration::from_secs(1);
 
 /// Threads fed by a bounded queue. An idle worker sleeps on a condition variable: it costs
@@ -150,13 +151,21 @@ impl Queue {
                 return job;
             }
             jobs.sleeping += 1;
-            let (guard, waited) = self
-                .ready
-                .wait_timeout(jobs, self.sweep)
-                .unwrap_or_else(|p| p.into_inner());
+            // A worker with no reply to let go sleeps until a job comes: on an idle node the
+            // pool makes no wake-ups at all.
+            let holding = HELD_REPLIES.with_borrow(|held| !held.is_empty());
+            let (guard, timed_out) = if holding {
+                let (guard, waited) = self
+                    .ready
+                    .wait_timeout(jobs, self.sweep)
+                    .unwrap_or_else(|p| p.into_inner());
+                (guard, waited.timed_out())
+            } else {
+                (self.ready.wait(jobs).unwrap_or_else(|p| p.into_inner()), false)
+            };
             jobs = guard;
             jobs.sleeping -= 1;
-            if waited.timed_out() {
+            if timed_out {
                 drop(jobs);
                 sweep_held_replies();
                 jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -524,6 +533,75 @@ mod tests {
         release_tx.send(()).unwrap();
         release_tx.send(()).unwrap();
         assert!(pool.busy.wait_idle(Duration::from_secs(10)));
+    }
+
+    /// Voluntary context switches so far of each thread of this process named `name`.
+    fn switches_of(name: &str) -> Vec<u64> {
+        let mut seen = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            if std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim_end() == name) {
+                let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+                let n = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                seen.extend(n);
+            }
+        }
+        seen
+    }
+
+    /// An idle worker that holds no reply sleeps until a job comes: on an idle node it makes no
+    /// wake-ups at all (it woke at every sweep interval, one a second per worker). One that holds
+    /// a reply gRPC has not finished with still wakes to let it go.
+    #[test]
+    fn an_idle_worker_with_nothing_to_let_go_does_not_wake() {
+        let pool = Pool::with_sweep("idle-w", 2, 4, Duration::from_millis(5));
+        let wait_until_asleep = || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pool.queue.jobs.lock().unwrap().sleeping < 2 {
+                assert!(Instant::now() < deadline, "workers never went to sleep");
+                thread::sleep(Duration::from_millis(1));
+            }
+        };
+        // Wake-ups of both workers over 40 sweep intervals.
+        let woken = || {
+            let before: u64 = switches_of("idle-w-0").iter().chain(&switches_of("idle-w-1")).sum();
+            thread::sleep(Duration::from_millis(200));
+            let after: u64 = switches_of("idle-w-0").iter().chain(&switches_of("idle-w-1")).sum();
+            after - before
+        };
+        wait_until_asleep();
+        let idle = woken();
+
+        let delivered = Arc::new(AtomicBool::new(false));
+        let flag = delivered.clone();
+        pool.submit(Box::new(move || {
+            hold_reply(Box::pin(std::future::poll_fn(move |_| {
+                if flag.load(Ordering::SeqCst) {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })))
+        }))
+        .ok()
+        .unwrap();
+        wait_until_asleep();
+        let holding = woken();
+        delivered.store(true, Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(50));
+        let let_go = woken();
+
+        assert!(idle <= 2, "idle workers woke {idle} times in 200 ms");
+        assert!(
+            holding >= 10,
+            "a worker holding a reply woke only {holding} times in 200 ms"
+        );
+        assert!(
+            let_go <= 2,
+            "after letting the reply go, the workers woke {let_go} times"
+        );
     }
 
     #[test]
