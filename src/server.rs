@@ -501,16 +501,21 @@ mod tests {
         assert_eq!(got, vec![0, 1, 2]);
     }
 
+    /// Waits until `n` of the pool's workers sleep waiting for a job.
+    fn wait_until_asleep(pool: &Pool, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.queue.jobs.lock().unwrap().sleeping < n {
+            assert!(Instant::now() < deadline, "workers never went to sleep");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Each job that finds workers asleep wakes one. The idle sweep, which would also pick a job
     /// up, is set beyond the test's wait, so a job nobody was woken for fails it.
     #[test]
     fn each_job_wakes_a_sleeping_worker() {
         let pool = Pool::with_sweep("t", 2, 4, Duration::from_secs(3600));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pool.queue.jobs.lock().unwrap().sleeping < 2 {
-            assert!(Instant::now() < deadline, "workers never went to sleep");
-            thread::sleep(Duration::from_millis(1));
-        }
+        wait_until_asleep(&pool, 2);
         let (started_tx, started) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let release_rx = Arc::new(Mutex::new(release_rx));
@@ -557,13 +562,6 @@ mod tests {
     #[test]
     fn an_idle_worker_with_nothing_to_let_go_does_not_wake() {
         let pool = Pool::with_sweep("idle-w", 2, 4, Duration::from_millis(5));
-        let wait_until_asleep = || {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while pool.queue.jobs.lock().unwrap().sleeping < 2 {
-                assert!(Instant::now() < deadline, "workers never went to sleep");
-                thread::sleep(Duration::from_millis(1));
-            }
-        };
         // Wake-ups of both workers over 40 sweep intervals.
         let woken = || {
             let before: u64 = switches_of("idle-w-0").iter().chain(&switches_of("idle-w-1")).sum();
@@ -571,7 +569,7 @@ mod tests {
             let after: u64 = switches_of("idle-w-0").iter().chain(&switches_of("idle-w-1")).sum();
             after - before
         };
-        wait_until_asleep();
+        wait_until_asleep(&pool, 2);
         let idle = woken();
 
         let delivered = Arc::new(AtomicBool::new(false));
@@ -587,7 +585,7 @@ mod tests {
         }))
         .ok()
         .unwrap();
-        wait_until_asleep();
+        wait_until_asleep(&pool, 2);
         let holding = woken();
         delivered.store(true, Ordering::SeqCst);
         thread::sleep(Duration::from_millis(50));
