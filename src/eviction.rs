@@ -139,10 +139,13 @@ pub struct CopyRecord {
 /// limits each record was last read or written with, by base dir (device and inode: a base dir
 /// made anew starts with nothing known) and volume, so a publish with the same limits (nearly
 /// all of them) touches no file.
-static RECORDS: Mutex<BTreeMap<(u64, u64), BTreeMap<String, Limits>>> = Mutex::new(BTreeMap::new());
+static RECORDS: Mutex<Known> = Mutex::new(BTreeMap::new());
+
+/// Limits by base dir (device and inode), then by volume id.
+type Known = BTreeMap<(u64, u64), BTreeMap<String, Limits>>;
 
 /// The limits known for volume `id` under the base dir with this device and inode.
-fn known_limits(known: &BTreeMap<(u64, u64), BTreeMap<String, Limits>>, base: (u64, u64), id: &str) -> Option<Limits> {
+fn known_limits(known: &Known, base: (u64, u64), id: &str) -> Option<Limits> {
     known.get(&base)?.get(id).copied()
 }
 

@@ -422,19 +422,7 @@ pub fn bind_handles(source: BorrowedFd<'_>, target: BorrowedFd<'_>, flags: BindF
     if MOUNT_API.load(Ordering::Relaxed) {
         match clone_tree(source) {
             Ok(tree) => {
-                let bound = if flags.needs_remount() && SETATTR_API.load(Ordering::Relaxed) {
-                    match add_mount_attr(tree.as_fd(), flags.mount_attr()) {
-                        Ok(()) => Bound::WithFlags,
-                        Err(Errno::ENOSYS | Errno::EPERM) => {
-                            SETATTR_API.store(false, Ordering::Relaxed);
-                            debug!("mount_setattr unavailable; setting a bind's flags with a remount");
-                            Bound::Plain
-                        }
-                        Err(e) => return Err(e),
-                    }
-                } else {
-                    Bound::Plain
-                };
+                let bound = set_flags(tree.as_fd(), flags)?;
                 return attach_tree(tree.as_fd(), target).map(|()| bound);
             }
             // EPERM is also a missing capability; `bind` then fails the same way.
@@ -446,6 +434,22 @@ pub fn bind_handles(source: BorrowedFd<'_>, target: BorrowedFd<'_>, flags: BindF
         }
     }
     bind(&fd_path(source), &fd_path(target)).map(|()| Bound::Plain)
+}
+
+/// Sets `flags` on the detached clone `tree`, if there are any and `mount_setattr` works.
+fn set_flags(tree: BorrowedFd<'_>, flags: BindFlags) -> Result<Bound, Errno> {
+    if !flags.needs_remount() || !SETATTR_API.load(Ordering::Relaxed) {
+        return Ok(Bound::Plain);
+    }
+    match add_mount_attr(tree, flags.mount_attr()) {
+        Ok(()) => Ok(Bound::WithFlags),
+        Err(Errno::ENOSYS | Errno::EPERM) => {
+            SETATTR_API.store(false, Ordering::Relaxed);
+            debug!("mount_setattr unavailable; setting a bind's flags with a remount");
+            Ok(Bound::Plain)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Adds the `MOUNT_ATTR_*` bits `set` to the mount behind `mount` (never clears one).

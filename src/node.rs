@@ -220,14 +220,9 @@ impl NodeState {
         })
     }
 
-    /// Whether anything may be mounted at the target: statx says so or cannot tell. "No" is
+    /// `None` when nothing is mounted at the target; else (statx says something is, or cannot
+    /// tell) the device and inode of the directory on top, if statx could show it. "Nothing" is
     /// final, so the common publish and unpublish never read the mount table.
-    fn maybe_mounted(t: &Target) -> bool {
-        Self::mounted_top(t).is_some()
-    }
-
-    /// `None` when nothing is mounted at the target (as far as statx tells, without the table);
-    /// else the device and inode of the directory on top, if statx could show it.
     fn mounted_top(t: &Target) -> Option<Option<(u64, u64)>> {
         match mounts::check_mount_point(t.parent.as_fd(), &t.name) {
             Ok(MountPointCheck {
@@ -268,7 +263,7 @@ impl NodeState {
         let base = self.open_base(id)?;
         let t = self.open_target(id, &target)?;
         let vol_path = base.real.join(id);
-        let table = if Self::maybe_mounted(&t) {
+        let table = if Self::mounted_top(&t).is_some() {
             Self::mounts_for(id, &vol_path, &t.real, &target)?
         } else {
             Vec::new()
