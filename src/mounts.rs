@@ -402,12 +402,15 @@ static MOUNT_API: AtomicBool = AtomicBool::new(true);
 /// a seccomp profile refuses it.
 static SETATTR_API: AtomicBool = AtomicBool::new(true);
 
-/// What `bind_handles` made: a bind that already carries the flags asked for, or a plain bind
-/// that takes them only from a remount (`remount_bind`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bound {
-    WithFlags,
-    Plain,
+/// What `bind_handles` made.
+#[derive(Debug)]
+pub struct Bound {
+    /// The flags asked for are on the bind already; otherwise only a remount (`remount_bind`)
+    /// sets them.
+    pub with_flags: bool,
+    /// The new mount's root, when the bind was made through handles: what the mount inherited
+    /// and was given can be read from it without looking the target up again.
+    pub root: Option<OwnedFd>,
 }
 
 /// Binds the directory `source` onto the directory `target`, both open handles: a clone of the
@@ -422,8 +425,12 @@ pub fn bind_handles(source: BorrowedFd<'_>, target: BorrowedFd<'_>, flags: BindF
     if MOUNT_API.load(Ordering::Relaxed) {
         match clone_tree(source) {
             Ok(tree) => {
-                let bound = set_flags(tree.as_fd(), flags)?;
-                return attach_tree(tree.as_fd(), target).map(|()| bound);
+                let with_flags = set_flags(tree.as_fd(), flags)?;
+                attach_tree(tree.as_fd(), target)?;
+                return Ok(Bound {
+                    with_flags,
+                    root: Some(tree),
+                });
             }
             // EPERM is also a missing capability; `bind` then fails the same way.
             Err(Errno::ENOSYS | Errno::EPERM) => {
@@ -433,20 +440,24 @@ pub fn bind_handles(source: BorrowedFd<'_>, target: BorrowedFd<'_>, flags: BindF
             Err(e) => return Err(e),
         }
     }
-    bind(&fd_path(source), &fd_path(target)).map(|()| Bound::Plain)
+    bind(&fd_path(source), &fd_path(target)).map(|()| Bound {
+        with_flags: false,
+        root: None,
+    })
 }
 
-/// Sets `flags` on the detached clone `tree`, if there are any and `mount_setattr` works.
-fn set_flags(tree: BorrowedFd<'_>, flags: BindFlags) -> Result<Bound, Errno> {
+/// Sets `flags` on the detached clone `tree`, if there are any and `mount_setattr` works: whether
+/// the clone now carries them.
+fn set_flags(tree: BorrowedFd<'_>, flags: BindFlags) -> Result<bool, Errno> {
     if !flags.needs_remount() || !SETATTR_API.load(Ordering::Relaxed) {
-        return Ok(Bound::Plain);
+        return Ok(false);
     }
     match add_mount_attr(tree, flags.mount_attr()) {
-        Ok(()) => Ok(Bound::WithFlags),
+        Ok(()) => Ok(true),
         Err(Errno::ENOSYS | Errno::EPERM) => {
             SETATTR_API.store(false, Ordering::Relaxed);
             debug!("mount_setattr unavailable; setting a bind's flags with a remount");
-            Ok(Bound::Plain)
+            Ok(false)
         }
         Err(e) => Err(e),
     }
@@ -888,7 +899,7 @@ mod tests {
             ..Default::default()
         };
         let (src_fd, with_flags) = (open_dir(&src), open_dir(&dir.join("with-flags")));
-        let bound = bind_handles(src_fd.as_fd(), with_flags.as_fd(), noexec);
+        let bound = bind_handles(src_fd.as_fd(), with_flags.as_fd(), noexec).map(|b| b.with_flags);
         let remounted = dir.join("remounted");
         bind(&src, &remounted).unwrap();
         let remount = remount_bind(&remounted, noexec);
@@ -901,7 +912,7 @@ mod tests {
         drop((src_fd, with_flags));
         std::fs::remove_dir_all(&dir).unwrap();
 
-        assert_eq!((bound, remount), (Ok(Bound::WithFlags), Ok(())));
+        assert_eq!((bound, remount), (Ok(true), Ok(())));
         for options in [seen.0, seen.1] {
             let options = options.expect("a bind is missing from the mount table");
             let set: Vec<&str> = options.split(',').collect();
@@ -916,7 +927,7 @@ mod tests {
         let dir = scratch("removed", &["src", "gone"]);
         let (src, gone) = (open_dir(&dir.join("src")), open_dir(&dir.join("gone")));
         std::fs::remove_dir(dir.join("gone")).unwrap();
-        let by_handles = bind_handles(src.as_fd(), gone.as_fd(), BindFlags::default());
+        let by_handles = bind_handles(src.as_fd(), gone.as_fd(), BindFlags::default()).map(|b| b.with_flags);
         let by_paths = bind(&fd_path(src.as_fd()), &fd_path(gone.as_fd()));
         let left: Vec<_> = read_table()
             .unwrap()

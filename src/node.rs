@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::eviction;
 use crate::inflight::InFlight;
 use crate::metrics;
-use crate::mounts::{self, BindSource, Binding, Bound, MountPointCheck};
+use crate::mounts::{self, BindSource, Binding, MountPointCheck};
 use crate::proto::csi::node_service_capability::rpc::Type as NodeRpc;
 use crate::proto::csi::volume_usage::Unit;
 use crate::proto::csi::{
@@ -368,26 +368,32 @@ impl NodeState {
         };
         // A rename that began before the bind may still move the new mount point; after this
         // the mount stays where it is, so the checks below hold once they pass.
-        if let Err(e) = safedir::settle_renames(tgt_fd.as_fd()) {
+        if let Err(e) = safedir::settle_renames(t.parent.as_fd()) {
+            drop(bound);
             undo(&tgt_fd, true);
             return Err(Error::sys("wait for renames next to the target", id, &target, e));
         }
-        // Opening the name again crosses into the new mount: proof that it landed on the target,
-        // and a handle on its root for the remount.
+        // Looking the name up again crosses into the new mount: proof that it landed on the
+        // target. The bind's own handle, or else the name opened again, reaches its root.
         let want = safedir::identity(vol_fd.as_fd()).map_err(|e| Error::sys("stat volume dir", id, &vol_path, e))?;
-        let landed_here = safedir::real_path(tgt_fd.as_fd()).is_ok_and(|p| p == t.real);
-        let mount_root = match safedir::open_child(t.parent.as_fd(), &t.name) {
-            Ok(fd) if landed_here && safedir::identity(fd.as_fd()) == Ok(want) => fd,
-            _ => {
-                undo(&tgt_fd, true);
-                return Err(Error::conflict(
-                    id,
-                    &target,
-                    "target changed while it was being mounted",
-                ));
-            }
+        let landed_here = safedir::real_path(tgt_fd.as_fd()).is_ok_and(|p| p == t.real)
+            && safedir::child_dir_identity(t.parent.as_fd(), &t.name) == Ok(want);
+        let mount_root = match (landed_here, bound.root) {
+            (true, Some(root)) => Some(root),
+            (true, None) => safedir::open_child(t.parent.as_fd(), &t.name)
+                .ok()
+                .filter(|fd| safedir::identity(fd.as_fd()) == Ok(want)),
+            (false, _) => None,
         };
-        if flags.needs_remount() && bound == Bound::Plain {
+        let Some(mount_root) = mount_root else {
+            undo(&tgt_fd, true);
+            return Err(Error::conflict(
+                id,
+                &target,
+                "target changed while it was being mounted",
+            ));
+        };
+        if flags.needs_remount() && !bound.with_flags {
             if let Err(e) = mounts::remount_bind(&safedir::fd_path(mount_root.as_fd()), flags) {
                 drop(mount_root);
                 undo(&tgt_fd, true);

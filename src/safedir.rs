@@ -96,8 +96,8 @@ pub fn read_json_record(dir: BorrowedFd<'_>, subdir: &OsStr, name: &str) -> Opti
     serde_json::from_str(&text).ok()
 }
 
-/// Opens `name` inside `parent`, creating it with exactly `mode` (umask aside) if it is missing.
-/// Returns the handle and whether this call created the directory.
+/// Opens `name` inside `parent`, creating it with exactly the permission bits `mode` if it is
+/// missing, whatever the umask. Returns the handle and whether this call created the directory.
 pub fn ensure_child(parent: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> Result<(OwnedFd, bool), Errno> {
     // A name removed between mkdirat's EEXIST and the open is made again, a few times.
     for _ in 0..3 {
@@ -108,7 +108,7 @@ pub fn ensure_child(parent: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> Result<
         };
         match open_child(parent, name) {
             Ok(fd) => {
-                if created {
+                if created && umask_strips(mode) {
                     if let Err(e) = fchmod(fd.as_fd(), mode) {
                         drop(fd);
                         let _ = unlinkat(parent, name, UnlinkatFlags::RemoveDir);
@@ -129,6 +129,24 @@ pub fn ensure_child(parent: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> Result<
     Err(Errno::ENOENT)
 }
 
+/// Whether the umask takes any of `mode`'s bits off a new directory (then `ensure_child` puts
+/// them back). Under the usual 022 a target's 0750 comes out whole, and a publish skips a chmod.
+fn umask_strips(mode: Mode) -> bool {
+    process_umask().is_none_or(|umask| mode.bits() & umask != 0)
+}
+
+/// The process's umask, read once from `/proc/self/status` (reading it with umask(2) would set
+/// it for a moment under the other threads). The plugin never changes its umask; unknown when
+/// the file cannot be read.
+fn process_umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let value = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(value.trim(), 8).ok()
+    })
+}
+
 /// As `ensure_child`, for a name that is there nearly every time (a volume's dir on its second
 /// and later publish): one open when it is.
 pub fn open_or_ensure_child(parent: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> Result<(OwnedFd, bool), Errno> {
@@ -144,28 +162,23 @@ pub fn remove_child(parent: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
     unlinkat(parent, name, UnlinkatFlags::RemoveDir)
 }
 
-/// Waits for any rename under way in the directory that holds `dir`.
+/// Waits for any rename under way in the directory `parent`.
 ///
 /// The kernel checks that a rename does not move a mount point before it takes the lock a mount
 /// takes, so a rename in a target's directory that started before a bind can still carry the
-/// new mount point away under another name. Every rename holds its directory's lock from before
-/// that check until it is done, and a lookup of a name the kernel has never seen takes the same
-/// lock; once it returns, a mount placed on `dir` stays where it is.
-pub fn settle_renames(dir: BorrowedFd<'_>) -> Result<(), Errno> {
+/// new mount point away under another name. Every rename holds the locks of the directories it
+/// moves a name out of and into from before that check until it is done, and a lookup of a
+/// name the kernel has never seen takes the same lock; once it returns, a mount placed on a
+/// directory named in `parent` stays there (a rename that moves it out or in held this lock).
+pub fn settle_renames(parent: BorrowedFd<'_>) -> Result<(), Errno> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let parent = openat(
-        dir,
-        "..",
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
     // A fresh name every time: one the dentry cache already knows (even as absent) is found
     // without the lock. Monotonic time keeps names fresh across restarts of the plugin.
     let now = clock_gettime(ClockId::CLOCK_MONOTONIC)?;
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let name = format!(".node-local-cache-settle.{}.{}.{seq}", now.tv_sec(), now.tv_nsec());
     match openat(
-        parent.as_fd(),
+        parent,
         name.as_str(),
         OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
@@ -582,6 +595,15 @@ mod tests {
         ] {
             assert!(!is_normalized_absolute(Path::new(bad)), "{bad}");
         }
+    }
+
+    /// The umask `ensure_child` goes by is the one a child process inherits and reports.
+    #[test]
+    fn the_umask_is_read_as_a_shell_reports_it() {
+        let out = std::process::Command::new("sh").args(["-c", "umask"]).output().unwrap();
+        let shell = u32::from_str_radix(String::from_utf8_lossy(&out.stdout).trim(), 8).unwrap();
+        assert_eq!(process_umask(), Some(shell));
+        assert_eq!(umask_strips(Mode::from_bits_truncate(0o777)), shell & 0o777 != 0);
     }
 
     #[test]

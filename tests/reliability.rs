@@ -592,7 +592,7 @@ fn a_settled_bind_is_never_carried_off_by_a_rename() {
             continue;
         };
         mounts::bind_handles(source_fd.as_fd(), dir.as_fd(), mounts::BindFlags::default()).unwrap();
-        safedir::settle_renames(dir.as_fd()).unwrap();
+        safedir::settle_renames(parent_fd.as_fd()).unwrap();
         let found_here = ino_at(&name) == Some(want);
         // Long enough for a rename that was under way to finish.
         thread::sleep(Duration::from_micros(200));
