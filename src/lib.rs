@@ -16,6 +16,7 @@ pub mod mounts;
 pub mod node;
 pub mod proto;
 pub mod safedir;
+pub mod sched;
 pub mod server;
 pub mod time;
 pub mod trim;

@@ -18,7 +18,7 @@ use node_local_cache::logging::{self, LogFormat};
 use node_local_cache::node::{NodeService, NodeState};
 use node_local_cache::proto::grpc;
 use node_local_cache::server::{self, Rpc};
-use node_local_cache::{memory, metrics};
+use node_local_cache::{memory, metrics, sched};
 
 // gRPC's core with a server's plugins only: this binary never dials.
 node_local_cache::grpc_core_configuration!(server);
@@ -88,6 +88,7 @@ fn main() -> ExitCode {
     cfg.csi_socket = server::socket_path(&flags.csi_socket);
     let cfg = Arc::new(cfg);
     memory::limit_arenas(memory::MAX_ARENAS);
+    sched::run_as_batch();
     // Blocked before any thread starts, so every thread inherits the mask and only sigwait sees them.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);

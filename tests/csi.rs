@@ -984,3 +984,36 @@ fn metrics_after_real_calls_are_valid_prometheus_text() {
     }
     tree.assert_no_mounts();
 }
+
+/// Every thread of a running node plugin, gRPC's own and the workers included, is under
+/// SCHED_BATCH: its wake-ups for a call never preempt the node's workloads.
+#[test]
+fn every_thread_runs_as_a_batch_task() {
+    const SCHED_BATCH: u32 = 3;
+    let tree = Tree::new("sched-batch");
+    let node = Driver::node(&tree, "node-a", &[]);
+    let vol = volume_id("pvc-sched-batch");
+    let target = tree.target("pod1");
+    let n = node.node_client();
+    n.node_publish_volume_opt(&publish_req(&vol, &target, false), opt())
+        .unwrap();
+    n.node_unpublish_volume_opt(&unpublish_req(&vol, &target), opt())
+        .unwrap();
+    let tasks = fs::read_dir(format!("/proc/{}/task", node.pid())).unwrap();
+    let mut seen = Vec::new();
+    for task in tasks {
+        let dir = task.unwrap().path();
+        let comm = fs::read_to_string(dir.join("comm")).unwrap().trim().to_owned();
+        let stat = fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the command name, which is in parentheses and may hold spaces: the
+        // policy is field 41, the 39th after it.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let policy: u32 = after.split(' ').nth(38).unwrap().parse().unwrap();
+        seen.push((comm, policy));
+    }
+    assert!(
+        seen.iter().any(|(c, _)| c == "worker-0") && seen.iter().any(|(c, _)| c == "grpc-poll-0"),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|&(_, p)| p == SCHED_BATCH), "{seen:?}");
+}
