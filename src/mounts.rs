@@ -775,11 +775,17 @@ mod tests {
         nix::fcntl::open(path, nix::fcntl::OFlag::O_DIRECTORY, nix::sys::stat::Mode::empty()).unwrap()
     }
 
-    #[test]
-    fn statx_tells_a_mount_point_without_following_symlinks() {
-        let dir = scratch("statx", &["a", "b"]);
+    /// A scratch dir holding dirs `a` and `b` and a symlink `link` to `b`, and a handle on it.
+    fn scratch_with_link(name: &str) -> (PathBuf, OwnedFd) {
+        let dir = scratch(name, &["a", "b"]);
         std::os::unix::fs::symlink(dir.join("b"), dir.join("link")).unwrap();
         let fd = open_dir(&dir);
+        (dir, fd)
+    }
+
+    #[test]
+    fn statx_tells_a_mount_point_without_following_symlinks() {
+        let (dir, fd) = scratch_with_link("statx");
         let at = |name: &str| check_mount_point(fd.as_fd(), OsStr::new(name)).map(|c| c.mounted);
         assert_eq!(at("b"), Ok(Some(false)));
         bind(&dir.join("a"), &dir.join("b")).unwrap();
@@ -798,9 +804,7 @@ mod tests {
     #[test]
     fn statx_shows_the_dir_on_top_as_stat_does() {
         use std::os::unix::fs::MetadataExt;
-        let dir = scratch("statx-dir", &["a", "b"]);
-        std::os::unix::fs::symlink(dir.join("b"), dir.join("link")).unwrap();
-        let fd = open_dir(&dir);
+        let (dir, fd) = scratch_with_link("statx-dir");
         let at = |name: &str| check_mount_point(fd.as_fd(), OsStr::new(name)).map(|c| c.dir);
         let stat = |name: &str| {
             let m = std::fs::symlink_metadata(dir.join(name)).unwrap();

@@ -1,5 +1,5 @@
 //! The process's CPU scheduling policy. The plugin runs beside the workloads on every node, and
-//! each call wakes three of its threads (poll thread, worker, poll thread again); under the
+//! each call wakes its threads three times (poll thread, worker, poll thread again); under the
 //! default policy every such wake-up may preempt whatever runs on that CPU. As a batch process
 //! its woken threads wait for the running task's turn instead: no preemption of the node's
 //! workloads, fewer switches on a busy node. On an idle CPU a wake-up runs at once either way.
