@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -98,7 +98,8 @@ impl NodeState {
         &self.cfg
     }
 
-    /// Creates the base dir if it is missing; leaves an existing one (or a symlink) as it is.
+    /// Creates the base dir if it is missing and closes an existing one to other users; leaves a
+    /// symlink as it is (`ready` refuses it).
     pub fn prepare_base_dir(&self) -> std::io::Result<()> {
         use std::os::unix::fs::DirBuilderExt;
         match std::fs::DirBuilder::new()
@@ -106,9 +107,45 @@ impl NodeState {
             .mode(BASE_DIR_MODE)
             .create(&self.cfg.base_dir)
         {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(e),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if let Ok(fd) = safedir::open_dir(&self.cfg.base_dir) {
+            Self::close_to_others(fd.as_fd(), &self.cfg.base_dir);
+        }
+        Ok(())
+    }
+
+    /// Volume dirs are open to every user (pods run as any user), so the base dir is what keeps
+    /// the node's other users out of the copies. One made by someone else is closed here: kubelet
+    /// makes a missing hostPath dir 0755. An owner other than us could open it again: said, not
+    /// refused.
+    fn close_to_others(fd: BorrowedFd<'_>, path: &Path) {
+        let Ok(st) = nix::sys::stat::fstat(fd) else {
+            return;
+        };
+        let mode = st.st_mode & 0o7777;
+        let closed = mode & !0o077;
+        if mode != closed {
+            match nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(closed)) {
+                Ok(()) => info!(
+                    "base dir {}: mode {mode:04o} let the node's other users in; now {closed:04o}",
+                    path.display()
+                ),
+                Err(e) => warn!(
+                    "base dir {}: mode {mode:04o} lets the node's other users in, and it cannot be changed: {}",
+                    path.display(),
+                    e.desc()
+                ),
+            }
+        }
+        if st.st_uid != nix::unistd::geteuid().as_raw() {
+            warn!(
+                "base dir {}: owned by uid {}, who can let other users in again",
+                path.display(),
+                st.st_uid
+            );
         }
     }
 
@@ -140,6 +177,7 @@ impl NodeState {
             }
             e => not_ready(e.desc()),
         })?;
+        Self::close_to_others(fd.as_fd(), path);
         let real = safedir::real_path(fd.as_fd()).map_err(|e| Error::sys("resolve base dir", volume, path, e))?;
         let identity = safedir::identity(fd.as_fd()).map_err(|e| Error::sys("stat base dir", volume, path, e))?;
         let base = Arc::new(Base { fd, real, identity });

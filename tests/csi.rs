@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -225,6 +225,30 @@ fn a_base_dir_replaced_while_the_plugin_runs_is_seen_at_the_next_call() {
     assert!(msg.contains(&vol) && msg.contains("symlink"), "{msg}");
     assert!(!node.identity().probe(&csi::ProbeRequest::new()).unwrap().ready.value);
     assert!(!target.exists());
+    tree.assert_no_mounts();
+}
+
+/// kubelet makes a missing hostPath dir 0755 (`DirectoryOrCreate`), and a base dir open to the
+/// node's other users lets them into every copy (volume dirs are 0777, for the pods' users). The
+/// plugin closes it at start, and when it opens a base dir made again while it runs.
+#[test]
+fn the_base_dir_is_closed_to_other_users() {
+    let tree = Tree::new("base-mode");
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    fs::set_permissions(tree.base(), fs::Permissions::from_mode(0o755)).unwrap();
+    let node = Driver::node(&tree, "node-a", &[]);
+    assert!(node.identity().probe(&csi::ProbeRequest::new()).unwrap().ready.value);
+    assert_eq!(mode(&tree.base()), 0o700, "at start");
+
+    fs::rename(tree.base(), tree.root.join("base-old")).unwrap();
+    fs::create_dir(tree.base()).unwrap();
+    fs::set_permissions(tree.base(), fs::Permissions::from_mode(0o755)).unwrap();
+    let client = node.node_client();
+    let vol = volume_id("pvc-base-mode");
+    let target = tree.target("pod1");
+    client.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
+    assert_eq!(mode(&tree.base()), 0o700, "made again while it runs");
+    client.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
     tree.assert_no_mounts();
 }
 
