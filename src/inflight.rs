@@ -115,6 +115,13 @@ impl InFlight {
         self.take_volume(volume, None, true)
     }
 
+    /// A moment of whole-volume work for the holder of one target lock (a failed publish taking
+    /// back the dir it made). It gives way as yielding work does: a target operation that comes
+    /// meanwhile waits for it instead of being refused.
+    pub fn lock_volume_briefly(&self, volume: &str, holding: &TargetGuard) -> Option<VolumeGuard> {
+        self.take_volume(volume, Some(holding), true)
+    }
+
     fn take_volume(&self, volume: &str, except: Option<&TargetGuard>, yielding: bool) -> Option<VolumeGuard> {
         let mut map = self.map();
         let ops = map.entry(volume.to_owned()).or_default();

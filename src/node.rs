@@ -293,7 +293,7 @@ impl NodeState {
         let mut flags = volume::check_capability(id, cap)?;
         flags.read_only |= req.readonly;
         let limits = eviction::Limits::from_context(id, &req.volume_context)?;
-        let _guard = self.inflight.lock_target(id, &target)?;
+        let guard = self.inflight.lock_target(id, &target)?;
         if !self.cfg.test_publish_delay.is_zero() {
             std::thread::sleep(self.cfg.test_publish_delay);
         }
@@ -361,7 +361,7 @@ impl NodeState {
         })?;
         let undo_vol = || {
             if made_vol {
-                let _ = safedir::remove_child(base.fd.as_fd(), OsStr::new(id));
+                self.take_back_new_dir(&base, id, &guard);
             }
         };
         let (tgt_fd, made_tgt) =

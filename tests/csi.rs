@@ -658,6 +658,43 @@ fn foreign_mounts_are_never_ours() {
     tree.assert_no_mounts();
 }
 
+/// The first two publishes of a volume on a node, at once: one to a good target, one that fails
+/// after it made the volume dir (its target is a file). The failed one may take back only a dir
+/// nobody else uses: the good one's pod must never be left writing into a deleted dir.
+#[test]
+fn a_failed_first_publish_never_takes_the_dir_from_one_beside_it() {
+    let tree = Tree::new("undo-race");
+    let node = Driver::node(&tree, "node-a", &[]);
+    for i in 0..300 {
+        let vol = volume_id(&format!("pvc-undo-race-{i}"));
+        let good = tree.target(&format!("good{i}"));
+        let bad = tree.target(&format!("bad{i}"));
+        fs::write(&bad, "a file where the target dir goes").unwrap();
+        let barrier = Arc::new(Barrier::new(2));
+        let failing = {
+            let (n, req, b) = (node.node_client(), publish_req(&vol, &bad, false), barrier.clone());
+            thread::spawn(move || {
+                b.wait();
+                n.node_publish_volume_opt(&req, opt())
+            })
+        };
+        barrier.wait();
+        let client = node.node_client();
+        if let Err(e) = client.node_publish_volume(&publish_req(&vol, &good, false)) {
+            panic!("round {i}: the good publish failed: {e:?}");
+        }
+        let (c, msg) = code(failing.join().unwrap());
+        assert!(c != RpcStatusCode::OK, "{msg}");
+        fs::write(good.join("f"), "written by the pod").unwrap();
+        assert!(
+            tree.base().join(&vol).join("f").exists(),
+            "round {i}: the pod writes into a dir that is no longer the volume's copy"
+        );
+        client.node_unpublish_volume(&unpublish_req(&vol, &good)).unwrap();
+    }
+    tree.assert_no_mounts();
+}
+
 #[test]
 fn concurrent_publishes_and_in_flight_duplicates() {
     let tree = Tree::new("concurrent");

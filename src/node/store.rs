@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info};
@@ -39,10 +40,8 @@ impl NodeState {
         };
         let base = self.open_base(id)?;
         let vol_path = base.real.join(id);
-        let holding = Self::mounts_where(id, &vol_path, |m| vol_path.starts_with(&m.mount_point))?;
-        let source = Self::bind_source(&holding, &vol_path, id)?;
-        if let Some(m) = Self::mounts_where(id, &vol_path, |m| source.shown_by(m))?.first() {
-            debug!("volume {id}: still mounted at {}; data kept", m.mount_point.display());
+        if let Some(at) = Self::mounted_somewhere(id, &vol_path)? {
+            debug!("volume {id}: still mounted at {}; data kept", at.display());
             return Ok(false);
         }
         let started = Instant::now();
@@ -63,6 +62,37 @@ impl NodeState {
             );
         }
         Ok(true)
+    }
+
+    /// Where a bind of the volume dir `vol_path` is mounted, if anywhere.
+    fn mounted_somewhere(id: &str, vol_path: &Path) -> Result<Option<PathBuf>> {
+        let holding = Self::mounts_where(id, vol_path, |m| vol_path.starts_with(&m.mount_point))?;
+        let source = Self::bind_source(&holding, vol_path, id)?;
+        Ok(Self::mounts_where(id, vol_path, |m| source.shown_by(m))?
+            .first()
+            .map(|m| m.mount_point.clone()))
+    }
+
+    /// Takes back the empty volume dir a failed publish made, unless another call on the volume
+    /// is under way or a bind of the dir exists: a publish beside this one may have found the
+    /// dir meanwhile, and its pod would be left writing into a deleted dir. Left in place, an
+    /// empty dir costs nothing.
+    pub(super) fn take_back_new_dir(&self, base: &Base, id: &str, holding: &TargetGuard) {
+        let Some(whole) = self.inflight.lock_volume_briefly(id, holding) else {
+            debug!("volume {id}: another call uses the new dir; left in place");
+            return;
+        };
+        match Self::mounted_somewhere(id, &base.real.join(id)) {
+            // A publish that came meanwhile waits for this lock; it asked, so it may want the dir.
+            Ok(None) if whole.yield_requested() => {
+                debug!("volume {id}: a publish waits for the new dir; left in place")
+            }
+            Ok(None) => {
+                let _ = safedir::remove_child(base.fd.as_fd(), OsStr::new(id));
+            }
+            Ok(Some(at)) => debug!("volume {id}: the new dir is mounted at {}; left in place", at.display()),
+            Err(e) => debug!("volume {id}: the new dir is left in place: {e}"),
+        }
     }
 
     pub(super) fn write_meta(&self, base: &Base, id: &str, name: &str) -> std::result::Result<(), Errno> {
