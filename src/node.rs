@@ -645,8 +645,20 @@ impl NodeState {
                 }
             }
         }
-        let root =
-            safedir::open_child(t.parent.as_fd(), &t.name).map_err(|e| Error::sys("open volume path", id, &path, e))?;
+        // The copy mounted there is measured from the base dir: a walk through the target would
+        // hold the pod's mount busy for its whole length, and an unpublish then could not unmount.
+        let copy = match (binding, &base) {
+            (Some(Binding::Ours), Some(b)) => safedir::open_child(b.fd.as_fd(), OsStr::new(id)).ok(),
+            _ => None,
+        };
+        let root = match copy {
+            Some(fd) => fd,
+            None => safedir::open_child(t.parent.as_fd(), &t.name).map_err(|e| match e {
+                // Unpublished since the table was read.
+                Errno::ENOENT => not_published(),
+                e => Error::sys("open volume path", id, &path, e),
+            })?,
+        };
         let vfs = nix::sys::statvfs::fstatvfs(root.as_fd()).map_err(|e| Error::sys("statvfs", id, &path, e))?;
         let used = self.usage(id, root, &path)?;
         if !condition.abnormal {

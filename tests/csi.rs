@@ -824,6 +824,56 @@ fn stats_report_usage_and_condition() {
     tree.assert_no_mounts();
 }
 
+/// kubelet asks for stats every minute and may unpublish at any moment, and a walk of a large
+/// copy takes a while. The walk must not hold the pod's mount busy: an unpublish during it
+/// unmounts at once instead of answering UNAVAILABLE.
+#[test]
+fn an_unpublish_during_a_stats_walk_is_not_refused() {
+    let tree = Tree::new("stats-walk");
+    // On a tmpfs: making and removing 200,000 files on this disk takes from seconds to minutes.
+    nix::mount::mount(
+        Some("tmpfs"),
+        &tree.base(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let d = Driver::node(&tree, "node-a", &["--stats-cache-ttl=0s"]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-stats-walk");
+    let target = tree.target("pod1");
+    n.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
+    // Far longer to walk than unpublish waits for a busy mount (75 ms).
+    for i in 0..200 {
+        let dir = target.join(format!("d{i}"));
+        fs::create_dir(&dir).unwrap();
+        for f in 0..1000 {
+            fs::File::create(dir.join(f.to_string())).unwrap();
+        }
+    }
+    let walk = {
+        let (n, req) = (d.node_client(), stats_req(&vol, &target));
+        thread::spawn(move || n.node_get_volume_stats(&req))
+    };
+    d.wait_for_log("NodeGetVolumeStats request", 1);
+    thread::sleep(Duration::from_millis(20));
+    if let Err(e) = n.node_unpublish_volume(&unpublish_req(&vol, &target)) {
+        panic!("unpublish during the walk: {e:?}");
+    }
+    let stats = walk
+        .join()
+        .unwrap()
+        .expect("the walk began while the volume was published");
+    let inodes = stats
+        .usage
+        .iter()
+        .find(|u| u.unit.enum_value() == Ok(csi::volume_usage::Unit::INODES))
+        .unwrap();
+    assert_eq!(inodes.used, 1 + 200 + 200_000);
+    assert_eq!(mounted_at(&target), 0);
+}
+
 #[test]
 fn data_on_unpublish_delete_waits_for_the_last_user() {
     let tree = Tree::new("scratch");
