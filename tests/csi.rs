@@ -888,6 +888,15 @@ fn data_on_unpublish_delete_waits_for_the_last_user() {
     assert_eq!(fs::read(b.join("tmp")).unwrap(), b"scratch", "still used by b");
     n.node_unpublish_volume(&unpublish_req(&vol, &b)).unwrap();
     assert!(!tree.base().join(&vol).exists(), "deleted after the last unpublish");
+
+    // The base dir removed under a live mount: nothing is left to delete, and the pod's
+    // unpublish must not fail for ever.
+    n.node_publish_volume(&publish_req(&vol, &a, false)).unwrap();
+    fs::remove_dir_all(tree.base()).unwrap();
+    if let Err(e) = n.node_unpublish_volume(&unpublish_req(&vol, &a)) {
+        panic!("unpublish with the base dir gone: {e:?}");
+    }
+    assert!(!a.exists());
     tree.assert_no_mounts();
 }
 

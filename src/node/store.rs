@@ -38,7 +38,19 @@ impl NodeState {
             debug!("volume {id}: busy; data kept for now");
             return Ok(false);
         };
-        let base = self.open_base(id)?;
+        let base = match self.open_base(id) {
+            Ok(base) => base,
+            // No base dir, no copy: an unpublish that deletes must not fail for ever for it.
+            Err(_) if matches!(std::fs::symlink_metadata(&self.cfg.base_dir), Err(e) if e.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                debug!(
+                    "volume {id}: no base dir {}; nothing to delete",
+                    self.cfg.base_dir.display()
+                );
+                return Ok(true);
+            }
+            Err(e) => return Err(e),
+        };
         let vol_path = base.real.join(id);
         if let Some(at) = Self::mounted_somewhere(id, &vol_path)? {
             debug!("volume {id}: still mounted at {}; data kept", at.display());
