@@ -8,8 +8,12 @@ use nix::errno::Errno;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
-    /// A required request field is empty.
-    MissingField { field: &'static str, volume: String },
+    /// A required request field is empty. `path` is the request's path, when the call names one.
+    MissingField {
+        field: &'static str,
+        volume: String,
+        path: PathBuf,
+    },
     /// A volume id that is not of the form `nlc-<uuid>`: no volume of this driver has it. `path`
     /// is the request's path, when the call names one.
     BadVolumeId { id: String, path: PathBuf },
@@ -19,8 +23,19 @@ pub enum Error {
         path: PathBuf,
         reason: String,
     },
-    /// A capability, mode, parameter or option this driver does not offer.
-    Unsupported { volume: String, what: String },
+    /// A parameter or option this driver does not offer (`path` as for `MissingField`).
+    Unsupported {
+        volume: String,
+        path: PathBuf,
+        what: String,
+    },
+    /// A publish asking for a capability the volume does not offer: the spec's "exceeds
+    /// capabilities".
+    ExceedsCapabilities {
+        volume: String,
+        path: PathBuf,
+        what: String,
+    },
     /// The capacity range cannot be satisfied.
     BadCapacity { volume: String, reason: String },
     /// The request conflicts with what already exists.
@@ -99,6 +114,7 @@ impl Error {
     pub fn unsupported(volume: &str, what: impl Into<String>) -> Error {
         Error::Unsupported {
             volume: volume.to_owned(),
+            path: PathBuf::new(),
             what: what.into(),
         }
     }
@@ -107,6 +123,29 @@ impl Error {
         Error::MissingField {
             field,
             volume: volume.to_owned(),
+            path: PathBuf::new(),
+        }
+    }
+
+    /// The same refusal, naming the request's path (checks of ids, fields and options do not
+    /// know it).
+    pub fn at_path(mut self, at: &std::path::Path) -> Error {
+        if let Error::MissingField { path, .. } | Error::Unsupported { path, .. } | Error::BadVolumeId { path, .. } =
+            &mut self
+        {
+            if path.as_os_str().is_empty() {
+                *path = at.to_owned();
+            }
+        }
+        self
+    }
+
+    /// A capability refused at publish: what the volume does not offer (FAILED_PRECONDITION),
+    /// where CreateVolume and the like refuse it as an argument.
+    pub fn exceeding_capabilities(self) -> Error {
+        match self {
+            Error::Unsupported { volume, path, what } => Error::ExceedsCapabilities { volume, path, what },
+            e => e,
         }
     }
 
@@ -121,7 +160,9 @@ impl Error {
             // The spec's "volume does not exist": an id no volume of ours can have is one.
             Error::NotFound { .. } | Error::BadVolumeId { .. } => RpcStatusCode::NOT_FOUND,
             Error::InFlight { .. } => RpcStatusCode::ABORTED,
-            Error::NodeNotReady { .. } | Error::ForeignMount { .. } => RpcStatusCode::FAILED_PRECONDITION,
+            Error::NodeNotReady { .. } | Error::ForeignMount { .. } | Error::ExceedsCapabilities { .. } => {
+                RpcStatusCode::FAILED_PRECONDITION
+            }
             Error::Unavailable { .. } | Error::ShuttingDown => RpcStatusCode::UNAVAILABLE,
             Error::Sys { errno, .. } => match errno {
                 Errno::ENOSPC | Errno::EDQUOT | Errno::ENFILE | Errno::EMFILE | Errno::ENOMEM => {
@@ -161,8 +202,13 @@ fn vol(volume: &str) -> &str {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::MissingField { field, volume } => {
-                write!(f, "volume {}: required field {field} is missing", vol(volume))
+            Error::MissingField { field, volume, path } => {
+                write!(
+                    f,
+                    "volume {}:{} required field {field} is missing",
+                    vol(volume),
+                    at(path)
+                )
             }
             Error::BadVolumeId { id, path } => write!(
                 f,
@@ -172,7 +218,17 @@ impl fmt::Display for Error {
             Error::BadPath { volume, path, reason } => {
                 write!(f, "volume {}: path {}: {reason}", vol(volume), path.display())
             }
-            Error::Unsupported { volume, what } => write!(f, "volume {}: unsupported {what}", vol(volume)),
+            Error::Unsupported { volume, path, what } => {
+                write!(f, "volume {}:{} unsupported {what}", vol(volume), at(path))
+            }
+            Error::ExceedsCapabilities { volume, path, what } => {
+                write!(
+                    f,
+                    "volume {}:{} the volume does not offer {what}",
+                    vol(volume),
+                    at(path)
+                )
+            }
             Error::BadCapacity { volume, reason } => write!(f, "volume {}: {reason}", vol(volume)),
             Error::Conflict { volume, path, reason } | Error::NotFound { volume, path, reason } => {
                 write!(f, "volume {}:{} {reason}", vol(volume), at(path))

@@ -289,10 +289,10 @@ impl NodeState {
         let cap = req
             .volume_capability
             .as_ref()
-            .ok_or_else(|| Error::missing("volume_capability", id))?;
-        let mut flags = volume::check_capability(id, cap)?;
+            .ok_or_else(|| Error::missing("volume_capability", id).at_path(&target))?;
+        let mut flags = volume::check_capability(id, cap).map_err(|e| e.at_path(&target).exceeding_capabilities())?;
         flags.read_only |= req.readonly;
-        let limits = eviction::Limits::from_context(id, &req.volume_context)?;
+        let limits = eviction::Limits::from_context(id, &req.volume_context).map_err(|e| e.at_path(&target))?;
         let guard = self.inflight.lock_target(id, &target)?;
         if !self.cfg.test_publish_delay.is_zero() {
             std::thread::sleep(self.cfg.test_publish_delay);

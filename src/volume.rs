@@ -59,10 +59,7 @@ fn is_hyphenated_uuid(s: &str) -> bool {
 
 /// `check_id` for a call that names a path, so a refusal names it too.
 pub fn check_id_at(id: &str, path: &str) -> Result<()> {
-    check_id(id).map_err(|e| match e {
-        Error::BadVolumeId { id, .. } => Error::BadVolumeId { id, path: path.into() },
-        e => e,
-    })
+    check_id(id).map_err(|e| e.at_path(Path::new(path)))
 }
 
 /// A target path from a request: absolute, no `.` or `..`, no empty components, no NUL, strictly

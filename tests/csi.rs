@@ -521,22 +521,45 @@ fn bad_input_gets_exact_codes_and_names_volume_and_path() {
     }
 
     let mut missing = publish_req(&vol, &target, false);
-    missing.volume_id.clear();
-    assert_eq!(code(n.node_publish_volume(&missing)).0, RpcStatusCode::INVALID_ARGUMENT);
-    let mut missing = publish_req(&vol, &target, false);
     missing.target_path.clear();
     let (c, msg) = code(n.node_publish_volume(&missing));
     assert_eq!(c, RpcStatusCode::INVALID_ARGUMENT);
     assert!(msg.contains("target_path") && msg.contains(&vol), "{msg}");
-    let mut missing = publish_req(&vol, &target, false);
-    missing.volume_capability = None.into();
-    assert_eq!(code(n.node_publish_volume(&missing)).0, RpcStatusCode::INVALID_ARGUMENT);
+    // A missing field is INVALID_ARGUMENT; capabilities the volume does not offer are the spec's
+    // "exceeds capabilities", FAILED_PRECONDITION. Each message names the volume and the path.
+    let mut no_id = publish_req(&vol, &target, false);
+    no_id.volume_id.clear();
+    let mut no_cap = publish_req(&vol, &target, false);
+    no_cap.volume_capability = None.into();
+    let mut no_mode = publish_req(&vol, &target, false);
+    no_mode.volume_capability.as_mut().unwrap().access_mode = None.into();
     let mut block = publish_req(&vol, &target, false);
     block.volume_capability.as_mut().unwrap().set_block(Default::default());
-    assert_eq!(code(n.node_publish_volume(&block)).0, RpcStatusCode::INVALID_ARGUMENT);
     let mut flag = publish_req(&vol, &target, false);
     flag.volume_capability = Some(mount_cap(Mode::SINGLE_NODE_WRITER, &["uid=1000"])).into();
-    assert_eq!(code(n.node_publish_volume(&flag)).0, RpcStatusCode::INVALID_ARGUMENT);
+    let mut mode = publish_req(&vol, &target, false);
+    mode.volume_capability = Some(mount_cap(Mode::SINGLE_NODE_SINGLE_WRITER, &[])).into();
+    let mut context = publish_req(&vol, &target, false);
+    context
+        .volume_context
+        .insert("node-local-cache.csi.io/capacity-bytes".into(), "lots".into());
+    for (what, req, want) in [
+        ("no volume id", no_id, RpcStatusCode::INVALID_ARGUMENT),
+        ("no capability", no_cap, RpcStatusCode::INVALID_ARGUMENT),
+        ("no access mode", no_mode, RpcStatusCode::INVALID_ARGUMENT),
+        ("bad volume context", context, RpcStatusCode::INVALID_ARGUMENT),
+        ("block", block, RpcStatusCode::FAILED_PRECONDITION),
+        ("mount flag", flag, RpcStatusCode::FAILED_PRECONDITION),
+        ("access mode", mode, RpcStatusCode::FAILED_PRECONDITION),
+    ] {
+        let (c, msg) = code(n.node_publish_volume(&req));
+        assert_eq!(c, want, "{what}: {msg}");
+        assert!(
+            msg.contains(&req.volume_id) && msg.contains(&req.target_path),
+            "{what}: message {msg:?} must name the volume and the path"
+        );
+    }
+    assert!(!target.exists());
 
     // A symlinked target is refused and nothing is mounted through it.
     let victim = tree.root.join("victim");
