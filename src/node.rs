@@ -393,6 +393,15 @@ impl NodeState {
             undo_vol();
         };
 
+        // What the target must show once the bind landed; asked before anything is mounted, so
+        // a failure here has nothing to take off.
+        let want = match safedir::identity(vol_fd.as_fd()) {
+            Ok(want) => want,
+            Err(e) => {
+                undo(&tgt_fd, false);
+                return Err(Error::sys("stat volume dir", id, &vol_path, e));
+            }
+        };
         let started = Instant::now();
         let bound = match mounts::bind_handles(vol_fd.as_fd(), tgt_fd.as_fd(), flags) {
             Ok(bound) => bound,
@@ -413,7 +422,6 @@ impl NodeState {
         }
         // Looking the name up again crosses into the new mount: proof that it landed on the
         // target. The bind's own handle, or else the name opened again, reaches its root.
-        let want = safedir::identity(vol_fd.as_fd()).map_err(|e| Error::sys("stat volume dir", id, &vol_path, e))?;
         let landed_here = safedir::real_path(tgt_fd.as_fd()).is_ok_and(|p| p == t.real)
             && safedir::child_dir_identity(t.parent.as_fd(), &t.name) == Ok(want);
         let mount_root = match (landed_here, bound.root) {
