@@ -571,3 +571,63 @@ fn peak_memory_of_the_real_binaries() {
         );
     }
 }
+
+/// A namespace teardown: nodes in the cluster, and deletions pending at once, every one of them
+/// listed by every node's object.
+const TEARDOWN_NODES: usize = 5000;
+const TEARDOWN_PENDING: usize = 200;
+
+/// Peak RSS of the controller through a pass that completes `TEARDOWN_PENDING` records each
+/// acknowledged by all of `TEARDOWN_NODES` nodes: what it keeps of the acknowledgements must not
+/// grow with nodes × deletions (a name per pair was 90 MB here, past the 64 Mi limit).
+#[test]
+fn controller_memory_through_a_namespace_teardown() {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let api = fake_api("teardown");
+    let tree = Tree::new("teardown");
+    let mut pending = Vec::with_capacity(TEARDOWN_PENDING);
+    for k in 0..TEARDOWN_PENDING {
+        let id = volume_id(&format!("pvc-teardown-{k}"));
+        api.put_configmap(NS, legacy_record(&id, 0, false), "node-local-cache");
+        let record = api.object(&configmap_key(&cleanup::record_name(&id))).unwrap();
+        pending.push(CleanupRecord::parse(&record).unwrap().deletion);
+    }
+    for i in 0..TEARDOWN_NODES {
+        api.add_node(&node_name(i), DRIVER);
+        let acks = cleanup::NodeAcks {
+            node: node_name(i),
+            done: pending.iter().cloned().collect(),
+        };
+        api.put_configmap(NS, acks.new_object(), "node-local-cache");
+    }
+    let ctl = spawn(
+        Path::new(BIN),
+        &api,
+        &tree,
+        &[
+            "--mode=controller".to_owned(),
+            "--csi-socket".to_owned(),
+            format!("unix://{}", tree.socket("ctl").display()),
+        ],
+    );
+    let complete = || {
+        pending
+            .iter()
+            .filter(|d| {
+                api.object(&configmap_key(&cleanup::record_name(&d.volume_id)))
+                    .is_some_and(|r| r["metadata"]["labels"][cleanup::LABEL] == "complete")
+            })
+            .count()
+    };
+    wait_until("every record completed", || complete() == TEARDOWN_PENDING);
+    let peak = peak_rss(ctl.0.id());
+    println!(
+        "controller peak RSS {:.1} MiB: {TEARDOWN_NODES} nodes, {TEARDOWN_PENDING} pending deletions",
+        mib(peak)
+    );
+    assert!(
+        mib(peak) < 32.0,
+        "controller peak RSS {:.1} MiB with {TEARDOWN_NODES} nodes acknowledging {TEARDOWN_PENDING} deletions",
+        mib(peak)
+    );
+}

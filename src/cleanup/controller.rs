@@ -1,7 +1,7 @@
 //! The controller's half: writes records on DeleteVolume, keeps the index, completes records from
 //! the nodes' objects, expires tombstones.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 use log::{debug, info, warn};
 use serde_json::{json, Value};
 
-use super::record::{CleanupRecord, Deletion, IndexEntry, NodeAcks, INDEX_NAME, NODE_LABEL};
+use super::acks::Acknowledgements;
+use super::record::{CleanupRecord, Deletion, IndexEntry, INDEX_NAME, NODE_LABEL};
 use super::{record_name, CleanupConfig, Complaints, FINALIZER, LABEL};
 use crate::controller::Deleter;
 use crate::error::{Error, Result};
@@ -28,14 +29,6 @@ const INDEX_ATTEMPTS: usize = 5;
 struct IndexCopy {
     entries: BTreeSet<IndexEntry>,
     resource_version: Option<String>,
-}
-
-/// What the nodes reported, for the pending records of one pass.
-struct Acknowledgements {
-    /// The nodes whose CSINode lists the driver.
-    nodes: Vec<String>,
-    /// By deletion, the nodes whose object lists it as finished.
-    acked: HashMap<Deletion, HashSet<String>>,
 }
 
 pub struct CleanupController {
@@ -209,19 +202,17 @@ impl CleanupController {
         }
     }
 
-    /// The nodes expected to acknowledge, and which of them acknowledged each of `pending`.
-    fn acknowledgements(&self, pending: &[&CleanupRecord]) -> KubeResult<Acknowledgements> {
+    /// The nodes expected to acknowledge, and which of them acknowledged each of `pending`; the
+    /// nodes' objects are read a page at a time, and a page is dropped once counted.
+    fn acknowledgements<'a>(&self, pending: &[&'a CleanupRecord]) -> KubeResult<Acknowledgements<'a>> {
         let nodes = self.kube.nodes_with_driver(&self.cfg.driver_name)?;
-        let wanted: HashSet<&Deletion> = pending.iter().map(|r| &r.deletion).collect();
-        let mut acked: HashMap<Deletion, HashSet<String>> = HashMap::new();
+        let mut acks = Acknowledgements::new(nodes, pending);
         self.kube.for_each_configmap(NODE_LABEL, |page| {
-            for acks in page.iter().filter_map(NodeAcks::parse) {
-                for d in acks.done.into_iter().filter(|d| wanted.contains(d)) {
-                    acked.entry(d).or_default().insert(acks.node.clone());
-                }
+            for object in &page {
+                acks.add(object);
             }
         })?;
-        Ok(Acknowledgements { nodes, acked })
+        Ok(acks)
     }
 
     /// Releases the PV and marks the record complete; the error says which step failed.
@@ -262,24 +253,18 @@ impl CleanupController {
             };
             for r in pending {
                 let waited = now.duration_since(r.deletion.requested()).unwrap_or_default();
-                let missing: Option<Vec<&String>> = acks.as_ref().map(|a| {
-                    let by_object = a.acked.get(&r.deletion);
-                    a.nodes
-                        .iter()
-                        .filter(|n| !r.legacy_acks.contains(*n) && !by_object.is_some_and(|a| a.contains(*n)))
-                        .collect()
-                });
-                let everyone = missing.as_ref().is_some_and(|m| m.is_empty());
+                let missing = acks.as_ref().map(|a| a.missing(r));
+                let everyone = missing.as_ref().is_some_and(|m| m.count == 0);
                 if !everyone && waited < self.cfg.timeout {
                     continue;
                 }
                 match &missing {
-                    Some(m) if m.is_empty() => info!("volume {}: every node cleaned up", r.volume_id()),
+                    Some(m) if m.count == 0 => info!("volume {}: every node cleaned up", r.volume_id()),
                     Some(m) => warn!(
                         "volume {}: cleanup timed out after {waited:?}; {} node(s) have not acknowledged ({}); they clean up when they return",
                         r.volume_id(),
-                        m.len(),
-                        m.iter().take(10).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                        m.count,
+                        m.names.join(", ")
                     ),
                     None => warn!(
                         "volume {}: cleanup timed out after {waited:?}; acknowledgements could not be read; nodes that did not clean up do so on their next poll",

@@ -18,6 +18,7 @@
 //! A failure on one record is logged once, counted, and never stops the others.
 //! Records written by earlier versions, with acknowledgements as `ack.<node>` keys, are read too.
 
+mod acks;
 mod controller;
 mod node;
 mod record;

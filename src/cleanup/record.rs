@@ -59,12 +59,8 @@ impl Deletion {
         time::from_millis(self.requested_ms)
     }
 
-    /// `<volume-id> <requested-ms>`, the form the index and the node objects store.
     fn parse(text: &str) -> Option<Deletion> {
-        let mut words = text.split_ascii_whitespace();
-        let volume_id = words.next()?;
-        volume::check_id(volume_id).ok()?;
-        let requested_ms = words.next()?.parse().ok()?;
+        let (volume_id, requested_ms) = parse_deletion(text)?;
         Some(Deletion {
             volume_id: volume_id.to_owned(),
             requested_ms,
@@ -74,6 +70,15 @@ impl Deletion {
     fn render(&self) -> String {
         format!("{} {}", self.volume_id, self.requested_ms)
     }
+}
+
+/// `<volume-id> <requested-ms>`, the form the index and the node objects store, borrowed from
+/// the text.
+fn parse_deletion(text: &str) -> Option<(&str, u64)> {
+    let mut words = text.split_ascii_whitespace();
+    let volume_id = words.next()?;
+    volume::check_id(volume_id).ok()?;
+    Some((volume_id, words.next()?.parse().ok()?))
 }
 
 /// A cleanup record as read from its ConfigMap.
@@ -212,16 +217,29 @@ pub struct NodeAcks {
 
 impl NodeAcks {
     pub fn parse(cm: &Value) -> Option<NodeAcks> {
-        let data = &cm["data"];
+        let (node, done) = NodeAcks::read(cm)?;
         Some(NodeAcks {
-            node: data[NODE_KEY].as_str()?.to_owned(),
-            done: data[DONE_KEY]
-                .as_str()
-                .unwrap_or_default()
-                .lines()
-                .filter_map(Deletion::parse)
+            node: node.to_owned(),
+            done: done
+                .map(|(volume_id, requested_ms)| Deletion {
+                    volume_id: volume_id.to_owned(),
+                    requested_ms,
+                })
                 .collect(),
         })
+    }
+
+    /// The node and the deletions (volume id, request time) its object lists, borrowed from the
+    /// object: the controller reads one object per node and copies nothing out of it.
+    pub fn read(cm: &Value) -> Option<(&str, impl Iterator<Item = (&str, u64)>)> {
+        let data = &cm["data"];
+        let node = data[NODE_KEY].as_str()?;
+        let done = data[DONE_KEY]
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .filter_map(parse_deletion);
+        Some((node, done))
     }
 
     /// The node object's data.
