@@ -248,15 +248,20 @@ pub fn usage(root: OwnedFd) -> Result<Usage, Errno> {
     while let Some((dir, subdirs, listed)) = levels.last_mut() {
         if !*listed {
             *listed = true;
-            let mut names = Vec::new();
+            // Each entry is stated as it is read, through a second handle (reading moves the
+            // first one's offset; a stat does not), so only subdirectory names are kept: a
+            // directory of a million files costs no memory for their names.
+            let at = dir
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
             for entry in dir.iter() {
                 let entry = entry?;
-                if !is_dot(entry.file_name()) {
-                    names.push(entry.file_name().to_owned());
+                let name = entry.file_name();
+                if is_dot(name) {
+                    continue;
                 }
-            }
-            for name in names {
-                let st = match fstatat(dir.as_fd(), name.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+                let st = match fstatat(at.as_fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
                     Ok(st) => st,
                     // Deleted while we walked: a cache changes under us; count what is there.
                     Err(Errno::ENOENT) => continue,
@@ -265,7 +270,7 @@ pub fn usage(root: OwnedFd) -> Result<Usage, Errno> {
                 total.inodes += 1;
                 total.bytes += st.st_blocks as u64 * 512;
                 if st.st_mode & libc_s_ifmt() == libc_s_ifdir() && st.st_dev == dev {
-                    subdirs.push(name);
+                    subdirs.push(name.to_owned());
                 }
             }
         }

@@ -897,6 +897,50 @@ fn an_unpublish_during_a_stats_walk_is_not_refused() {
     assert_eq!(mounted_at(&target), 0);
 }
 
+/// A cache may put hundreds of thousands of files in one directory. Measuring it must not hold
+/// their names: the plugin's peak memory may not grow with the size of a directory.
+#[test]
+fn a_stats_walk_holds_no_more_memory_for_a_large_directory() {
+    let tree = Tree::new("stats-wide");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &tree.base(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let d = Driver::node(&tree, "node-a", &["--stats-cache-ttl=0s"]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-stats-wide");
+    let target = tree.target("pod1");
+    n.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
+    let peak_kib = || {
+        let status = fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_owned();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    let dir = target.join("flat");
+    fs::create_dir(&dir).unwrap();
+    for f in 0..10 {
+        fs::File::create(dir.join(format!("file-{f:07}"))).unwrap();
+    }
+    n.node_get_volume_stats(&stats_req(&vol, &target)).unwrap();
+    let before = peak_kib();
+    for f in 10..500_000 {
+        fs::File::create(dir.join(format!("file-{f:07}"))).unwrap();
+    }
+    let s = n.node_get_volume_stats(&stats_req(&vol, &target)).unwrap();
+    assert_eq!(s.usage[1].used, 2 + 500_000);
+    let grew = peak_kib() - before;
+    assert!(
+        grew < 4096,
+        "the peak grew by {grew} KiB for one directory of 500,000 files"
+    );
+    n.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
+    assert_eq!(mounted_at(&target), 0);
+}
+
 #[test]
 fn data_on_unpublish_delete_waits_for_the_last_user() {
     let tree = Tree::new("scratch");
