@@ -34,6 +34,7 @@ use crate::server::Rpc;
 use crate::volume;
 
 mod store;
+mod usage;
 
 pub use store::VolumeMeta;
 use store::META_DIR;
@@ -50,8 +51,8 @@ const BUSY_RETRIES: usize = 4;
 pub struct NodeState {
     cfg: Arc<Config>,
     inflight: InFlight,
-    /// Volume usage by id, reused for `stats_cache_ttl`: kubelet asks every minute per volume.
-    usage_cache: Mutex<HashMap<String, (Instant, Usage)>>,
+    /// Volume usage by id, reused for `stats_cache_ttl` and shared by calls during a walk.
+    usage_cache: usage::UsageCache,
     /// Volumes deleted cluster-wide and when, as last seen by the cleanup poller: a local copy
     /// older than that belongs to a deleted incarnation and must not be published again.
     deleted: Mutex<HashMap<String, SystemTime>>,
@@ -87,7 +88,7 @@ impl NodeState {
         Arc::new(NodeState {
             cfg,
             inflight,
-            usage_cache: Mutex::default(),
+            usage_cache: usage::UsageCache::default(),
             deleted: Mutex::default(),
             kubelet_real: std::sync::OnceLock::new(),
             base: Mutex::default(),
@@ -696,20 +697,19 @@ impl NodeState {
     }
 
     fn usage(&self, id: &str, root: OwnedFd, path: &Path) -> Result<Usage> {
-        let ttl = self.cfg.stats_cache_ttl;
-        if let Some((at, u)) = self.usage_cache.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
-            if at.elapsed() < ttl {
-                return Ok(*u);
-            }
-        }
-        let u = safedir::usage(root).map_err(|e| Error::sys("measure volume usage", id, path, e))?;
-        if !ttl.is_zero() {
-            self.usage_cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.to_owned(), (Instant::now(), u));
-        }
-        Ok(u)
+        self.usage_cache
+            .get(id, self.cfg.stats_cache_ttl, || {
+                let started = Instant::now();
+                let u = safedir::usage(root)?;
+                debug!(
+                    "volume {id}: measured {} inodes, {} bytes in {:.1}ms",
+                    u.inodes,
+                    u.bytes,
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                Ok(u)
+            })
+            .map_err(|e| Error::sys("measure volume usage", id, path, e))
     }
 
     /// Volumes bind-mounted on this node now (the `active_volumes` gauge).

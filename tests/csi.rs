@@ -941,6 +941,56 @@ fn a_stats_walk_holds_no_more_memory_for_a_large_directory() {
     assert_eq!(mounted_at(&target), 0);
 }
 
+/// Pods of one node sharing a volume each get a stats call a minute. Calls that come during a
+/// walk of that volume share it: one walk, not one per pod, each holding a worker.
+#[test]
+fn stats_calls_during_a_walk_share_it() {
+    let tree = Tree::new("stats-shared");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &tree.base(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let d = Driver::node(&tree, "node-a", &["--stats-cache-ttl=0s"]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-stats-shared");
+    let targets: Vec<_> = (0..4).map(|i| tree.target(&format!("pod{i}"))).collect();
+    for t in &targets {
+        n.node_publish_volume(&publish_req(&vol, t, false)).unwrap();
+    }
+    for i in 0..100 {
+        let dir = targets[0].join(format!("d{i}"));
+        fs::create_dir(&dir).unwrap();
+        for f in 0..1000 {
+            fs::File::create(dir.join(f.to_string())).unwrap();
+        }
+    }
+    let barrier = Arc::new(Barrier::new(targets.len()));
+    let calls: Vec<_> = targets
+        .iter()
+        .map(|t| {
+            let (n, req, b) = (d.node_client(), stats_req(&vol, t), barrier.clone());
+            thread::spawn(move || {
+                b.wait();
+                n.node_get_volume_stats(&req)
+            })
+        })
+        .collect();
+    for c in calls {
+        let s = c.join().unwrap().unwrap();
+        assert_eq!(s.usage[1].used, 1 + 100 + 100_000);
+    }
+    let walks = d.log_text().matches(&format!("volume {vol}: measured")).count();
+    assert_eq!(walks, 1, "four calls at once, {walks} walks");
+    for t in &targets {
+        n.node_unpublish_volume(&unpublish_req(&vol, t)).unwrap();
+        assert_eq!(mounted_at(t), 0);
+    }
+}
+
 #[test]
 fn data_on_unpublish_delete_waits_for_the_last_user() {
     let tree = Tree::new("scratch");

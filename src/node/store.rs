@@ -60,7 +60,7 @@ impl NodeState {
         let existed = safedir::open_child(base.fd.as_fd(), OsStr::new(id)).is_ok();
         safedir::remove_tree(base.fd.as_fd(), OsStr::new(id))
             .map_err(|e| Error::sys("delete volume data", id, vol_path.join(&e.at), e.errno))?;
-        self.usage_cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.usage_cache.forget(id);
         if let Ok(meta_dir) = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)) {
             let _ = nix::unistd::unlinkat(meta_dir.as_fd(), id, nix::unistd::UnlinkatFlags::NoRemoveDir);
         }
@@ -174,7 +174,7 @@ impl NodeState {
 
     /// Drops a volume's cached usage (its copy was trimmed).
     pub fn forget_usage(&self, id: &str) {
-        self.usage_cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.usage_cache.forget(id);
     }
 
     /// Forgets a copy that eviction took away, so the next publish starts afresh, as on a node
