@@ -169,7 +169,7 @@ owner_and_version_agree() {
     return "$rc"
 }
 
-# The node plugin is restarted only when its process stops answering, never because its base dir
+# The node plugin is restarted only when its CSI socket stops answering, never because its base dir
 # is unusable: liveness on the driver's /livez, readiness on /readyz, both on its metrics port.
 # Rollouts take a tenth of the nodes at a time, each ready for 30 s before the next, and
 # fsGroupPolicy matches the e2e test driver.

@@ -132,6 +132,8 @@ fn main() -> ExitCode {
 
     if !flags.metrics_addr.is_empty() {
         metrics::set_ready(move || ready());
+        let socket = cfg.csi_socket.clone();
+        metrics::set_alive(move || server::answers(&socket, server::ANSWER_TIMEOUT));
         match metrics::parse_addr(&flags.metrics_addr).and_then(|a| metrics::serve(a).map_err(|e| e.to_string())) {
             Ok(bound) => info!("metrics on http://{bound}/metrics"),
             Err(e) => error!("metrics endpoint {}: {e}; serving CSI without it", flags.metrics_addr),

@@ -237,6 +237,14 @@ pub fn set_active_volumes(f: impl Fn() -> u64 + Send + Sync + 'static) {
     let _ = ACTIVE_VOLUMES.set(Box::new(f));
 }
 
+static ALIVE: OnceLock<Box<dyn Fn() -> std::result::Result<(), String> + Send + Sync>> = OnceLock::new();
+
+/// What `/livez` reports: whether the CSI server answers (the error says why not). Not set:
+/// alive while this endpoint answers.
+pub fn set_alive(f: impl Fn() -> std::result::Result<(), String> + Send + Sync + 'static) {
+    let _ = ALIVE.set(Box::new(f));
+}
+
 static READY: OnceLock<Box<dyn Fn() -> bool + Send + Sync>> = OnceLock::new();
 
 /// What `/readyz` and the `ready` gauge report: what Probe would say (on a node, whether the
@@ -517,9 +525,15 @@ fn handle(mut stream: TcpStream) -> std::io::Result<()> {
             "text/plain; version=0.0.4; charset=utf-8",
             &render(),
         ),
-        // Liveness: answering at all is the proof. Never tied to readiness, so a node whose base
-        // dir is unusable is reported, not restarted in a loop.
-        b"/livez" => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
+        // Liveness: the CSI socket answers. Never tied to readiness, so a node whose base dir is
+        // unusable is reported, not restarted in a loop.
+        b"/livez" => match ALIVE.get().map_or(Ok(()), |f| f()) {
+            Ok(()) => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
+            Err(e) => {
+                warn!("liveness: {e}");
+                respond(&mut stream, "503 Service Unavailable", "text/plain", &format!("{e}\n"))
+            }
+        },
         b"/readyz" if ready() => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
         b"/readyz" => respond(&mut stream, "503 Service Unavailable", "text/plain", "not ready\n"),
         _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n"),

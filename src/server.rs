@@ -378,6 +378,35 @@ pub fn prepare_socket(path: &Path) -> std::result::Result<(), String> {
     std::fs::remove_file(path).map_err(|e| format!("remove stale socket {}: {e}", path.display()))
 }
 
+/// How long liveness waits for the CSI server's first frame: the poll thread answers a new
+/// connection in well under a millisecond, and kubelet's probe gives up after five seconds.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the gRPC server behind `path` answers a new connection: it must send its HTTP/2
+/// settings, which only a live poll thread does. Liveness asks this; the error says what failed.
+pub fn answers(path: &Path, timeout: Duration) -> std::result::Result<(), String> {
+    use std::io::{Read, Write};
+    // The client preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).
+    const HELLO: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    const SETTINGS: u8 = 0x4;
+    let fail = |what: &str, e: std::io::Error| format!("CSI socket {}: {what}: {e}", path.display());
+    let mut s = UnixStream::connect(path).map_err(|e| fail("connect", e))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| fail("set timeout", e))?;
+    s.set_write_timeout(Some(timeout)).map_err(|e| fail("set timeout", e))?;
+    s.write_all(HELLO).map_err(|e| fail("send preface", e))?;
+    let mut frame = [0u8; 9];
+    s.read_exact(&mut frame)
+        .map_err(|e| fail("read the server's settings", e))?;
+    if frame[3] != SETTINGS {
+        return Err(format!(
+            "CSI socket {}: the server's first frame is of type {}, not SETTINGS",
+            path.display(),
+            frame[3]
+        ));
+    }
+    Ok(())
+}
+
 pub struct Running {
     server: grpcio::Server,
     rpc: Rpc,

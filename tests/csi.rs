@@ -252,6 +252,26 @@ fn the_base_dir_is_closed_to_other_users() {
     tree.assert_no_mounts();
 }
 
+/// Liveness is the CSI socket answering, not only the metrics thread: a plugin whose socket is
+/// gone (its dir wiped) serves nobody, and only a restart makes the socket again.
+#[test]
+fn livez_fails_once_the_csi_socket_stops_answering() {
+    let tree = Tree::new("livez");
+    let node = Driver::node(&tree, "node-a", &["--metrics-addr=127.0.0.1:0"]);
+    let addr = node.metrics_addr();
+    assert_eq!(http(&addr, b"GET /livez HTTP/1.1\r\n\r\n").0, 200);
+    // Asked over and over, it keeps answering.
+    for _ in 0..20 {
+        assert_eq!(http(&addr, b"GET /livez HTTP/1.1\r\n\r\n").0, 200);
+    }
+    fs::remove_file(&node.socket).unwrap();
+    let (code, body) = http(&addr, b"GET /livez HTTP/1.1\r\n\r\n");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(node.socket.to_str().unwrap()), "{body}");
+    // Readiness stays what Probe says: the base dir is fine.
+    assert_eq!(http(&addr, b"GET /readyz HTTP/1.1\r\n\r\n").0, 200);
+}
+
 #[test]
 fn controller_creates_deletes_and_validates() {
     let tree = Tree::new("controller");
