@@ -7,7 +7,7 @@ mod fake_apiserver;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use common::*;
 use fake_apiserver::FakeApi;
@@ -19,7 +19,7 @@ use node_local_cache::inflight::InFlight;
 use node_local_cache::node::NodeState;
 use node_local_cache::proto::csi;
 use node_local_cache::server::Rpc;
-use node_local_cache::time::Deadline;
+use node_local_cache::time::{self, Deadline};
 use serde_json::json;
 
 const DRIVER: &str = "node-local-cache.csi.io";
@@ -694,4 +694,55 @@ fn acknowledgements_are_read_past_the_first_page() {
     ctl.poll_once().unwrap();
     assert_eq!(state_of(&api, &id), "complete");
     assert_eq!(api.pv_finalizers("pvc-pages").unwrap(), Vec::<String>::new());
+}
+
+/// Past the 1 MiB a ConfigMap may hold (~16,400 deletions in the retention: CI clusters with a
+/// PVC per build), the index cannot list every tombstone. A new deletion must still reach a node
+/// that polls along and one that reads for the first time, within a poll.
+#[test]
+fn a_deletion_reaches_the_nodes_when_the_tombstones_outgrow_a_configmap() {
+    let api = api("outgrown");
+    let mut cfg = config(Duration::from_secs(600));
+    cfg.retention = Duration::from_secs(24 * 3600);
+    const TOMBSTONES: usize = 16_500;
+    const NEWER: usize = 500;
+    let now = SystemTime::now();
+    let span = Duration::from_secs(23 * 3600);
+    let mut lines = String::new();
+    for k in 0..TOMBSTONES {
+        let id = volume_id(&format!("pvc-ci-{k}"));
+        let requested = now - span.mul_f64((k + 1) as f64 / TOMBSTONES as f64);
+        api.put_tombstone(NS, &id, requested);
+        if k >= NEWER {
+            lines += &format!("{id} {} complete\n", time::to_millis(requested));
+        }
+    }
+    // The index as it was while it still fit; the newest deletions came after.
+    let index = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": cleanup::INDEX_NAME },
+        "data": { "records": lines },
+    });
+    api.put_configmap(NS, index, "node-local-cache");
+    let mut polling = SimNode::new(&api, "node-polling", &cfg);
+    polling.poll();
+
+    let ctl = CleanupController::new(api.client(NS), cfg.clone());
+    ctl.poll_once().unwrap();
+    let id = volume_id("pvc-new");
+    api.add_pv("pvc-new", DRIVER, &id);
+    polling.use_volume(&id, "pvc-new", "data");
+    let mut fresh = SimNode::new(&api, "node-fresh", &cfg);
+    fresh.use_volume(&id, "pvc-new", "data");
+    delete(&ctl, &id).unwrap();
+    polling.poll();
+    assert!(!polling.has(&id), "a node polling along cleaned up");
+    fresh.poll();
+    assert!(!fresh.has(&id), "a node reading for the first time cleaned up");
+
+    let key = format!("configmaps/{NS}/{}", cleanup::INDEX_NAME);
+    let stored = api.object(&key).unwrap();
+    let listed = stored["data"]["records"].as_str().unwrap();
+    assert!(listed.len() <= 512 * 1024, "index of {} bytes", listed.len());
+    assert!(listed.contains(&id), "the new deletion is listed");
 }

@@ -2,7 +2,8 @@
 //! cleanup protocol relies on: resourceVersion bumps and 409 on stale conditional writes, label
 //! selectors, finalizers holding deletion, JSON merge patch, 404, 410 for compacted list
 //! positions, bearer tokens, paginated lists (`limit` + `continue`, ignored with
-//! `resourceVersion=0` as the watch cache of a v1.24 apiserver does) — plus injected faults (5xx,
+//! `resourceVersion=0` as the watch cache of a v1.24 apiserver does), 422 for a ConfigMap whose
+//! data is over 1 MiB — plus injected faults (5xx,
 //! slow answers, 409 storms, a request refused for good).
 //!
 //! It also measures: request and response body bytes of every call, and the size a real
@@ -169,6 +170,15 @@ impl FakeApi {
             let name = obj["metadata"]["name"].as_str().unwrap().to_owned();
             s.create_as(&format!("configmaps/{ns}/{name}"), obj, manager);
         });
+    }
+
+    /// A completed cleanup record (a tombstone) of a deletion of `id` requested at `requested`,
+    /// completed a minute later, as the controller leaves it.
+    pub fn put_tombstone(&self, ns: &str, id: &str, requested: std::time::SystemTime) {
+        let mut obj = node_local_cache::cleanup::CleanupRecord::new_object(id, requested, &format!("pvc-{id}"));
+        let record = node_local_cache::cleanup::CleanupRecord::parse(&obj).unwrap();
+        merge_patch(&mut obj, &record.complete_patch(requested + Duration::from_secs(60)));
+        self.put_configmap(ns, obj, "node-local-cache");
     }
 
     /// Requests served so far.
@@ -392,6 +402,31 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
         }
         other => *target = other.clone(),
     }
+}
+
+/// The most a ConfigMap's data may hold, keys and values counted (`MaxSecretSize`, as the
+/// apiserver's validation spells it).
+const CONFIGMAP_MAX_DATA: usize = 1024 * 1024;
+
+/// The 422 a real apiserver answers for a ConfigMap whose data is over the limit.
+fn configmap_too_long(kind: &str, obj: &Value) -> Option<(u16, Value)> {
+    if kind != "configmaps" {
+        return None;
+    }
+    let size: usize = ["data", "binaryData"]
+        .iter()
+        .filter_map(|k| obj[*k].as_object())
+        .flatten()
+        .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+        .sum();
+    (size > CONFIGMAP_MAX_DATA).then(|| {
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+        status_body(
+            422,
+            "Invalid",
+            &format!("ConfigMap \"{name}\" is invalid: []: Too long: must have at most {CONFIGMAP_MAX_DATA} bytes"),
+        )
+    })
 }
 
 /// The time written into managedFields entries and creation timestamps.
@@ -735,6 +770,9 @@ fn handle(state: &Mutex<State>, req: &Request) -> (u16, Value) {
             if s.objects.contains_key(&key) {
                 return status_body(409, "AlreadyExists", &format!("{kind} {n} already exists"));
             }
+            if let Some(refused) = configmap_too_long(kind, &obj) {
+                return refused;
+            }
             obj["metadata"]["namespace"] = ns.into();
             s.create_as(&key, obj, &manager);
             (201, s.objects[&key].clone())
@@ -775,6 +813,9 @@ fn handle(state: &Mutex<State>, req: &Request) -> (u16, Value) {
                     "Invalid",
                     "no new finalizers can be added if the object is being deleted",
                 );
+            }
+            if let Some(refused) = configmap_too_long(kind, &next) {
+                return refused;
             }
             let rv = s.bump();
             next["metadata"]["resourceVersion"] = rv.into();
@@ -859,6 +900,15 @@ mod tests {
             applied["metadata"]["managedFields"][0]["fieldsV1"],
             pv["metadata"]["managedFields"][1]["fieldsV1"]
         );
+    }
+
+    #[test]
+    fn configmaps_over_a_mebibyte_are_refused() {
+        let at_limit = json!({ "metadata": { "name": "x" }, "data": { "k": "v".repeat(CONFIGMAP_MAX_DATA - 1) } });
+        assert!(configmap_too_long("configmaps", &at_limit).is_none());
+        let over = json!({ "metadata": { "name": "x" }, "data": { "k": "v".repeat(CONFIGMAP_MAX_DATA) } });
+        assert_eq!(configmap_too_long("configmaps", &over).unwrap().0, 422);
+        assert!(configmap_too_long("persistentvolumes", &over).is_none());
     }
 
     #[test]
