@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::acks::Acknowledgements;
 use super::record::{CleanupRecord, Deletion, IndexEntry, INDEX_NAME, NODE_LABEL};
-use super::{record_name, CleanupConfig, Complaints, FINALIZER, LABEL};
+use super::{record_name, CleanupConfig, Complaints, FINALIZER, INDEX_SKEW, LABEL};
 use crate::controller::Deleter;
 use crate::error::{Error, Result};
 use crate::kube::{jitter, Client, KubeError, KubeResult, QuietLog};
@@ -24,10 +24,22 @@ use crate::time::{self, Deadline};
 const UNLISTED_GRACE: Duration = Duration::from_secs(120);
 /// Conditional writes of the index tried before a pass gives up until the next one.
 const INDEX_ATTEMPTS: usize = 5;
+/// Bytes of index lines every node reads on every poll: the newest deletions are listed within
+/// it, older ones are left out (nodes that polled all along saw them; others list the records).
+/// 16 KiB is ~260 deletions: at 5,000 deletions a day, the last 75 minutes.
+const INDEX_BUDGET: usize = 16 * 1024;
+/// Deletions this recent stay listed past the budget, so that a burst (a namespace teardown)
+/// does not send every node to list the records; polling nodes trust an index that left out
+/// only deletions older than `INDEX_SKEW` before their last poll.
+const INDEX_RECENT: Duration = Duration::from_secs(2 * INDEX_SKEW.as_secs());
+/// The most the index lists in any case, far below the 1 MiB a ConfigMap may hold.
+const INDEX_CAP: usize = 512 * 1024;
 
-/// The index as last read or written: its entries and resourceVersion (none: no index yet).
+/// The index as last read or written: its entries, from when it lists every deletion, and its
+/// resourceVersion (none: no index yet).
 struct IndexCopy {
     entries: BTreeSet<IndexEntry>,
+    covers_from: u64,
     resource_version: Option<String>,
 }
 
@@ -107,9 +119,10 @@ impl CleanupController {
         }
     }
 
-    /// Applies `change` to the index and writes it if that changed it, conditionally on the
-    /// version read, retrying on conflict (another controller replica wrote it meanwhile).
-    fn update_index(&self, kube: &Client, change: impl Fn(&mut BTreeSet<IndexEntry>)) -> KubeResult<()> {
+    /// Applies `change` to the index (its entries and from when it lists every deletion), keeps
+    /// it within its budget and writes it if that changed it, conditionally on the version read,
+    /// retrying on conflict (another controller replica wrote it meanwhile).
+    fn update_index(&self, kube: &Client, change: impl Fn(&mut BTreeSet<IndexEntry>, &mut u64)) -> KubeResult<()> {
         let mut copy = self.index.lock().unwrap_or_else(|p| p.into_inner());
         for _ in 0..INDEX_ATTEMPTS {
             let current = match copy.take() {
@@ -117,12 +130,15 @@ impl CleanupController {
                 None => read_index(kube)?,
             };
             let mut next = current.entries.clone();
-            change(&mut next);
-            if next == current.entries && current.resource_version.is_some() {
+            let mut covers_from = current.covers_from;
+            change(&mut next, &mut covers_from);
+            let (next, left_out_from) = trim_index(next, &current, time::to_millis(SystemTime::now()));
+            let covers_from = covers_from.max(left_out_from);
+            if next == current.entries && covers_from == current.covers_from && current.resource_version.is_some() {
                 *copy = Some(current);
                 return Ok(());
             }
-            let data = IndexEntry::render_index(&next);
+            let data = IndexEntry::render_index(&next, covers_from);
             let written = match &current.resource_version {
                 None => kube.create_configmap(&json!({
                     "apiVersion": "v1",
@@ -139,6 +155,7 @@ impl CleanupController {
                 Ok(obj) => {
                     *copy = Some(IndexCopy {
                         entries: next,
+                        covers_from,
                         resource_version: obj["metadata"]["resourceVersion"].as_str().map(str::to_owned),
                     });
                     return Ok(());
@@ -307,7 +324,9 @@ impl CleanupController {
             .collect();
         let listed_ids: HashSet<&str> = records.iter().map(|r| r.volume_id()).collect();
         let recent_ms = time::to_millis(started).saturating_sub(UNLISTED_GRACE.as_millis() as u64);
-        match self.update_index(&self.kube, |index| {
+        match self.update_index(&self.kube, |index, covers_from| {
+            // Rebuilt from the records: what it leaves out is decided again.
+            *covers_from = 0;
             let unlisted = index
                 .iter()
                 .filter(|e| !listed_ids.contains(e.deletion.volume_id.as_str()) && e.deletion.requested_ms >= recent_ms)
@@ -337,14 +356,41 @@ impl CleanupController {
     }
 }
 
+/// Keeps the newest deletions of `entries` within the budget (and the recent ones within the
+/// cap); returns them and from when they list every deletion (0: all of it). A deletion left out
+/// counts from its request, if nodes could have read it in the index; one never listed there
+/// counts from `now_ms`, so every node lists the records once.
+fn trim_index(entries: BTreeSet<IndexEntry>, written: &IndexCopy, now_ms: u64) -> (BTreeSet<IndexEntry>, u64) {
+    let read: HashSet<&Deletion> = written.entries.iter().map(|e| &e.deletion).collect();
+    let mut newest_first: Vec<IndexEntry> = entries.into_iter().collect();
+    newest_first.sort_by(|a, b| b.deletion.requested_ms.cmp(&a.deletion.requested_ms));
+    let recent_ms = now_ms.saturating_sub(INDEX_RECENT.as_millis() as u64);
+    let (mut kept, mut bytes, mut covers_from) = (BTreeSet::new(), 0, 0);
+    for e in newest_first {
+        bytes += e.line().len();
+        let requested = e.deletion.requested_ms;
+        let fits = bytes <= INDEX_BUDGET || (requested >= recent_ms && bytes <= INDEX_CAP);
+        if fits && covers_from == 0 {
+            kept.insert(e);
+        } else if read.contains(&e.deletion) || requested < written.covers_from {
+            covers_from = covers_from.max(requested + 1);
+        } else {
+            covers_from = covers_from.max(now_ms);
+        }
+    }
+    (kept, covers_from)
+}
+
 fn read_index(kube: &Client) -> KubeResult<IndexCopy> {
     match kube.get_configmap(INDEX_NAME) {
         Ok(cm) => Ok(IndexCopy {
             entries: IndexEntry::parse_index(&cm).into_iter().collect(),
+            covers_from: IndexEntry::covers_from(&cm),
             resource_version: cm["metadata"]["resourceVersion"].as_str().map(str::to_owned),
         }),
         Err(KubeError::NotFound) => Ok(IndexCopy {
             entries: BTreeSet::new(),
+            covers_from: 0,
             resource_version: None,
         }),
         Err(e) => Err(e),
@@ -365,7 +411,7 @@ impl Deleter for CleanupController {
             deletion,
             pending: true,
         };
-        match self.update_index(&kube, |index| {
+        match self.update_index(&kube, |index, _| {
             index.retain(|e| e.deletion.volume_id != id);
             index.insert(entry.clone());
         }) {
@@ -385,5 +431,82 @@ impl Deleter for CleanupController {
 
     fn creation_blocked(&self, id: &str, deadline: Deadline) -> Result<bool> {
         self.pending(id, deadline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume;
+
+    const HOUR_MS: u64 = 3600 * 1000;
+
+    fn entries(count: usize, newest_ms: u64, apart_ms: u64) -> BTreeSet<IndexEntry> {
+        (0..count)
+            .map(|k| IndexEntry {
+                deletion: Deletion {
+                    volume_id: volume::id_for_name(&format!("pvc-{k}")),
+                    requested_ms: newest_ms - k as u64 * apart_ms,
+                },
+                pending: false,
+            })
+            .collect()
+    }
+
+    fn written(entries: &BTreeSet<IndexEntry>, covers_from: u64) -> IndexCopy {
+        IndexCopy {
+            entries: entries.clone(),
+            covers_from,
+            resource_version: Some("1".into()),
+        }
+    }
+
+    #[test]
+    fn a_small_index_is_kept_whole() {
+        let all = entries(100, 24 * HOUR_MS, 60_000);
+        let (kept, covers_from) = trim_index(all.clone(), &written(&all, 0), 24 * HOUR_MS);
+        assert_eq!((kept, covers_from), (all, 0));
+    }
+
+    #[test]
+    fn old_deletions_past_the_budget_are_left_out_from_their_request() {
+        let now = 24 * HOUR_MS;
+        let all = entries(5000, now, 17_280);
+        let (kept, covers_from) = trim_index(all.clone(), &written(&all, 0), now);
+        let bytes: usize = kept.iter().map(|e| e.line().len()).sum();
+        assert!(bytes <= INDEX_BUDGET && bytes > INDEX_BUDGET - 100, "{bytes}");
+        let oldest_kept = kept.iter().map(|e| e.deletion.requested_ms).min().unwrap();
+        let newest_left_out = all
+            .iter()
+            .filter(|e| !kept.contains(e))
+            .map(|e| e.deletion.requested_ms)
+            .max()
+            .unwrap();
+        assert!(newest_left_out < oldest_kept);
+        assert_eq!(covers_from, newest_left_out + 1);
+    }
+
+    #[test]
+    fn a_burst_stays_listed_until_it_is_old() {
+        let now = 24 * HOUR_MS;
+        let burst = entries(2000, now, 10);
+        let (kept, covers_from) = trim_index(burst.clone(), &written(&burst, 0), now);
+        assert_eq!((kept.len(), covers_from), (2000, 0));
+        let later = now + INDEX_RECENT.as_millis() as u64 + 1;
+        let (kept, covers_from) = trim_index(burst.clone(), &written(&burst, 0), later);
+        assert!(kept.len() < 300);
+        assert!(covers_from > 0 && covers_from <= now + 1);
+    }
+
+    #[test]
+    fn a_deletion_left_out_before_any_node_read_it_sends_every_node_to_the_records() {
+        let now = 24 * HOUR_MS;
+        let all = entries(1000, now - HOUR_MS, 1000);
+        let (_, covers_from) = trim_index(all, &written(&BTreeSet::new(), 0), now);
+        assert_eq!(covers_from, now);
+        // Left out by an earlier write: it counts from its request again.
+        let all = entries(1000, now - HOUR_MS, 1000);
+        let (_, covers_from) = trim_index(all, &written(&BTreeSet::new(), now - HOUR_MS + 1), now);
+        assert!(covers_from < now - HOUR_MS + 1);
     }
 }

@@ -7,7 +7,9 @@
 //!    `node-local-cache.csi.io/cleanup=pending`), adds the volume to the index ConfigMap
 //!    `nlc-cleanup-index` (one line per record) and adds the finalizer
 //!    `node-local-cache.csi.io/cleanup` to the volume's PV, then answers OK.
-//! 2. Every node reads the index (one small cached GET per poll), deletes its copy when nothing
+//! 2. Every node reads the index (one small cached GET per poll; past 16 KiB the index leaves out
+//!    the oldest deletions and says from when it lists every one, and a node that has not read
+//!    it since lists the records instead), deletes its copy when nothing
 //!    mounts it, and lists the pending deletions it has finished in a ConfigMap of its own,
 //!    `nlc-node-<node>`, written only when that list grows: no two nodes write the same object.
 //! 3. The controller marks a record `complete` and releases the PV once every node running the
@@ -39,6 +41,10 @@ pub use record::{
 };
 
 pub const LABEL: &str = "node-local-cache.csi.io/cleanup";
+/// Clock skew allowed between the controller and a node, and the most an index entry may lag
+/// its record: a node trusts an index that leaves out old deletions only if it read the index
+/// this long after the newest deletion left out was requested.
+const INDEX_SKEW: Duration = Duration::from_secs(600);
 pub const FINALIZER: &str = "node-local-cache.csi.io/cleanup";
 
 #[derive(Debug, Clone)]

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant, SystemTime};
 use log::{debug, info, warn};
 
 use super::record::{node_object_name, CleanupRecord, Deletion, IndexEntry, NodeAcks, INDEX_NAME};
-use super::{poll_delay, CleanupConfig, Complaints, LABEL};
+use super::{poll_delay, CleanupConfig, Complaints, INDEX_SKEW, LABEL};
 use crate::error::Result;
 use crate::kube::{Client, KubeError, KubeResult, QuietLog};
 use crate::node::NodeState;
+use crate::time;
 
 pub struct NodeCleaner {
     kube: Client,
@@ -25,6 +26,8 @@ pub struct NodeCleaner {
     last_reconcile: Option<Instant>,
     /// The finished deletions this node's object lists, as last written.
     reported: HashSet<Deletion>,
+    /// When (ms) the last pass that read the deletions started.
+    last_read_ms: Option<u64>,
 }
 
 impl NodeCleaner {
@@ -38,21 +41,33 @@ impl NodeCleaner {
             orphans: HashMap::new(),
             last_reconcile: None,
             reported: HashSet::new(),
+            last_read_ms: None,
         }
     }
 
-    /// Every deletion, pending and complete: the index, one small object from the watch cache.
-    /// Without an index (a controller of an earlier version) the records themselves are listed.
+    /// Every deletion this node has not seen yet, and more: the index, one small object from the
+    /// watch cache. The index leaves out old deletions when there are many; a node that may not
+    /// have seen those (it never read the index, or not since before they were left out) lists
+    /// the records themselves, as it does without an index (a controller of an earlier version).
     fn deletions(&self) -> KubeResult<Vec<IndexEntry>> {
+        let trusted = |covers_from: u64| {
+            covers_from == 0
+                || self
+                    .last_read_ms
+                    .is_some_and(|last| last >= covers_from.saturating_add(INDEX_SKEW.as_millis() as u64))
+        };
         match self.kube.get_configmap_cached(INDEX_NAME) {
-            Ok(index) => Ok(IndexEntry::parse_index(&index)),
-            Err(KubeError::NotFound) => Ok(self
-                .kube
-                .list_configmaps_cached(LABEL)?
-                .iter()
-                .filter_map(CleanupRecord::parse)
-                .map(|r| r.index_entry())
-                .collect()),
+            Ok(index) if trusted(IndexEntry::covers_from(&index)) => Ok(IndexEntry::parse_index(&index)),
+            Ok(_) | Err(KubeError::NotFound) => {
+                debug!("listing the cleanup records: no index, or it leaves out deletions this node may not have seen");
+                Ok(self
+                    .kube
+                    .list_configmaps_cached(LABEL)?
+                    .iter()
+                    .filter_map(CleanupRecord::parse)
+                    .map(|r| r.index_entry())
+                    .collect())
+            }
             Err(e) => Err(e),
         }
     }
@@ -61,7 +76,9 @@ impl NodeCleaner {
     /// to read the deletions fails the pass; a failure on one volume, on the report or on the
     /// orphan check is logged once, counted, and the rest goes on.
     pub fn poll_once(&mut self) -> KubeResult<usize> {
+        let started_ms = time::to_millis(SystemTime::now());
         let deletions = self.deletions()?;
+        self.last_read_ms = Some(started_ms);
         self.node.set_deleted(
             deletions
                 .iter()

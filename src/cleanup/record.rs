@@ -20,6 +20,9 @@ const LEGACY_ACK_PREFIX: &str = "ack.";
 /// The controller's index of every record, pending and complete.
 pub const INDEX_NAME: &str = "nlc-cleanup-index";
 const INDEX_KEY: &str = "records";
+/// The earliest request time (ms) from which the index lists every deletion; "0" (or no key, as
+/// an earlier controller wrote it) when it leaves none out.
+const COVERS_FROM_KEY: &str = "coversFrom";
 /// Marks the nodes' objects, so the controller lists them (and only them).
 pub const NODE_LABEL: &str = "node-local-cache.csi.io/cleanup-node";
 const NODE_KEY: &str = "node";
@@ -192,19 +195,28 @@ impl IndexEntry {
             .collect()
     }
 
+    /// From when an index ConfigMap lists every deletion: a node that has not read it since
+    /// before then (plus the clock skew allowed) must list the records instead.
+    pub fn covers_from(cm: &Value) -> u64 {
+        cm["data"][COVERS_FROM_KEY]
+            .as_str()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The entry's line in the index.
+    pub fn line(&self) -> String {
+        format!(
+            "{} {}\n",
+            self.deletion.render(),
+            if self.pending { PENDING } else { COMPLETE }
+        )
+    }
+
     /// The index's data, one line per entry in a stable order.
-    pub fn render_index(entries: &BTreeSet<IndexEntry>) -> Value {
-        let text: String = entries
-            .iter()
-            .map(|e| {
-                format!(
-                    "{} {}\n",
-                    e.deletion.render(),
-                    if e.pending { PENDING } else { COMPLETE }
-                )
-            })
-            .collect();
-        json!({ INDEX_KEY: text })
+    pub fn render_index(entries: &BTreeSet<IndexEntry>, covers_from: u64) -> Value {
+        let text: String = entries.iter().map(IndexEntry::line).collect();
+        json!({ INDEX_KEY: text, COVERS_FROM_KEY: covers_from.to_string() })
     }
 }
 
@@ -301,7 +313,8 @@ mod tests {
                 pending: false,
             },
         ]);
-        let mut cm = json!({ "data": IndexEntry::render_index(&entries) });
+        let mut cm = json!({ "data": IndexEntry::render_index(&entries, 6) });
+        assert_eq!(IndexEntry::covers_from(&cm), 6);
         assert_eq!(
             IndexEntry::parse_index(&cm),
             entries.iter().cloned().collect::<Vec<_>>()
