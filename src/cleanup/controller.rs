@@ -363,7 +363,7 @@ impl CleanupController {
 fn trim_index(entries: BTreeSet<IndexEntry>, written: &IndexCopy, now_ms: u64) -> (BTreeSet<IndexEntry>, u64) {
     let read: HashSet<&Deletion> = written.entries.iter().map(|e| &e.deletion).collect();
     let mut newest_first: Vec<IndexEntry> = entries.into_iter().collect();
-    newest_first.sort_by(|a, b| b.deletion.requested_ms.cmp(&a.deletion.requested_ms));
+    newest_first.sort_by_key(|e| std::cmp::Reverse(e.deletion.requested_ms));
     let recent_ms = now_ms.saturating_sub(INDEX_RECENT.as_millis() as u64);
     let (mut kept, mut bytes, mut covers_from) = (BTreeSet::new(), 0, 0);
     for e in newest_first {
