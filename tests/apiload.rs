@@ -396,6 +396,196 @@ fn api_load_before_and_after_at_100_1000_and_5000_nodes() {
     }
 }
 
+/// The orphan model: copies per node, and how they stand. Mounted copies are bound into a pod
+/// target (a real bind, as a publish makes it); "unnamed" copies do not know their PV's name (made
+/// by a version before the name was recorded: an empty name in the meta record, or no record).
+const COPIES: usize = 10;
+const MOUNTED_NAMED: usize = 2;
+const MOUNTED_UNNAMED: usize = 1;
+const IDLE_NAMED: usize = 4;
+const IDLE_UNNAMED: usize = 2;
+const IDLE_NO_META: usize = 1;
+const _: () = assert!(MOUNTED_NAMED + MOUNTED_UNNAMED + IDLE_NAMED + IDLE_UNNAMED + IDLE_NO_META == COPIES);
+/// Nodes whose orphan passes are run. A node's orphan pass reads only its own copies' PVs, so its
+/// cost does not depend on the other nodes: the cluster-wide figures are per node × 5,000.
+const ORPHAN_NODES: usize = 6;
+const CLUSTER_NODES: usize = 5000;
+
+/// What the orphan passes cost one node: requests and response bytes of the first pass after a
+/// start (an upgrade), and of the passes after it.
+struct OrphanFigures {
+    first_requests: f64,
+    first_bytes: f64,
+    later_passes: usize,
+    later_requests: f64,
+    later_bytes: f64,
+    later_lists: usize,
+    mounted_pv_reads: usize,
+    interval: Duration,
+}
+
+/// Requests to the PV API from number `from` on: (count, lists, response bytes, paths).
+fn pv_requests_since(api: &FakeApi, from: usize) -> (usize, usize, usize, Vec<String>) {
+    api.with(|s| {
+        let pv: Vec<_> = s.log[from..]
+            .iter()
+            .filter(|e| e.target.starts_with("/api/v1/persistentvolumes"))
+            .collect();
+        let lists = pv
+            .iter()
+            .filter(|e| e.target.starts_with("/api/v1/persistentvolumes?"))
+            .count();
+        let bytes = pv.iter().map(|e| e.response_bytes).sum();
+        (pv.len(), lists, bytes, pv.iter().map(|e| e.target.clone()).collect())
+    })
+}
+
+/// `ORPHAN_NODES` nodes, each holding `COPIES` copies whose PVs all live, spread through
+/// `PVS_PER_NODE` × 5,000 PVs of the cluster; the real poll code on a virtual clock for three
+/// orphan passes (the first at a node's first poll, then every `orphan_grace / 4`).
+fn orphan_model() -> OrphanFigures {
+    let api = fake_api("orphans");
+    let cfg = CleanupConfig::new(DRIVER, "");
+    let interval = cfg.poll_interval;
+    let client = api.client(NS);
+    let total_pvs = PVS_PER_NODE * CLUSTER_NODES;
+    for p in 0..total_pvs {
+        api.add_pv(&format!("pvc-{p:08}"), "other.csi.example.com", &format!("vol-{p}"));
+    }
+    CleanupController::new(client.clone(), cfg.clone()).poll_once().unwrap();
+
+    let idle_named = MOUNTED_NAMED + MOUNTED_UNNAMED..MOUNTED_NAMED + MOUNTED_UNNAMED + IDLE_NAMED;
+    let tree = Tree::new("apiload-orphans");
+    let mut nodes = Vec::with_capacity(ORPHAN_NODES);
+    let mut mounted_pvs = Vec::new();
+    for i in 0..ORPHAN_NODES {
+        let name = node_name(i);
+        let dir = tree.root.join(&name);
+        std::fs::create_dir_all(dir.join("base")).unwrap();
+        let mut c = Config::new(Mode::Node);
+        c.node_name = name.clone();
+        c.base_dir = dir.join("base");
+        c.kubelet_dir = tree.kubelet();
+        let state = NodeState::new(Arc::new(c), InFlight::default());
+        for k in 0..COPIES {
+            // Sorted among the others at a random place, so a scan meets it anywhere.
+            let at = (unit((i * COPIES + k) as u64 + 7919) * total_pvs as f64) as usize;
+            let pv = format!("pvc-{at:08}-{i}-{k}");
+            let id = volume_id(&pv);
+            api.add_pv(&pv, DRIVER, &id);
+            let mounted = k < MOUNTED_NAMED + MOUNTED_UNNAMED;
+            let named = k < MOUNTED_NAMED || idle_named.contains(&k);
+            if k >= COPIES - IDLE_NO_META {
+                std::fs::create_dir(dir.join("base").join(&id)).unwrap();
+                continue;
+            }
+            let target = tree.target(&format!("{i}-{k}"));
+            let mut req = publish_req(&id, &target, false);
+            if named {
+                req.volume_context
+                    .insert(node_local_cache::node::CONTEXT_NAME.into(), pv.clone());
+            }
+            state.publish(&req).unwrap();
+            if mounted {
+                mounted_pvs.push(pv);
+            } else {
+                state.unpublish(&unpublish_req(&id, &target)).unwrap();
+            }
+        }
+        let mut nc = cfg.clone();
+        nc.node_name = name;
+        nodes.push(NodeCleaner::new(client.clone(), state, nc));
+    }
+
+    let ms = |d: Duration| d.as_millis() as u64;
+    let pass = cfg.orphan_grace / 4;
+    let end = ms(pass * 2 + interval * 5);
+    let start = Instant::now();
+    let mut queue: BinaryHeap<Reverse<(u64, usize)>> = (0..ORPHAN_NODES)
+        .map(|i| Reverse(((unit(i as u64) * interval.as_millis() as f64) as u64, i)))
+        .collect();
+    let mut passes = vec![0usize; ORPHAN_NODES];
+    let (mut first, mut later) = ((0, 0), (0, 0, 0));
+    let mut mounted_pv_reads = 0;
+    while let Some(Reverse((t, i))) = queue.pop() {
+        if t >= end {
+            break;
+        }
+        let before = api.request_count();
+        nodes[i].poll_once_at(start + Duration::from_millis(t)).unwrap();
+        let (requests, lists, bytes, paths) = pv_requests_since(&api, before);
+        mounted_pv_reads += paths
+            .iter()
+            .filter(|p| mounted_pvs.iter().any(|pv| p.ends_with(&format!("/{pv}"))))
+            .count();
+        // A poll without an orphan pass reads only the index; the first poll always has one.
+        if passes[i] == 0 || requests > 0 {
+            if passes[i] == 0 {
+                first = (first.0 + requests, first.1 + bytes);
+            } else {
+                later = (later.0 + requests, later.1 + lists, later.2 + bytes);
+            }
+            passes[i] += 1;
+        }
+        queue.push(Reverse((t + ms(cleanup::poll_delay(interval)), i)));
+    }
+    for (i, p) in passes.iter().enumerate() {
+        assert!(*p >= 3, "node {i} made {p} orphan passes in the window");
+    }
+    let later_passes: usize = passes.iter().map(|p| p - 1).sum();
+    OrphanFigures {
+        first_requests: first.0 as f64 / ORPHAN_NODES as f64,
+        first_bytes: first.1 as f64 / ORPHAN_NODES as f64,
+        later_passes,
+        later_requests: later.0 as f64 / later_passes as f64,
+        later_bytes: later.2 as f64 / later_passes as f64,
+        later_lists: later.1,
+        mounted_pv_reads,
+        interval: pass.min(Duration::from_secs(900)),
+    }
+}
+
+#[test]
+fn orphan_passes_at_5000_nodes() {
+    let f = orphan_model();
+    let per_hour = 3600.0 / f.interval.as_secs_f64();
+    println!(
+        "{COPIES} copies per node ({MOUNTED_NAMED} mounted named, {MOUNTED_UNNAMED} mounted unnamed, \
+         {IDLE_NAMED} idle named, {IDLE_UNNAMED} idle unnamed, {IDLE_NO_META} idle without a meta record), \
+         {} PVs, a pass every {:?}",
+        PVS_PER_NODE * CLUSTER_NODES,
+        f.interval
+    );
+    println!(
+        "first pass per node:  {:6.1} requests, {:>9}",
+        f.first_requests,
+        human(f.first_bytes)
+    );
+    println!(
+        "later passes per node ({} measured): {:6.1} requests, {:>9}, {} lists",
+        f.later_passes,
+        f.later_requests,
+        human(f.later_bytes),
+        f.later_lists
+    );
+    println!(
+        "steady state per node per hour: {:.1} requests, {}; at {CLUSTER_NODES} nodes: {:.2} requests/s, {}/s",
+        f.later_requests * per_hour,
+        human(f.later_bytes * per_hour),
+        f.later_requests * per_hour * CLUSTER_NODES as f64 / 3600.0,
+        human(f.later_bytes * per_hour * CLUSTER_NODES as f64 / 3600.0)
+    );
+    println!("requests naming a mounted copy's PV: {}", f.mounted_pv_reads);
+    assert_eq!(f.mounted_pv_reads, 0, "a mounted copy is not an orphan candidate");
+    assert_eq!(f.later_lists, 0, "after the first pass no copy needs a scan of the PVs");
+    let idle = (IDLE_NAMED + IDLE_UNNAMED + IDLE_NO_META) as f64;
+    assert!(
+        f.later_requests <= idle,
+        "a later pass costs at most one GET per idle copy: {} requests",
+        f.later_requests
+    );
+}
+
 /// Peak resident memory (`VmHWM`) of a process, in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

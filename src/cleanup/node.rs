@@ -76,6 +76,12 @@ impl NodeCleaner {
     /// to read the deletions fails the pass; a failure on one volume, on the report or on the
     /// orphan check is logged once, counted, and the rest goes on.
     pub fn poll_once(&mut self) -> KubeResult<usize> {
+        self.poll_once_at(Instant::now())
+    }
+
+    /// `poll_once` as if the clock read `now`: the orphan schedule and grace follow it, so a
+    /// model can run hours of polls in seconds (tests/apiload.rs).
+    pub fn poll_once_at(&mut self, now: Instant) -> KubeResult<usize> {
         let started_ms = time::to_millis(SystemTime::now());
         let deletions = self.deletions()?;
         self.last_read_ms = Some(started_ms);
@@ -120,11 +126,11 @@ impl NodeCleaner {
         }
         let due = self
             .last_reconcile
-            .is_none_or(|t| t.elapsed() >= self.reconcile_interval());
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.reconcile_interval());
         if due {
             let known: HashSet<&str> = deletions.iter().map(|e| e.deletion.volume_id.as_str()).collect();
-            deleted += self.collect_orphans(&known);
-            self.last_reconcile = Some(Instant::now());
+            deleted += self.collect_orphans(&known, now);
+            self.last_reconcile = Some(now);
         }
         let live: HashSet<&str> = deletions
             .iter()
@@ -215,7 +221,7 @@ impl NodeCleaner {
     }
 
     /// Local dirs with no cleanup record and no PV: deleted once they stayed so for the grace.
-    fn collect_orphans(&mut self, known: &HashSet<&str>) -> usize {
+    fn collect_orphans(&mut self, known: &HashSet<&str>, now: Instant) -> usize {
         let local = match self.node.local_volumes() {
             Ok(ids) => ids,
             Err(e) => {
@@ -235,11 +241,12 @@ impl NodeCleaner {
                 self.orphans.remove(&id);
                 continue;
             }
-            let first = *self.orphans.entry(id.clone()).or_insert_with(Instant::now);
-            if first.elapsed() < self.cfg.orphan_grace {
+            let first = *self.orphans.entry(id.clone()).or_insert(now);
+            let waited = now.saturating_duration_since(first);
+            if waited < self.cfg.orphan_grace {
                 info!(
                     "volume {id}: no PV and no cleanup record; deleting after {:?} unless one appears",
-                    self.cfg.orphan_grace - first.elapsed()
+                    self.cfg.orphan_grace - waited
                 );
                 continue;
             }
