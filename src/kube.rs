@@ -6,7 +6,7 @@
 //! read a page at a time and reduced to the few fields used before the next page is asked for,
 //! so memory holds one page, never the cluster.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::BufReader;
 use std::ops::ControlFlow;
@@ -497,23 +497,22 @@ impl Client {
         Ok(found)
     }
 
-    /// Which of `handles` a PV of `driver` still names, scanning the PVs a page at a time.
-    pub fn live_handles(&self, driver: &str, handles: &HashSet<String>) -> KubeResult<HashSet<String>> {
-        let mut live = HashSet::new();
+    /// The PVs of `driver` that name any of `handles`, as handle → PV name, scanning the PVs a
+    /// page at a time and stopping once every handle is found.
+    pub fn pv_names(&self, driver: &str, handles: &HashSet<String>) -> KubeResult<HashMap<String, String>> {
+        let mut names = HashMap::new();
         self.for_each_page("/api/v1/persistentvolumes", "", |page| {
-            live.extend(
-                page.iter()
-                    .filter_map(|pv| csi_handle(pv, driver))
-                    .filter(|h| handles.contains(*h))
-                    .map(str::to_owned),
-            );
-            if live.len() == handles.len() {
+            names.extend(page.iter().filter_map(|pv| {
+                let handle = csi_handle(pv, driver).filter(|h| handles.contains(*h))?;
+                Some((handle.to_owned(), pv["metadata"]["name"].as_str()?.to_owned()))
+            }));
+            if names.len() == handles.len() {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
             }
         })?;
-        Ok(live)
+        Ok(names)
     }
 
     /// JSON merge patch; with `metadata.resourceVersion` in it, a concurrent change gives 409

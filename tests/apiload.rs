@@ -504,7 +504,7 @@ fn orphan_model() -> OrphanFigures {
     let mut queue: BinaryHeap<Reverse<(u64, usize)>> = (0..ORPHAN_NODES)
         .map(|i| Reverse(((unit(i as u64) * interval.as_millis() as f64) as u64, i)))
         .collect();
-    let mut passes = vec![0usize; ORPHAN_NODES];
+    let mut passes = [0usize; ORPHAN_NODES];
     let (mut first, mut later) = ((0, 0), (0, 0, 0));
     let mut mounted_pv_reads = 0;
     while let Some(Reverse((t, i))) = queue.pop() {

@@ -413,6 +413,72 @@ fn orphans_go_after_the_grace_and_retained_volumes_stay() {
     assert!(pv_lists >= 1);
 }
 
+/// The PV requests made since the log was cleared: (method, path).
+fn pv_requests(api: &FakeApi) -> Vec<(String, String)> {
+    api.requests()
+        .into_iter()
+        .filter(|(_, p)| p.starts_with("/api/v1/persistentvolumes"))
+        .collect()
+}
+
+#[test]
+fn orphan_checks_skip_mounted_copies_and_remember_what_a_scan_found() {
+    let api = api("orphan-cost");
+    let mut cfg = config(Duration::from_secs(600));
+    cfg.orphan_grace = Duration::from_millis(200);
+    let mut n = SimNode::new(&api, "node-0", &cfg);
+    let mounted = volume_id("pvc-mounted");
+    let unnamed = volume_id("pvc-unnamed");
+    api.add_pv("pvc-mounted", DRIVER, &mounted);
+    api.add_pv("pvc-unnamed", DRIVER, &unnamed);
+    let target = n.tree.target("pod-mounted");
+    let mut req = publish_req(&mounted, &target, false);
+    req.volume_context
+        .insert(node_local_cache::node::CONTEXT_NAME.into(), "pvc-mounted".into());
+    n.state.publish(&req).unwrap();
+    // Made by a version that recorded no name.
+    fs::create_dir(n.tree.base().join(&unnamed)).unwrap();
+
+    api.clear_log();
+    assert_eq!(n.poll(), 0);
+    let first = pv_requests(&api);
+    assert_eq!(
+        first.len(),
+        1,
+        "one scan for the unnamed copy, nothing for the mounted one: {first:?}"
+    );
+    assert!(first[0].1.starts_with("/api/v1/persistentvolumes?"));
+    assert_eq!(
+        n.state.meta(&unnamed).unwrap().name,
+        "pvc-unnamed",
+        "the scan's find is recorded"
+    );
+
+    std::thread::sleep(Duration::from_millis(60));
+    api.clear_log();
+    n.poll();
+    assert_eq!(
+        pv_requests(&api),
+        vec![("GET".to_owned(), "/api/v1/persistentvolumes/pvc-unnamed".to_owned())],
+        "a later pass asks for the recorded PV alone"
+    );
+
+    // Gone PV, mounted copy: kept as long as it is mounted, however long that is.
+    api.delete_pv("pvc-mounted");
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(110));
+        assert_eq!(n.poll(), 0);
+    }
+    assert!(n.has(&mounted), "a mounted copy is never an orphan");
+    n.state.unpublish(&unpublish_req(&mounted, &target)).unwrap();
+    std::thread::sleep(Duration::from_millis(60));
+    assert_eq!(n.poll(), 0, "unmounted: the grace starts now");
+    std::thread::sleep(Duration::from_millis(250));
+    assert_eq!(n.poll(), 1);
+    assert!(!n.has(&mounted) && n.has(&unnamed));
+    n.tree.assert_no_mounts();
+}
+
 #[test]
 fn every_list_is_served_from_the_watch_cache() {
     let api = api("cache");

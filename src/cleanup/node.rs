@@ -181,8 +181,9 @@ impl NodeCleaner {
         self.node.delete_data(id, None).map(Some)
     }
 
-    /// Whether each candidate still has a PV: dirs that know their PV's name ask for it, the rest
-    /// share one paginated scan. A candidate whose check failed is left out of the answer.
+    /// Whether each candidate still has a PV: copies that know their PV's name ask for it, the
+    /// rest share one paginated scan, and a copy the scan finds has the name recorded so later
+    /// passes ask for its PV alone. A candidate whose check failed is left out of the answer.
     fn live_pvs(&mut self, candidates: &[String]) -> HashMap<String, bool> {
         let mut live = HashMap::new();
         let mut unnamed = HashSet::new();
@@ -206,11 +207,19 @@ impl NodeCleaner {
             }
         }
         if !unnamed.is_empty() {
-            match self.kube.live_handles(&self.cfg.driver_name, &unnamed) {
-                Ok(handles) => {
+            match self.kube.pv_names(&self.cfg.driver_name, &unnamed) {
+                Ok(names) => {
                     self.complaints.cleared("", "orphan");
+                    for (id, name) in &names {
+                        match self.node.record_pv_name(id, name) {
+                            Ok(true) => debug!("volume {id}: PV {name} recorded"),
+                            Ok(false) => {}
+                            // Only a cost: the next pass scans for it again.
+                            Err(e) => debug!("volume {id}: PV {name} not recorded: {e}"),
+                        }
+                    }
                     live.extend(unnamed.into_iter().map(|id| {
-                        let has = handles.contains(&id);
+                        let has = names.contains_key(&id);
                         (id, has)
                     }));
                 }
@@ -220,7 +229,9 @@ impl NodeCleaner {
         live
     }
 
-    /// Local dirs with no cleanup record and no PV: deleted once they stayed so for the grace.
+    /// Local copies with no cleanup record and no PV: deleted once they stayed so for the grace.
+    /// A copy mounted now is in use, so not a candidate, and costs no request: its PV cannot be
+    /// deleted while a pod uses its claim, and its deletion would be refused anyway.
     fn collect_orphans(&mut self, known: &HashSet<&str>, now: Instant) -> usize {
         let local = match self.node.local_volumes() {
             Ok(ids) => ids,
@@ -229,7 +240,14 @@ impl NodeCleaner {
                 return 0;
             }
         };
-        let candidates: Vec<String> = local.into_iter().filter(|id| !known.contains(id.as_str())).collect();
+        let mut candidates: Vec<String> = local.into_iter().filter(|id| !known.contains(id.as_str())).collect();
+        if !candidates.is_empty() {
+            match self.node.mounted_copies(&candidates) {
+                Ok(mounted) => candidates.retain(|id| !mounted.contains(id)),
+                // Every candidate is checked then; deleting still refuses a mounted copy.
+                Err(e) => warn!("orphan check: {e}"),
+            }
+        }
         self.orphans.retain(|id, _| candidates.contains(id));
         if candidates.is_empty() {
             return 0;

@@ -3,7 +3,7 @@
 //! deleted volumes. The CSI Node service publishes from it; the cleanup and eviction passes
 //! delete from it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use super::{Base, NodeState, BASE_DIR_MODE};
 use crate::error::{Error, Result};
 use crate::inflight::TargetGuard;
 use crate::metrics;
+use crate::mounts::BindSource;
 use crate::safedir;
 use crate::volume;
 
@@ -85,6 +86,34 @@ impl NodeState {
             .map(|m| m.mount_point.clone()))
     }
 
+    /// Which of the copies `ids` are in use: a bind of the copy (or of anything inside it) is
+    /// mounted somewhere, or something is mounted on or inside it. One read of the mount table
+    /// for all of them, keeping only the lines that can matter.
+    pub fn mounted_copies(&self, ids: &[String]) -> Result<HashSet<String>> {
+        let base = self.open_base("")?;
+        let wanted: HashSet<&OsStr> = ids.iter().map(|id| OsStr::new(id.as_str())).collect();
+        let table = Self::mounts_where("", &base.real, |m| {
+            base.real.starts_with(&m.mount_point)
+                || m.mount_point.starts_with(&base.real)
+                || m.root.components().any(|c| wanted.contains(c.as_os_str()))
+        })?;
+        let source = Self::bind_source(&table, &base.real, "")?;
+        Ok(ids
+            .iter()
+            .filter(|id| {
+                let copy = BindSource {
+                    dev: source.dev,
+                    root: source.root.join(id),
+                };
+                let on_copy = base.real.join(id);
+                table
+                    .iter()
+                    .any(|m| copy.shown_by(m) || m.mount_point.starts_with(&on_copy))
+            })
+            .cloned()
+            .collect())
+    }
+
     /// Takes back the empty volume dir a failed publish made, unless another call on the volume
     /// is under way or a bind of the dir exists: a publish beside this one may have found the
     /// dir meanwhile, and its pod would be left writing into a deleted dir. Left in place, an
@@ -108,6 +137,16 @@ impl NodeState {
     }
 
     pub(super) fn write_meta(&self, base: &Base, id: &str, name: &str) -> std::result::Result<(), Errno> {
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        Self::write_meta_record(base, id, created as u64, name)
+    }
+
+    /// Writes the record under a temporary name and renames it into place, so a reader (or a
+    /// crash) never meets half a record.
+    fn write_meta_record(base: &Base, id: &str, created_ms: u64, name: &str) -> std::result::Result<(), Errno> {
         use nix::fcntl::OFlag;
         use std::io::Write;
         let (dir, _) = safedir::ensure_child(
@@ -115,16 +154,37 @@ impl NodeState {
             OsStr::new(META_DIR),
             Mode::from_bits_truncate(BASE_DIR_MODE),
         )?;
+        let partial = format!("{id}.new");
         let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let fd = nix::fcntl::openat(dir.as_fd(), id, flags, Mode::from_bits_truncate(0o600))?;
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        let text = serde_json::json!({ "createdMs": created as u64, "name": name }).to_string();
+        let fd = nix::fcntl::openat(dir.as_fd(), partial.as_str(), flags, Mode::from_bits_truncate(0o600))?;
+        let text = serde_json::json!({ "createdMs": created_ms, "name": name }).to_string();
         std::fs::File::from(fd)
             .write_all(text.as_bytes())
-            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+        nix::fcntl::renameat(dir.as_fd(), partial.as_str(), dir.as_fd(), id)
+    }
+
+    /// Records `name` as the PV of this node's copy of `id`, once a scan of the PVs found it, so
+    /// later checks ask for that PV alone. The creation time is kept; a copy without a record gets
+    /// the epoch, which every check of the creation time treats as it treats a missing record.
+    /// Nothing is written while another call works on the volume, when the copy is gone, or when
+    /// its record names a PV already. Returns whether the name was written.
+    pub fn record_pv_name(&self, id: &str, name: &str) -> Result<bool> {
+        let Some(_whole) = self.inflight.lock_volume(id, None) else {
+            return Ok(false);
+        };
+        let base = self.open_base(id)?;
+        if safedir::open_child(base.fd.as_fd(), OsStr::new(id)).is_err() {
+            return Ok(false);
+        }
+        let created_ms = match self.meta(id) {
+            Some(meta) if !meta.name.is_empty() => return Ok(false),
+            Some(meta) => meta.created.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
+            None => 0,
+        };
+        Self::write_meta_record(&base, id, created_ms, name)
+            .map_err(|e| Error::sys("record PV name", id, base.real.join(META_DIR).join(id), e))?;
+        Ok(true)
     }
 
     /// The record written when this node created the volume dir, if any.
