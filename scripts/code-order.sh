@@ -11,7 +11,7 @@
 #
 # The workload: start, Probe, 40 publish/unpublish cycles at concurrency 4 (csi-bench), one
 # publish of a volume with a size, NodeGetVolumeStats, NodeGetInfo, NodeGetCapabilities, a
-# /metrics and /readyz scrape, unpublish, SIGTERM; all the while the cleanup protocol polls an
+# /metrics, /readyz and /livez scrape, unpublish, SIGTERM; all the while the cleanup protocol polls an
 # API server over TLS every second (a stand-in made here with python3 and openssl, answering
 # the node's reads as the real one does, managedFields and all). Run it again after a
 # dependency or toolchain update (the symbol names change) or a change to what those calls do;
@@ -118,7 +118,7 @@ call NodeGetVolumeStats "{\"volume_id\":\"$volume\",\"volume_path\":\"$target\"}
 call NodeGetInfo '{}'
 call NodeGetCapabilities '{}'
 addr=$(sed -n 's|.*metrics on http://\([0-9.:]*\)/metrics.*|\1|p' "$work/log" | head -1)
-for path in /metrics /readyz; do
+for path in /metrics /readyz /livez; do
     exec 3<>"/dev/tcp/${addr%:*}/${addr##*:}"
     printf 'GET %s HTTP/1.0\r\n\r\n' "$path" >&3
     cat <&3 >/dev/null
