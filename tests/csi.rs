@@ -867,13 +867,10 @@ fn stats_report_usage_and_condition() {
     tree.assert_no_mounts();
 }
 
-/// kubelet asks for stats every minute and may unpublish at any moment, and a walk of a large
-/// copy takes a while. The walk must not hold the pod's mount busy: an unpublish during it
-/// unmounts at once instead of answering UNAVAILABLE.
-#[test]
-fn an_unpublish_during_a_stats_walk_is_not_refused() {
-    let tree = Tree::new("stats-walk");
-    // On a tmpfs: making and removing 200,000 files on this disk takes from seconds to minutes.
+/// A node plugin that measures usage afresh at every call, its base dir on a tmpfs: making and
+/// removing hundreds of thousands of files on this machine's disk takes from seconds to minutes.
+fn stats_node(tag: &str) -> (Tree, Driver) {
+    let tree = Tree::new(tag);
     nix::mount::mount(
         Some("tmpfs"),
         &tree.base(),
@@ -883,18 +880,32 @@ fn an_unpublish_during_a_stats_walk_is_not_refused() {
     )
     .unwrap();
     let d = Driver::node(&tree, "node-a", &["--stats-cache-ttl=0s"]);
+    (tree, d)
+}
+
+/// `dirs` directories of `files` empty files each, under `root`.
+fn fill(root: &Path, dirs: usize, files: usize) {
+    for i in 0..dirs {
+        let dir = root.join(format!("d{i}"));
+        fs::create_dir(&dir).unwrap();
+        for f in 0..files {
+            fs::File::create(dir.join(f.to_string())).unwrap();
+        }
+    }
+}
+
+/// kubelet asks for stats every minute and may unpublish at any moment, and a walk of a large
+/// copy takes a while. The walk must not hold the pod's mount busy: an unpublish during it
+/// unmounts at once instead of answering UNAVAILABLE.
+#[test]
+fn an_unpublish_during_a_stats_walk_is_not_refused() {
+    let (tree, d) = stats_node("stats-walk");
     let n = d.node_client();
     let vol = volume_id("pvc-stats-walk");
     let target = tree.target("pod1");
     n.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
     // Far longer to walk than unpublish waits for a busy mount (75 ms).
-    for i in 0..200 {
-        let dir = target.join(format!("d{i}"));
-        fs::create_dir(&dir).unwrap();
-        for f in 0..1000 {
-            fs::File::create(dir.join(f.to_string())).unwrap();
-        }
-    }
+    fill(&target, 200, 1000);
     let walk = {
         let (n, req) = (d.node_client(), stats_req(&vol, &target));
         thread::spawn(move || n.node_get_volume_stats(&req))
@@ -921,16 +932,7 @@ fn an_unpublish_during_a_stats_walk_is_not_refused() {
 /// their names: the plugin's peak memory may not grow with the size of a directory.
 #[test]
 fn a_stats_walk_holds_no_more_memory_for_a_large_directory() {
-    let tree = Tree::new("stats-wide");
-    nix::mount::mount(
-        Some("tmpfs"),
-        &tree.base(),
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .unwrap();
-    let d = Driver::node(&tree, "node-a", &["--stats-cache-ttl=0s"]);
+    let (tree, d) = stats_node("stats-wide");
     let n = d.node_client();
     let vol = volume_id("pvc-stats-wide");
     let target = tree.target("pod1");
@@ -965,29 +967,14 @@ fn a_stats_walk_holds_no_more_memory_for_a_large_directory() {
 /// walk of that volume share it: one walk, not one per pod, each holding a worker.
 #[test]
 fn stats_calls_during_a_walk_share_it() {
-    let tree = Tree::new("stats-shared");
-    nix::mount::mount(
-        Some("tmpfs"),
-        &tree.base(),
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .unwrap();
-    let d = Driver::node(&tree, "node-a", &["--stats-cache-ttl=0s"]);
+    let (tree, d) = stats_node("stats-shared");
     let n = d.node_client();
     let vol = volume_id("pvc-stats-shared");
     let targets: Vec<_> = (0..4).map(|i| tree.target(&format!("pod{i}"))).collect();
     for t in &targets {
         n.node_publish_volume(&publish_req(&vol, t, false)).unwrap();
     }
-    for i in 0..100 {
-        let dir = targets[0].join(format!("d{i}"));
-        fs::create_dir(&dir).unwrap();
-        for f in 0..1000 {
-            fs::File::create(dir.join(f.to_string())).unwrap();
-        }
-    }
+    fill(&targets[0], 100, 1000);
     let barrier = Arc::new(Barrier::new(targets.len()));
     let calls: Vec<_> = targets
         .iter()
