@@ -352,6 +352,11 @@ impl Flags {
         if cfg.eviction_interval.is_zero() {
             return Err("--eviction-interval must be longer than 0s".into());
         }
+        // Every node polls the API at this period: 0 would be a loop of requests on every node.
+        let cleanup_poll_interval = duration("cleanup-poll-interval");
+        if cleanup_poll_interval.is_zero() {
+            return Err("--cleanup-poll-interval must be longer than 0s".into());
+        }
         Ok(Flags {
             config: cfg,
             csi_socket: text("csi-socket").unwrap_or_default(),
@@ -362,7 +367,7 @@ impl Flags {
             kube_token_file: path("kube-token-file"),
             kube_ca_file: path("kube-ca-file"),
             namespace: text("namespace"),
-            cleanup_poll_interval: duration("cleanup-poll-interval"),
+            cleanup_poll_interval,
             cleanup_timeout: duration("cleanup-timeout"),
             cleanup_retention: duration("cleanup-retention"),
             orphan_grace: duration("orphan-grace"),
@@ -526,6 +531,7 @@ mod tests {
             &["--mode=node", "--node-name=n", "--max-cache-bytes=lots"],
             &["--mode=node", "--node-name=n", "--min-free-percent=100"],
             &["--mode=node", "--node-name=n", "--eviction-interval=0s"],
+            &["--mode=node", "--node-name=n", "--cleanup-poll-interval=0s"],
             &["--mode=sideways"],
             &["--mode=controller", "--no-such-flag"],
             &[],
