@@ -557,7 +557,9 @@ fn items(list: Value) -> KubeResult<Vec<Value>> {
     match list {
         Value::Object(mut m) => match m.remove("items") {
             Some(Value::Array(items)) => Ok(items),
-            Some(Value::Null) | None => Ok(Vec::new()),
+            Some(Value::Null) => Ok(Vec::new()),
+            // Not a list (a proxy's error page, a Status): read as empty, every PV would look gone.
+            None => Err(KubeError::BadResponse("a list response without items".into())),
             Some(_) => Err(KubeError::BadResponse("items is not a list".into())),
         },
         _ => Err(KubeError::BadResponse("a list response is not an object".into())),
@@ -665,6 +667,17 @@ mod tests {
         })
         .unwrap();
         assert_eq!(cfg.api_url, "https://10.0.0.1:6443");
+    }
+
+    /// A list always carries `items` (null for none, as the apiserver may write an empty list). A
+    /// body without it is not a list: read as an empty one, it would make every PV look gone.
+    #[test]
+    fn a_body_without_items_is_not_an_empty_list() {
+        assert_eq!(items(serde_json::json!({ "items": [1] })).unwrap().len(), 1);
+        assert!(items(serde_json::json!({ "items": null })).unwrap().is_empty());
+        assert!(items(serde_json::json!({ "items": [] })).unwrap().is_empty());
+        assert!(items(serde_json::json!({})).is_err());
+        assert!(items(serde_json::json!({ "kind": "Status" })).is_err());
     }
 
     #[test]
