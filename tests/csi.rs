@@ -870,15 +870,7 @@ fn stats_report_usage_and_condition() {
 /// A node plugin that measures usage afresh at every call, its base dir on a tmpfs: making and
 /// removing hundreds of thousands of files on this machine's disk takes from seconds to minutes.
 fn stats_node(tag: &str) -> (Tree, Driver) {
-    let tree = Tree::new(tag);
-    nix::mount::mount(
-        Some("tmpfs"),
-        &tree.base(),
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .unwrap();
+    let tree = Tree::with_tmpfs_base(tag, None);
     let d = Driver::node(&tree, "node-a", &["--stats-cache-ttl=0s"]);
     (tree, d)
 }

@@ -36,15 +36,7 @@ struct Node {
 
 /// The node and its eviction pass.
 fn node(tag: &str, size_kib: u64, configure: impl FnOnce(&mut Config)) -> (Node, Evictor) {
-    let tree = Tree::new(tag);
-    nix::mount::mount(
-        Some("tmpfs"),
-        &tree.base(),
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some(format!("size={size_kib}k,mode=0700").as_str()),
-    )
-    .unwrap();
+    let tree = Tree::with_tmpfs_base(tag, Some(&format!("size={size_kib}k,mode=0700")));
     let mut cfg = Config::new(Mode::Node);
     cfg.node_name = "node-a".into();
     cfg.base_dir = tree.base();

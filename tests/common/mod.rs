@@ -53,6 +53,20 @@ impl Tree {
         Tree { root }
     }
 
+    /// As `new`, with the base dir on a tmpfs mounted with `options` (`size=…`, `mode=…`).
+    pub fn with_tmpfs_base(tag: &str, options: Option<&str>) -> Tree {
+        let tree = Tree::new(tag);
+        nix::mount::mount(
+            Some("tmpfs"),
+            &tree.base(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            options,
+        )
+        .unwrap();
+        tree
+    }
+
     pub fn kubelet(&self) -> PathBuf {
         self.root.join("kubelet")
     }
