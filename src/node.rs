@@ -99,8 +99,8 @@ impl NodeState {
         &self.cfg
     }
 
-    /// Creates the base dir if it is missing and closes an existing one to other users; leaves a
-    /// symlink as it is (`ready` refuses it).
+    /// Creates the base dir if it is missing; leaves an existing one (or a symlink) as it is.
+    /// Opening it (`ready` does at start) closes it to other users.
     pub fn prepare_base_dir(&self) -> std::io::Result<()> {
         use std::os::unix::fs::DirBuilderExt;
         match std::fs::DirBuilder::new()
@@ -108,14 +108,10 @@ impl NodeState {
             .mode(BASE_DIR_MODE)
             .create(&self.cfg.base_dir)
         {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
         }
-        if let Ok(fd) = safedir::open_dir(&self.cfg.base_dir) {
-            Self::close_to_others(fd.as_fd(), &self.cfg.base_dir);
-        }
-        Ok(())
     }
 
     /// Volume dirs are open to every user (pods run as any user), so the base dir is what keeps
