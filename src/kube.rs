@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, SystemTime};
 
 use log::{debug, warn};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::metrics;
 use crate::time::Deadline;
@@ -250,7 +250,7 @@ impl Client {
                 .header("Authorization", &auth)
                 .header("Accept", "application/json")
                 .call(),
-            ("DELETE", _) => self
+            ("DELETE", None) => self
                 .agent
                 .delete(&url)
                 .config()
@@ -258,6 +258,17 @@ impl Client {
                 .build()
                 .header("Authorization", &auth)
                 .call(),
+            // A DeleteOptions body: preconditions have no query parameter.
+            ("DELETE", Some((kind, b))) => self
+                .agent
+                .delete(&url)
+                .config()
+                .timeout_global(timeout)
+                .build()
+                .header("Authorization", &auth)
+                .header("Content-Type", kind)
+                .force_send_body()
+                .send(b.to_string()),
             ("POST", Some((kind, b))) => self
                 .agent
                 .post(&url)
@@ -470,6 +481,26 @@ impl Client {
         }
     }
 
+    /// Deletes a ConfigMap only as it was at `resource_version`; false when it changed since or
+    /// is gone already.
+    pub fn delete_configmap_at(&self, name: &str, resource_version: &str) -> KubeResult<bool> {
+        let options = json!({
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "preconditions": { "resourceVersion": resource_version },
+        });
+        match self.call(
+            "delete",
+            "DELETE",
+            &format!("{}/{name}", self.ns_path("configmaps")),
+            Some(("application/json", &options)),
+        ) {
+            Ok(_) => Ok(true),
+            Err(KubeError::NotFound | KubeError::Conflict(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn get_pv(&self, name: &str) -> KubeResult<Value> {
         self.call(
             "get",
@@ -529,19 +560,34 @@ impl Client {
     /// Names of the nodes whose CSINode lists `driver`: the nodes expected to acknowledge.
     pub fn nodes_with_driver(&self, driver: &str) -> KubeResult<Vec<String>> {
         let mut names = Vec::new();
-        self.for_each_page("/apis/storage.k8s.io/v1/csinodes", "", |page| {
-            names.extend(
-                page.iter()
-                    .filter(|n| {
-                        n["spec"]["drivers"]
-                            .as_array()
-                            .is_some_and(|ds| ds.iter().any(|d| d["name"].as_str() == Some(driver)))
-                    })
-                    .filter_map(|n| n["metadata"]["name"].as_str().map(str::to_owned)),
-            );
-            ControlFlow::Continue(())
+        self.for_each_csinode(|name, drivers| {
+            if drivers.iter().any(|d| d["name"].as_str() == Some(driver)) {
+                names.push(name.to_owned());
+            }
         })?;
         Ok(names)
+    }
+
+    /// Names of every node with a CSINode, whatever drivers it lists. Kubelet makes a node's
+    /// CSINode when it registers, and the garbage collector deletes it with the Node.
+    pub fn nodes_in_cluster(&self) -> KubeResult<HashSet<String>> {
+        let mut names = HashSet::new();
+        self.for_each_csinode(|name, _| {
+            names.insert(name.to_owned());
+        })?;
+        Ok(names)
+    }
+
+    /// Calls `each` with every CSINode's name and drivers.
+    fn for_each_csinode(&self, mut each: impl FnMut(&str, &[Value])) -> KubeResult<()> {
+        self.for_each_page("/apis/storage.k8s.io/v1/csinodes", "", |page| {
+            for n in &page {
+                if let Some(name) = n["metadata"]["name"].as_str() {
+                    each(name, n["spec"]["drivers"].as_array().map_or(&[], Vec::as_slice));
+                }
+            }
+            ControlFlow::Continue(())
+        })
     }
 }
 

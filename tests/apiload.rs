@@ -893,3 +893,91 @@ fn poll_bytes_by_deletions_per_day_at_5000_nodes() {
         );
     }
 }
+
+/// Nodes that left the cluster in the model of node churn: a fifth of the live nodes, about a
+/// week of an autoscaled 5,000-node cluster replacing 150 nodes a day.
+const DEPARTED: usize = 1000;
+
+/// The objects of nodes that left, at 5,000 nodes: what a controller pass with a pending
+/// deletion reads before and after the sweep that deletes them, and what the hourly sweep costs.
+#[test]
+fn objects_of_departed_nodes_at_5000_nodes() {
+    const LIVE: usize = 5000;
+    let api = fake_api("departed");
+    let client = api.client(NS);
+    let old = cleanup::Deletion {
+        volume_id: volume_id("pvc-long-gone"),
+        requested_ms: time::to_millis(SystemTime::now() - Duration::from_secs(7 * 24 * 3600)),
+    };
+    for i in 0..LIVE + DEPARTED {
+        if i < LIVE {
+            api.add_node(&node_name(i), DRIVER);
+        }
+        let acks = cleanup::NodeAcks {
+            node: node_name(i),
+            done: [old.clone()].into(),
+        };
+        api.put_configmap(NS, acks.new_object(), "node-local-cache");
+    }
+    let id = volume_id("pvc-departed");
+    api.add_pv("pvc-departed", DRIVER, &id);
+    let ctl = CleanupController::new(client, CleanupConfig::new(DRIVER, ""));
+    ctl.volume_deleted(&id, None, Deadline::none()).unwrap();
+    let node_objects = || {
+        api.with(|s| {
+            s.objects
+                .keys()
+                .filter(|k| k.starts_with(&configmap_key("nlc-node-")))
+                .count()
+        })
+    };
+    // The bytes of one pass, and of its sweep's lists (the CSINodes, and the node objects a
+    // second time).
+    let pass = |at: Instant| {
+        let from = api.request_count();
+        ctl.poll_once_at(at).unwrap();
+        let (sent, received) = api.bytes_since(from);
+        (sent + received) as f64
+    };
+    let t0 = Instant::now();
+    let hour = Duration::from_secs(3600);
+    pass(t0);
+    let before = pass(t0 + Duration::from_secs(30));
+    let first = pass(t0 + hour);
+    let second = pass(t0 + 2 * hour);
+    let after = pass(t0 + 2 * hour + Duration::from_secs(30));
+    println!(
+        "{LIVE} nodes, {DEPARTED} departed: a pass with a pending deletion reads {} with their objects, {} after the sweep; a pass with a sweep {} (first) and {} (deleting); objects {} -> {}",
+        human(before),
+        human(after),
+        human(first),
+        human(second),
+        LIVE + DEPARTED,
+        node_objects()
+    );
+    assert_eq!(
+        node_objects(),
+        LIVE,
+        "the departed nodes' objects are deleted, the others kept"
+    );
+    let per_object = (before - after) / DEPARTED as f64;
+    let stored = api
+        .stored_size(&configmap_key(&cleanup::node_object_name(&node_name(0))))
+        .unwrap() as f64;
+    println!(
+        "each departed node's object: {} a pass (stored {})",
+        human(per_object),
+        human(stored)
+    );
+    assert!(
+        per_object >= stored * 0.9,
+        "a pass reads {} less per departed object; each is {} stored",
+        human(per_object),
+        human(stored)
+    );
+    println!(
+        "the hourly sweep over {LIVE} nodes: {} an hour, {}/s",
+        human(first - before),
+        human((first - before) / 3600.0)
+    );
+}

@@ -7,7 +7,7 @@ mod fake_apiserver;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use fake_apiserver::FakeApi;
@@ -811,4 +811,73 @@ fn a_deletion_reaches_the_nodes_when_the_tombstones_outgrow_a_configmap() {
     let listed = stored["data"]["records"].as_str().unwrap();
     assert!(listed.len() <= 512 * 1024, "index of {} bytes", listed.len());
     assert!(listed.contains(&id), "the new deletion is listed");
+}
+
+/// Autoscaled clusters replace nodes every day. The object of a node that left is deleted once
+/// its CSINode has been missing at two sweeps ten minutes or more apart; the objects of nodes
+/// still there stay, whatever drivers their CSINode lists (a plugin restarting is unlisted for a
+/// moment), and so does that of a node back before the second sweep. An object that changed
+/// since the sweep listed it is not deleted.
+#[test]
+fn objects_of_nodes_that_left_the_cluster_are_deleted() {
+    let api = api("nodes-left");
+    let cfg = config(Duration::from_secs(60));
+    let names = ["node-a", "node-gone", "node-restarting", "node-back"];
+    let mut nodes: Vec<SimNode> = names.iter().map(|n| SimNode::new(&api, n, &cfg)).collect();
+    let ctl = CleanupController::new(api.client(NS), cfg.clone());
+    let (id, pv) = (volume_id("pvc-left"), "pvc-left");
+    api.add_pv(pv, DRIVER, &id);
+    for n in &nodes {
+        n.use_volume(&id, pv, "f");
+    }
+    delete(&ctl, &id).unwrap();
+    for n in &mut nodes {
+        n.poll();
+    }
+    let object = |node: &str| api.object(&format!("configmaps/{NS}/{}", cleanup::node_object_name(node)));
+    for n in names {
+        assert!(object(n).is_some(), "{n} reported its cleanup");
+    }
+
+    api.remove_node("node-gone");
+    api.remove_node("node-back");
+    api.with(|s| s.objects.get_mut("csinodes//node-restarting").unwrap()["spec"]["drivers"] = json!([]));
+    let t0 = Instant::now();
+    let hour = Duration::from_secs(3600);
+    ctl.poll_once_at(t0).unwrap();
+    ctl.poll_once_at(t0 + hour).unwrap();
+    assert!(
+        object("node-gone").is_some(),
+        "a node missing at one sweep only is not gone yet"
+    );
+    api.add_node("node-back", DRIVER);
+
+    ctl.poll_once_at(t0 + hour + Duration::from_secs(30)).unwrap();
+    assert!(object("node-gone").is_some(), "the next sweep is an hour away");
+    ctl.poll_once_at(t0 + 2 * hour).unwrap();
+    assert!(
+        object("node-gone").is_none(),
+        "the object of a node gone for an hour is deleted"
+    );
+    assert!(object("node-a").is_some());
+    assert!(
+        object("node-restarting").is_some(),
+        "a CSINode without the driver is a node still there"
+    );
+    assert!(
+        object("node-back").is_some(),
+        "a node back before the second sweep keeps its object"
+    );
+
+    // The precondition: an object written since it was listed stays.
+    let client = api.client(NS);
+    let name = cleanup::node_object_name("node-a");
+    let current = object("node-a").unwrap()["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!client.delete_configmap_at(&name, "1").unwrap());
+    assert!(object("node-a").is_some(), "a stale resourceVersion deletes nothing");
+    assert!(client.delete_configmap_at(&name, &current).unwrap());
+    assert!(object("node-a").is_none());
 }

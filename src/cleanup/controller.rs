@@ -1,17 +1,17 @@
 //! The controller's half: writes records on DeleteVolume, keeps the index, completes records from
 //! the nodes' objects, expires tombstones.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
 use serde_json::{json, Value};
 
 use super::acks::Acknowledgements;
-use super::record::{CleanupRecord, Deletion, IndexEntry, INDEX_NAME, NODE_LABEL};
+use super::record::{CleanupRecord, Deletion, IndexEntry, NodeAcks, INDEX_NAME, NODE_LABEL};
 use super::{record_name, CleanupConfig, Complaints, FINALIZER, INDEX_SKEW, LABEL};
 use crate::controller::Deleter;
 use crate::error::{Error, Result};
@@ -35,6 +35,21 @@ const INDEX_RECENT: Duration = Duration::from_secs(2 * INDEX_SKEW.as_secs());
 /// The most the index lists in any case, far below the 1 MiB a ConfigMap may hold.
 const INDEX_CAP: usize = 512 * 1024;
 
+/// How often the controller looks for the objects of nodes that left the cluster. Autoscaled
+/// clusters replace nodes every day; each one left an object that every pass with a pending
+/// deletion read again, and etcd kept, for good.
+const NODE_SWEEP: Duration = Duration::from_secs(3600);
+/// A node object goes once its node has had no CSINode for this long, seen at two sweeps: a
+/// CSINode goes with its Node, and a node just registering may not have one yet.
+const NODE_GONE_GRACE: Duration = Duration::from_secs(600);
+
+/// When the node objects were last swept, and since when each object's node has been missing.
+#[derive(Default)]
+struct NodeSweep {
+    last: Option<Instant>,
+    gone_since: HashMap<String, Instant>,
+}
+
 /// The index as last read or written: its entries, from when it lists every deletion, and its
 /// resourceVersion (none: no index yet).
 struct IndexCopy {
@@ -50,6 +65,7 @@ pub struct CleanupController {
     complaints: Mutex<Complaints>,
     /// Serialises index writes in this process; `None` until first read.
     index: Mutex<Option<IndexCopy>>,
+    sweep: Mutex<NodeSweep>,
 }
 
 fn unavailable(volume: &str, what: &str, e: &KubeError) -> Error {
@@ -71,6 +87,7 @@ impl CleanupController {
             log: QuietLog::new(),
             complaints: Mutex::default(),
             index: Mutex::new(None),
+            sweep: Mutex::default(),
         })
     }
 
@@ -244,10 +261,73 @@ impl CleanupController {
             .map_err(|e| ("complete", e))
     }
 
+    /// Deletes the objects of nodes that left the cluster: no CSINode at two sweeps at least
+    /// `NODE_GONE_GRACE` apart, and the object unchanged since it was listed. A node that comes
+    /// back under the same name writes a new object when it next finishes a deletion.
+    fn sweep_node_objects(&self, now: Instant) -> KubeResult<()> {
+        let nodes = self.kube.nodes_in_cluster()?;
+        let mut missing = Vec::new();
+        self.kube.for_each_configmap(NODE_LABEL, |page| {
+            for object in &page {
+                let Some((node, _)) = NodeAcks::read(object) else {
+                    continue;
+                };
+                let meta = &object["metadata"];
+                if let (false, Some(name), Some(rv)) = (
+                    nodes.contains(node),
+                    meta["name"].as_str(),
+                    meta["resourceVersion"].as_str(),
+                ) {
+                    missing.push((name.to_owned(), rv.to_owned(), node.to_owned()));
+                }
+            }
+        })?;
+        let mut sweep = self.sweep.lock().unwrap_or_else(|p| p.into_inner());
+        let seen_before = std::mem::take(&mut sweep.gone_since);
+        let mut failed = None;
+        for (name, rv, node) in missing {
+            let since = seen_before.get(&name).copied().unwrap_or(now);
+            if now.saturating_duration_since(since) < NODE_GONE_GRACE {
+                sweep.gone_since.insert(name, since);
+                continue;
+            }
+            match self.kube.delete_configmap_at(&name, &rv) {
+                Ok(true) => info!("node {node} left the cluster: its cleanup object {name} is deleted"),
+                Ok(false) => debug!("node {node}: cleanup object {name} changed or went before it was deleted"),
+                Err(e) => {
+                    sweep.gone_since.insert(name, since);
+                    failed = Some(e);
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Whether a node sweep is due, counting it as made: one that fails waits for the next, so
+    /// a refused list is not repeated on every pass. The first comes an interval after the
+    /// first pass, so a controller that restarts adds nothing to its first passes.
+    fn claim_node_sweep(&self, now: Instant) -> bool {
+        let mut sweep = self.sweep.lock().unwrap_or_else(|p| p.into_inner());
+        let due = sweep
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) >= NODE_SWEEP);
+        if due || sweep.last.is_none() {
+            sweep.last = Some(now);
+        }
+        due
+    }
+
     /// One pass: complete records that every node acknowledged or that timed out; expire
-    /// tombstones past their retention; bring the index up to date. Only a failure to list the
-    /// records fails the pass; any other failure is logged, counted and skipped.
+    /// tombstones past their retention; bring the index up to date; now and then, delete the
+    /// objects of nodes that left. Only a failure to list the records fails the pass; any other
+    /// failure is logged, counted and skipped.
     pub fn poll_once(&self) -> KubeResult<()> {
+        self.poll_once_at(Instant::now())
+    }
+
+    /// `poll_once` as if the monotonic clock read `now` (the node sweep's schedule follows it),
+    /// so tests can run hours of passes in seconds.
+    pub fn poll_once_at(&self, now_mono: Instant) -> KubeResult<()> {
         let started = SystemTime::now();
         let mut records = Vec::new();
         self.kube.for_each_configmap(LABEL, |page| {
@@ -339,6 +419,12 @@ impl CleanupController {
             Err(e) => self.complaints().failed("", "index", &e),
         }
         self.complaints().retain(|id| listed_ids.contains(id));
+        if self.claim_node_sweep(now_mono) {
+            match self.sweep_node_objects(now_mono) {
+                Ok(()) => self.complaints().cleared("", "node_objects"),
+                Err(e) => self.complaints().failed("", "node_objects", &e),
+            }
+        }
         Ok(())
     }
 

@@ -16,6 +16,7 @@
 //!    driver has listed it, or when the timeout passes; the record stays as a tombstone for the
 //!    retention time so a node that was down cleans up when it returns.
 //! 4. Nodes also delete dirs whose PV is gone (orphans) after a grace period.
+//! 5. Once an hour the controller deletes the objects of nodes that left the cluster.
 //!
 //! A failure on one record is logged once, counted, and never stops the others.
 //! Records written by earlier versions, with acknowledgements as `ack.<node>` keys, are read too.

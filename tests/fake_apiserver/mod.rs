@@ -164,6 +164,11 @@ impl FakeApi {
         self.with(|s| s.add_node(name, driver));
     }
 
+    /// A node leaves the cluster: the garbage collector deletes its CSINode with the Node.
+    pub fn remove_node(&self, name: &str) {
+        self.with(|s| s.delete(&format!("csinodes//{name}")));
+    }
+
     /// Stores `obj` (a ConfigMap in namespace `ns`) as if `manager` had created it.
     pub fn put_configmap(&self, ns: &str, obj: Value, manager: &str) {
         self.with(|s| {
@@ -828,7 +833,22 @@ fn handle(state: &Mutex<State>, req: &Request) -> (u16, Value) {
             (200, next)
         }
         ("DELETE", Some(n)) => {
-            if s.delete(&format!("{prefix}{n}")) {
+            let key = format!("{prefix}{n}");
+            // DeleteOptions: a precondition on the resourceVersion is answered 409 when it fails.
+            let options: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+            if let (Some(want), Some(current)) = (
+                options["preconditions"]["resourceVersion"].as_str(),
+                s.objects.get(&key),
+            ) {
+                if Some(want) != current["metadata"]["resourceVersion"].as_str() {
+                    return status_body(
+                        409,
+                        "Conflict",
+                        &format!("Precondition failed: ResourceVersion in precondition: {want}"),
+                    );
+                }
+            }
+            if s.delete(&key) {
                 (200, json!({ "kind": "Status", "status": "Success" }))
             } else {
                 status_body(404, "NotFound", &format!("{kind} {n} not found"))
