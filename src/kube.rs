@@ -386,7 +386,7 @@ impl Client {
         &self,
         path: &str,
         query: &str,
-        mut each: impl FnMut(Vec<Value>) -> ControlFlow<()>,
+        each: &mut dyn FnMut(Vec<Value>) -> ControlFlow<()>,
     ) -> KubeResult<()> {
         let mut next: Option<String> = None;
         loop {
@@ -439,11 +439,11 @@ impl Client {
     }
 
     /// Every ConfigMap matching the selector, a page at a time, as etcd has them now.
-    pub fn for_each_configmap(&self, label_selector: &str, mut each: impl FnMut(Vec<Value>)) -> KubeResult<()> {
+    pub fn for_each_configmap(&self, label_selector: &str, each: &mut dyn FnMut(Vec<Value>)) -> KubeResult<()> {
         self.for_each_page(
             &self.ns_path("configmaps"),
             &format!("labelSelector={}", encode(label_selector)),
-            |page| {
+            &mut |page| {
                 each(page);
                 ControlFlow::Continue(())
             },
@@ -514,7 +514,7 @@ impl Client {
     /// a time and stopping at the first match.
     pub fn find_pv(&self, driver: &str, handle: &str) -> KubeResult<Option<String>> {
         let mut found = None;
-        self.for_each_page("/api/v1/persistentvolumes", "", |page| {
+        self.for_each_page("/api/v1/persistentvolumes", "", &mut |page| {
             found = page
                 .iter()
                 .find(|pv| csi_handle(pv, driver) == Some(handle))
@@ -532,7 +532,7 @@ impl Client {
     /// page at a time and stopping once every handle is found.
     pub fn pv_names(&self, driver: &str, handles: &HashSet<String>) -> KubeResult<HashMap<String, String>> {
         let mut names = HashMap::new();
-        self.for_each_page("/api/v1/persistentvolumes", "", |page| {
+        self.for_each_page("/api/v1/persistentvolumes", "", &mut |page| {
             names.extend(page.iter().filter_map(|pv| {
                 let handle = csi_handle(pv, driver).filter(|h| handles.contains(*h))?;
                 Some((handle.to_owned(), pv["metadata"]["name"].as_str()?.to_owned()))
@@ -560,7 +560,7 @@ impl Client {
     /// Names of the nodes whose CSINode lists `driver`: the nodes expected to acknowledge.
     pub fn nodes_with_driver(&self, driver: &str) -> KubeResult<Vec<String>> {
         let mut names = Vec::new();
-        self.for_each_csinode(|name, drivers| {
+        self.for_each_csinode(&mut |name, drivers| {
             if drivers.iter().any(|d| d["name"].as_str() == Some(driver)) {
                 names.push(name.to_owned());
             }
@@ -572,15 +572,15 @@ impl Client {
     /// CSINode when it registers, and the garbage collector deletes it with the Node.
     pub fn nodes_in_cluster(&self) -> KubeResult<HashSet<String>> {
         let mut names = HashSet::new();
-        self.for_each_csinode(|name, _| {
+        self.for_each_csinode(&mut |name, _| {
             names.insert(name.to_owned());
         })?;
         Ok(names)
     }
 
     /// Calls `each` with every CSINode's name and drivers.
-    fn for_each_csinode(&self, mut each: impl FnMut(&str, &[Value])) -> KubeResult<()> {
-        self.for_each_page("/apis/storage.k8s.io/v1/csinodes", "", |page| {
+    fn for_each_csinode(&self, each: &mut dyn FnMut(&str, &[Value])) -> KubeResult<()> {
+        self.for_each_page("/apis/storage.k8s.io/v1/csinodes", "", &mut |page| {
             for n in &page {
                 if let Some(name) = n["metadata"]["name"].as_str() {
                     each(name, n["spec"]["drivers"].as_array().map_or(&[], Vec::as_slice));

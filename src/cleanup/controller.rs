@@ -241,7 +241,7 @@ impl CleanupController {
     fn acknowledgements<'a>(&self, pending: &[&'a CleanupRecord]) -> KubeResult<Acknowledgements<'a>> {
         let nodes = self.kube.nodes_with_driver(&self.cfg.driver_name)?;
         let mut acks = Acknowledgements::new(nodes, pending);
-        self.kube.for_each_configmap(NODE_LABEL, |page| {
+        self.kube.for_each_configmap(NODE_LABEL, &mut |page| {
             for object in &page {
                 acks.add(object);
             }
@@ -267,7 +267,7 @@ impl CleanupController {
     fn sweep_node_objects(&self, now: Instant) -> KubeResult<()> {
         let nodes = self.kube.nodes_in_cluster()?;
         let mut missing = Vec::new();
-        self.kube.for_each_configmap(NODE_LABEL, |page| {
+        self.kube.for_each_configmap(NODE_LABEL, &mut |page| {
             for object in &page {
                 let Some((node, _)) = NodeAcks::read(object) else {
                     continue;
@@ -330,7 +330,7 @@ impl CleanupController {
     pub fn poll_once_at(&self, now_mono: Instant) -> KubeResult<()> {
         let started = SystemTime::now();
         let mut records = Vec::new();
-        self.kube.for_each_configmap(LABEL, |page| {
+        self.kube.for_each_configmap(LABEL, &mut |page| {
             records.extend(page.iter().filter_map(CleanupRecord::parse));
         })?;
         let pending: Vec<&CleanupRecord> = records.iter().filter(|r| r.pending).collect();
