@@ -250,25 +250,23 @@ impl Client {
                 .header("Authorization", &auth)
                 .header("Accept", "application/json")
                 .call(),
-            ("DELETE", None) => self
-                .agent
-                .delete(&url)
-                .config()
-                .timeout_global(timeout)
-                .build()
-                .header("Authorization", &auth)
-                .call(),
-            // A DeleteOptions body: preconditions have no query parameter.
-            ("DELETE", Some((kind, b))) => self
-                .agent
-                .delete(&url)
-                .config()
-                .timeout_global(timeout)
-                .build()
-                .header("Authorization", &auth)
-                .header("Content-Type", kind)
-                .force_send_body()
-                .send(b.to_string()),
+            ("DELETE", body) => {
+                let request = self
+                    .agent
+                    .delete(&url)
+                    .config()
+                    .timeout_global(timeout)
+                    .build()
+                    .header("Authorization", &auth);
+                match body {
+                    None => request.call(),
+                    // DeleteOptions: preconditions have no query parameter.
+                    Some((kind, b)) => request
+                        .header("Content-Type", kind)
+                        .force_send_body()
+                        .send(b.to_string()),
+                }
+            }
             ("POST", Some((kind, b))) => self
                 .agent
                 .post(&url)
