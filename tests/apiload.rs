@@ -836,8 +836,8 @@ fn steady_tombstones(api: &FakeApi, per_day: usize) {
 /// Bytes a node reads per poll in the steady state of `per_day` deletions a day: a node that has
 /// been polling all along, and one polling for the first time (started, or back after a long
 /// absence). Every node's poll reads the same objects, so one node stands for all of them.
-/// Returns (steady poll, first poll, index size stored).
-fn steady_poll_bytes(per_day: usize) -> (f64, f64, usize) {
+/// Returns (steady poll, first poll, first poll after a restart, index size stored).
+fn steady_poll_bytes(per_day: usize) -> (f64, f64, f64, usize) {
     let api = fake_api(&format!("day-{per_day}"));
     let client = api.client(NS);
     steady_tombstones(&api, per_day);
@@ -855,10 +855,17 @@ fn steady_poll_bytes(per_day: usize) -> (f64, f64, usize) {
     c.node_name = node_name(0);
     c.base_dir = tree.base();
     c.kubelet_dir = tree.kubelet();
-    let state = NodeState::new(Arc::new(c), InFlight::default());
+    let c = Arc::new(c);
     let mut nc = cfg;
     nc.node_name = node_name(0);
-    let mut node = NodeCleaner::new(client, state, nc);
+    let start = || {
+        NodeCleaner::new(
+            client.clone(),
+            NodeState::new(c.clone(), InFlight::default()),
+            nc.clone(),
+        )
+    };
+    let mut node = start();
     let poll = |node: &mut NodeCleaner| {
         let before = api.request_count();
         node.poll_once().unwrap();
@@ -872,7 +879,8 @@ fn steady_poll_bytes(per_day: usize) -> (f64, f64, usize) {
     };
     let first = poll(&mut node);
     let steady = (0..3).map(|_| poll(&mut node)).sum::<f64>() / 3.0;
-    (steady, first, index)
+    let restarted = poll(&mut start());
+    (steady, first, restarted, index)
 }
 
 /// The index in a cluster with many deletions a day (CI clusters with a PVC per build): what a
@@ -881,15 +889,24 @@ fn steady_poll_bytes(per_day: usize) -> (f64, f64, usize) {
 fn poll_bytes_by_deletions_per_day_at_5000_nodes() {
     const NODES: f64 = 5000.0;
     let period = 30.0 * 1.05;
-    println!("deletions/day | index stored | bytes/steady poll | 5,000 nodes, per s | bytes/first poll");
+    println!(
+        "deletions/day | index stored | bytes/steady poll | 5,000 nodes, per s | bytes/first poll | after a restart"
+    );
     for per_day in [100, 1000, 5000] {
-        let (steady, first, index) = steady_poll_bytes(per_day);
+        let (steady, first, restarted, index) = steady_poll_bytes(per_day);
         println!(
-            "{per_day:13} | {:>12} | {:>17} | {:>16}/s | {:>16}",
+            "{per_day:13} | {:>12} | {:>17} | {:>16}/s | {:>16} | {:>15}",
             human(index as f64),
             human(steady),
             human(steady * NODES / period),
-            human(first)
+            human(first),
+            human(restarted)
+        );
+        assert!(
+            restarted <= steady * 1.5,
+            "a restarted node reads {} on its first poll against {} a steady poll",
+            human(restarted),
+            human(steady)
         );
     }
 }

@@ -881,3 +881,67 @@ fn objects_of_nodes_that_left_the_cluster_are_deleted() {
     assert!(client.delete_configmap_at(&name, &current).unwrap());
     assert!(object("node-a").is_none());
 }
+
+/// A rollout restarts the plugin on every node. A node that went through the deletions before
+/// its restart trusts a trimmed index after it, as it did before (one small GET instead of a list
+/// of every record of the retention); one whose last complete pass is older than what the index
+/// leaves out, or that never noted one (a base dir of an earlier version), lists the records.
+#[test]
+fn a_restarted_node_trusts_the_index_it_read_before() {
+    let api = api("restarted");
+    let mut cfg = config(Duration::from_secs(600));
+    cfg.retention = Duration::from_secs(24 * 3600);
+    let now = SystemTime::now();
+    let day = Duration::from_secs(23 * 3600);
+    for k in 0..1000 {
+        let requested = now - day.mul_f64((k as f64 + 0.5) / 1000.0);
+        api.put_tombstone(NS, &volume_id(&format!("pvc-day-{k}")), requested);
+    }
+    let ctl = CleanupController::new(api.client(NS), cfg.clone());
+    ctl.poll_once().unwrap();
+    ctl.poll_once().unwrap();
+    let index = api.object(&format!("configmaps/{NS}/{}", cleanup::INDEX_NAME)).unwrap();
+    assert!(
+        cleanup::IndexEntry::covers_from(&index) > 0,
+        "the index leaves out old deletions"
+    );
+    let lists = |from: usize| {
+        api.requests_since(from)
+            .iter()
+            .filter(|(m, p)| m == "GET" && p.contains("labelSelector="))
+            .count()
+    };
+    let mut node = SimNode::new(&api, "node-r", &cfg);
+    let from = api.request_count();
+    node.poll();
+    assert_eq!(lists(from), 1, "a node's first pass lists the records");
+    let restarted = |node: &SimNode| {
+        let mut c = Config::new(Mode::Node);
+        c.node_name = node.name.clone();
+        c.base_dir = node.tree.base();
+        c.kubelet_dir = node.tree.kubelet();
+        let mut ccfg = cfg.clone();
+        ccfg.node_name = node.name.clone();
+        NodeCleaner::new(api.client(NS), NodeState::new(Arc::new(c), InFlight::default()), ccfg)
+    };
+
+    let from = api.request_count();
+    restarted(&node).poll_once().unwrap();
+    assert_eq!(lists(from), 0, "a restarted node reads the index only");
+
+    let note = node.tree.base().join(".meta").join("cleanup-read");
+    fs::File::options()
+        .write(true)
+        .open(&note)
+        .unwrap()
+        .set_modified(now - 2 * Duration::from_secs(24 * 3600))
+        .unwrap();
+    let from = api.request_count();
+    restarted(&node).poll_once().unwrap();
+    assert_eq!(lists(from), 1, "a last complete pass two days ago does not count");
+
+    fs::remove_file(&note).unwrap();
+    let from = api.request_count();
+    restarted(&node).poll_once().unwrap();
+    assert_eq!(lists(from), 1, "without a note the records are listed");
+}

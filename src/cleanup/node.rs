@@ -26,7 +26,8 @@ pub struct NodeCleaner {
     last_reconcile: Option<Instant>,
     /// The finished deletions this node's object lists, as last written.
     reported: HashSet<Deletion>,
-    /// When (ms) the last pass that read the deletions started.
+    /// When (ms) the last pass that read the deletions started; at start, when the last pass
+    /// that went through all of them started, as noted in the base dir.
     last_read_ms: Option<u64>,
 }
 
@@ -82,7 +83,11 @@ impl NodeCleaner {
     /// `poll_once` as if the clock read `now`: the orphan schedule and grace follow it, so a
     /// model can run hours of polls in seconds (tests/apiload.rs).
     pub fn poll_once_at(&mut self, now: Instant) -> KubeResult<usize> {
-        let started_ms = time::to_millis(SystemTime::now());
+        let started = SystemTime::now();
+        let started_ms = time::to_millis(started);
+        if self.last_read_ms.is_none() {
+            self.last_read_ms = self.node.index_read().map(time::to_millis);
+        }
         let deletions = self.deletions()?;
         self.last_read_ms = Some(started_ms);
         self.node.set_deleted(
@@ -113,6 +118,12 @@ impl NodeCleaner {
                     finished.insert(e.deletion.clone());
                 }
             }
+        }
+        // Only a pass that went through every deletion counts after a restart: one cut short
+        // is read again whole.
+        match self.node.note_index_read(started) {
+            Ok(()) => self.complaints.cleared("", "note_read"),
+            Err(e) => self.complaints.failed("", "note_read", &e),
         }
         if !finished.is_subset(&self.reported) {
             match self.report(&finished) {

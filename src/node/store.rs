@@ -30,6 +30,11 @@ pub struct VolumeMeta {
 }
 
 pub(super) const META_DIR: &str = ".meta";
+/// `<base-dir>/.meta/cleanup-read`, whose modification time is when the cleanup poller started
+/// the last pass that read the deletions and went through all of them: kept across restarts, so
+/// a restarted plugin trusts a trimmed index as it did before (a rollout sent every node to list
+/// every record once). Not a volume id, so never taken for a copy's record.
+const INDEX_READ: &str = "cleanup-read";
 
 impl NodeState {
     /// Deletes this node's copy of a volume unless it is in use (mounted anywhere, or another
@@ -221,6 +226,34 @@ impl NodeState {
     pub fn has_volume(&self, id: &str) -> bool {
         self.open_base(id)
             .is_ok_and(|b| safedir::open_child(b.fd.as_fd(), OsStr::new(id)).is_ok())
+    }
+
+    /// When the last complete cleanup pass started, as `note_index_read` left it.
+    pub fn index_read(&self) -> Option<SystemTime> {
+        let base = self.open_base("").ok()?;
+        let dir = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)).ok()?;
+        let st = nix::sys::stat::fstatat(dir.as_fd(), INDEX_READ, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
+        let file = st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG;
+        file.then(|| UNIX_EPOCH + std::time::Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32))
+    }
+
+    /// Notes in the base dir that a cleanup pass started at `at` went through every deletion.
+    pub fn note_index_read(&self, at: SystemTime) -> Result<()> {
+        use nix::fcntl::OFlag;
+        use nix::sys::time::TimeSpec;
+        let path = || self.cfg.base_dir.join(META_DIR).join(INDEX_READ);
+        let base = self.open_base("")?;
+        let (dir, _) = safedir::ensure_child(
+            base.fd.as_fd(),
+            OsStr::new(META_DIR),
+            Mode::from_bits_truncate(BASE_DIR_MODE),
+        )
+        .map_err(|e| Error::sys("note the cleanup read", "", path(), e))?;
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+        nix::fcntl::openat(dir.as_fd(), INDEX_READ, flags, Mode::from_bits_truncate(0o600))
+            .and_then(|fd| nix::sys::stat::futimens(fd.as_fd(), &TimeSpec::UTIME_OMIT, &TimeSpec::from_duration(since)))
+            .map_err(|e| Error::sys("note the cleanup read", "", path(), e))
     }
 
     /// The cleanup poller's view of deleted volumes, replaced whole on every poll.
