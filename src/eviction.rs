@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info, warn};
 use nix::dir::Dir;
@@ -166,11 +166,7 @@ fn last_use(base: BorrowedFd<'_>, id: &str) -> Option<SystemTime> {
     let dir = safedir::open_child(base, OsStr::new(RECORD_DIR)).ok()?;
     fstatat(dir.as_fd(), id, AtFlags::AT_SYMLINK_NOFOLLOW)
         .ok()
-        .map(|st| modified(&st))
-}
-
-fn modified(st: &nix::sys::stat::FileStat) -> SystemTime {
-    UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32)
+        .map(|st| safedir::modified(&st))
 }
 
 /// Written to a temporary name and renamed over the record, so a reader sees the old or the new.
@@ -555,7 +551,7 @@ impl Evictor {
             None => {
                 let st = fstatat(base.fd.as_fd(), id, AtFlags::AT_SYMLINK_NOFOLLOW)
                     .map_err(|e| Error::sys("stat copy", id, &path, e))?;
-                modified(&st)
+                safedir::modified(&st)
             }
         };
         let cached = self.measured.get(id).filter(|(at, _)| !in_use && *at == last_used);
@@ -855,7 +851,7 @@ mod tests {
             id: id.into(),
             bytes,
             limits: Limits { capacity, policy },
-            last_used: UNIX_EPOCH + Duration::from_secs(last_used),
+            last_used: UNIX_EPOCH + std::time::Duration::from_secs(last_used),
             in_use,
         }
     }

@@ -199,6 +199,11 @@ pub fn real_path(fd: BorrowedFd<'_>) -> Result<PathBuf, Errno> {
     nix::fcntl::readlink(&fd_path(fd)).map(PathBuf::from)
 }
 
+/// A stat's modification time.
+pub fn modified(st: &nix::sys::stat::FileStat) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32)
+}
+
 /// Device and inode: the identity of what a handle refers to.
 pub fn identity(fd: BorrowedFd<'_>) -> Result<(u64, u64), Errno> {
     let st = fstat(fd)?;

@@ -945,3 +945,24 @@ fn a_restarted_node_trusts_the_index_it_read_before() {
     restarted(&node).poll_once().unwrap();
     assert_eq!(lists(from), 1, "without a note the records are listed");
 }
+
+/// Something other than a file where the note goes (a FIFO, which an open for writing waits on
+/// until a reader comes) costs a logged failure, never a poller stuck for good.
+#[test]
+fn a_fifo_in_place_of_the_read_note_does_not_hold_the_poller() {
+    let api = api("fifo-note");
+    let cfg = config(Duration::from_secs(600));
+    let mut node = SimNode::new(&api, "node-fifo", &cfg);
+    node.poll();
+    let note = node.tree.base().join(".meta").join("cleanup-read");
+    fs::remove_file(&note).unwrap();
+    nix::unistd::mkfifo(&note, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = node.cleaner.poll_once().map(drop);
+        let _ = done.send(result.is_ok());
+    });
+    // Far beyond a poll's few milliseconds; a poller held by the FIFO never answers.
+    let answered = finished.recv_timeout(Duration::from_secs(30));
+    assert_eq!(answered, Ok(true), "the poll finished despite the FIFO");
+}

@@ -234,7 +234,7 @@ impl NodeState {
         let dir = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)).ok()?;
         let st = nix::sys::stat::fstatat(dir.as_fd(), INDEX_READ, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
         let file = st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG;
-        file.then(|| UNIX_EPOCH + std::time::Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32))
+        file.then(|| safedir::modified(&st))
     }
 
     /// Notes in the base dir that a cleanup pass started at `at` went through every deletion.
@@ -249,7 +249,8 @@ impl NodeState {
             Mode::from_bits_truncate(BASE_DIR_MODE),
         )
         .map_err(|e| Error::sys("note the cleanup read", "", path(), e))?;
-        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        // Not blocking: a FIFO of that name would hold an open for writing until a reader came.
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
         let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
         nix::fcntl::openat(dir.as_fd(), INDEX_READ, flags, Mode::from_bits_truncate(0o600))
             .and_then(|fd| nix::sys::stat::futimens(fd.as_fd(), &TimeSpec::UTIME_OMIT, &TimeSpec::from_duration(since)))
