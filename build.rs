@@ -95,6 +95,8 @@ const SERVED: &[&str] = &[
 
 fn service_glue(package: &str, services: &[protobuf::descriptor::ServiceDescriptorProto]) -> String {
     let mut out = String::new();
+    // The same list for the crate: the metrics count calls by these names.
+    writeln!(out, "pub const SERVED: [&str; {}] = {SERVED:?};\n", SERVED.len()).unwrap();
     for svc in services {
         let svc_name = svc.name();
         let methods: Vec<_> = svc

@@ -13,6 +13,8 @@ use std::time::Duration;
 use grpcio::RpcStatusCode;
 use log::{debug, warn};
 
+use crate::proto::grpc::SERVED;
+
 const PREFIX: &str = "node_local_cache_";
 
 /// Upper bounds in seconds; the last bucket is +Inf.
@@ -66,22 +68,12 @@ impl Default for Histogram {
     }
 }
 
-/// The RPCs this driver answers itself; anything else is counted as "other".
-const METHODS: [&str; 13] = [
-    "GetPluginInfo",
-    "GetPluginCapabilities",
-    "Probe",
-    "CreateVolume",
-    "DeleteVolume",
-    "ValidateVolumeCapabilities",
-    "ControllerGetCapabilities",
-    "NodePublishVolume",
-    "NodeUnpublishVolume",
-    "NodeGetVolumeStats",
-    "NodeGetCapabilities",
-    "NodeGetInfo",
-    "other",
-];
+/// The RPCs this driver answers itself (the ones `build.rs` registers), then "other".
+const METHODS: usize = SERVED.len() + 1;
+
+fn method_name(i: usize) -> &'static str {
+    SERVED.get(i).copied().unwrap_or("other")
+}
 const CODES: usize = 17;
 
 /// gRPC's canonical status names, indexed by code; callers outside this module use `code_name`.
@@ -113,9 +105,8 @@ pub fn code_name(code: RpcStatusCode) -> Option<&'static str> {
         .copied()
 }
 
-static RPC_COUNTS: [[AtomicU64; CODES]; METHODS.len()] =
-    [const { [const { AtomicU64::new(0) }; CODES] }; METHODS.len()];
-static RPC_DURATIONS: [Histogram; METHODS.len()] = [const { Histogram::new() }; METHODS.len()];
+static RPC_COUNTS: [[AtomicU64; CODES]; METHODS] = [const { [const { AtomicU64::new(0) }; CODES] }; METHODS];
+static RPC_DURATIONS: [Histogram; METHODS] = [const { Histogram::new() }; METHODS];
 
 pub static VOLUME_CREATE_TOTAL: AtomicU64 = AtomicU64::new(0);
 pub static VOLUME_DELETE_TOTAL: AtomicU64 = AtomicU64::new(0);
@@ -201,7 +192,7 @@ static KUBE_COUNTS: [[AtomicU64; KUBE_CODES.len() + 1]; KUBE_VERBS.len()] =
     [const { [const { AtomicU64::new(0) }; KUBE_CODES.len() + 1] }; KUBE_VERBS.len()];
 
 pub fn record_rpc(method: &str, code: RpcStatusCode, took: Duration) {
-    let m = METHODS.iter().position(|&n| n == method).unwrap_or(METHODS.len() - 1);
+    let m = SERVED.iter().position(|&n| n == method).unwrap_or(SERVED.len());
     let c = usize::try_from(i32::from(code))
         .ok()
         .filter(|&c| c < CODES)
@@ -273,7 +264,8 @@ pub fn render() -> String {
         "counter",
         "CSI calls answered, by method and status code.",
     );
-    for (m, row) in METHODS.iter().zip(&RPC_COUNTS) {
+    for (m, row) in RPC_COUNTS.iter().enumerate() {
+        let m = method_name(m);
         for (code, n) in CODE_NAMES.iter().zip(row) {
             let n = n.load(Ordering::Relaxed);
             if n > 0 {
@@ -287,7 +279,8 @@ pub fn render() -> String {
         "histogram",
         "Time to answer a CSI call, by method.",
     );
-    for (m, h) in METHODS.iter().zip(&RPC_DURATIONS) {
+    for (m, h) in RPC_DURATIONS.iter().enumerate() {
+        let m = method_name(m);
         h.render(&mut out, "csi_request_duration_seconds", &format!("method=\"{m}\""));
     }
 
