@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, SystemTime};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use serde_json::{json, Value};
 
 use crate::metrics;
@@ -144,10 +144,17 @@ struct Token {
     value: String,
 }
 
+/// The HTTP agent, the CA file's content it trusts, and that file's mtime when last read.
+struct Agent {
+    ca_modified: Option<SystemTime>,
+    ca: Vec<u8>,
+    agent: ureq::Agent,
+}
+
 #[derive(Clone)]
 pub struct Client {
     cfg: Arc<KubeConfig>,
-    agent: ureq::Agent,
+    agent: Arc<Mutex<Agent>>,
     token: Arc<Mutex<Token>>,
     /// Every call made through this handle ends by then (see `with_deadline`).
     deadline: Deadline,
@@ -155,33 +162,16 @@ pub struct Client {
 
 impl Client {
     pub fn new(cfg: KubeConfig) -> Result<Client, String> {
-        let pem = std::fs::read(&cfg.ca_file).map_err(|e| format!("CA file {}: {e}", cfg.ca_file.display()))?;
-        let certs: Vec<_> = ureq::tls::parse_pem(&pem)
-            .filter_map(|item| match item {
-                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("CA file {}: {e}", cfg.ca_file.display()))?;
-        if certs.is_empty() {
-            return Err(format!("CA file {}: no certificate in it", cfg.ca_file.display()));
-        }
-        let tls = ureq::tls::TlsConfig::builder()
-            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)))
-            .build();
-        let agent = ureq::Agent::config_builder()
-            .tls_config(tls)
-            .timeout_global(Some(cfg.timeout))
-            .http_status_as_error(false)
-            .max_idle_connections(2)
-            .max_idle_connections_per_host(2)
-            .user_agent(concat!("node-local-cache/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .new_agent();
+        let ca_modified = std::fs::metadata(&cfg.ca_file).and_then(|m| m.modified()).ok();
+        let ca = read_ca(&cfg)?;
+        let agent = Agent {
+            ca_modified,
+            agent: new_agent(&cfg, &ca)?,
+            ca,
+        };
         let client = Client {
             cfg: Arc::new(cfg),
-            agent,
+            agent: Arc::new(Mutex::new(agent)),
             token: Arc::new(Mutex::new(Token {
                 modified: None,
                 value: String::new(),
@@ -190,6 +180,39 @@ impl Client {
         };
         client.bearer().map_err(|e| e.to_string())?;
         Ok(client)
+    }
+
+    /// The agent, made anew when the CA file's content changed: kubelet rewrites the projected
+    /// `ca.crt` when the cluster's CA is rotated (and, unchanged, with every token refresh, so
+    /// the content is compared once its mtime moves). A file that cannot be read or holds no
+    /// certificate (half written) leaves the agent as it was until the next call.
+    fn agent(&self) -> ureq::Agent {
+        let modified = std::fs::metadata(&self.cfg.ca_file).and_then(|m| m.modified()).ok();
+        let mut agent = self.agent.lock().unwrap_or_else(|p| p.into_inner());
+        if modified.is_some() && modified != agent.ca_modified {
+            let fresh = read_ca(&self.cfg).and_then(|ca| {
+                if ca == agent.ca {
+                    return Ok(None);
+                }
+                new_agent(&self.cfg, &ca).map(|a| Some((ca, a)))
+            });
+            match fresh {
+                Ok(None) => agent.ca_modified = modified,
+                Ok(Some((ca, a))) => {
+                    info!(
+                        "the API CA file {} changed; trusting it from now on",
+                        self.cfg.ca_file.display()
+                    );
+                    *agent = Agent {
+                        ca_modified: modified,
+                        ca,
+                        agent: a,
+                    };
+                }
+                Err(e) => debug!("{e}; keeping the CA read before"),
+            }
+        }
+        agent.agent.clone()
     }
 
     pub fn namespace(&self) -> &str {
@@ -240,9 +263,9 @@ impl Client {
         let url = format!("{}{path}", self.cfg.api_url);
         let auth = format!("Bearer {}", self.bearer()?);
         let timeout = Some(timeout);
+        let agent = self.agent();
         let result = match (method, body) {
-            ("GET", _) => self
-                .agent
+            ("GET", _) => agent
                 .get(&url)
                 .config()
                 .timeout_global(timeout)
@@ -251,8 +274,7 @@ impl Client {
                 .header("Accept", "application/json")
                 .call(),
             ("DELETE", body) => {
-                let request = self
-                    .agent
+                let request = agent
                     .delete(&url)
                     .config()
                     .timeout_global(timeout)
@@ -267,8 +289,7 @@ impl Client {
                         .send(b.to_string()),
                 }
             }
-            ("POST", Some((kind, b))) => self
-                .agent
+            ("POST", Some((kind, b))) => agent
                 .post(&url)
                 .config()
                 .timeout_global(timeout)
@@ -276,8 +297,7 @@ impl Client {
                 .header("Authorization", &auth)
                 .header("Content-Type", kind)
                 .send(b.to_string()),
-            ("PATCH", Some((kind, b))) => self
-                .agent
+            ("PATCH", Some((kind, b))) => agent
                 .patch(&url)
                 .config()
                 .timeout_global(timeout)
@@ -587,6 +607,37 @@ impl Client {
             ControlFlow::Continue(())
         })
     }
+}
+
+fn read_ca(cfg: &KubeConfig) -> Result<Vec<u8>, String> {
+    std::fs::read(&cfg.ca_file).map_err(|e| format!("CA file {}: {e}", cfg.ca_file.display()))
+}
+
+/// An agent that trusts the certificates of `pem` (the CA file's content) and nothing else.
+fn new_agent(cfg: &KubeConfig, pem: &[u8]) -> Result<ureq::Agent, String> {
+    let certs: Vec<_> = ureq::tls::parse_pem(pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("CA file {}: {e}", cfg.ca_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!("CA file {}: no certificate in it", cfg.ca_file.display()));
+    }
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)))
+        .build();
+    Ok(ureq::Agent::config_builder()
+        .tls_config(tls)
+        .timeout_global(Some(cfg.timeout))
+        .http_status_as_error(false)
+        .max_idle_connections(2)
+        .max_idle_connections_per_host(2)
+        .user_agent(concat!("node-local-cache/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .new_agent())
 }
 
 /// The CSI volume handle of a PV provisioned by `driver`.

@@ -337,6 +337,21 @@ fn rotated_token_is_picked_up() {
     assert!(n.cleaner.poll_once().is_err());
 }
 
+/// The cluster's CA rotated (kubelet rewrites the projected `ca.crt`; the API server then
+/// presents a certificate of the new CA): the next calls trust the new CA without a restart.
+#[test]
+fn a_rotated_api_ca_is_picked_up() {
+    let api = api("ca");
+    let cfg = config(Duration::from_secs(600));
+    let mut n = SimNode::new(&api, "node-0", &cfg);
+    n.poll();
+    let ctl = CleanupController::new(api.client(NS), cfg);
+    ctl.poll_once().unwrap();
+    api.rotate_ca();
+    n.cleaner.poll_once().expect("a node polls after the CA rotated");
+    ctl.poll_once().expect("the controller polls after the CA rotated");
+}
+
 #[test]
 fn symlinks_inside_a_volume_never_lead_the_deletion_outside() {
     let api = api("symlink");

@@ -60,6 +60,8 @@ pub struct State {
     pub log: Vec<Exchange>,
     /// Every write: the object's key and the size stored after it (what etcd writes).
     pub writes: Vec<(String, usize)>,
+    /// Bumped when the CA rotates: connections opened before it are closed.
+    pub tls_generation: u64,
 }
 
 pub struct FakeApi {
@@ -68,40 +70,45 @@ pub struct FakeApi {
     pub token_file: PathBuf,
     pub state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
+    /// What a new connection is served with.
+    tls: Arc<Mutex<Arc<rustls::ServerConfig>>>,
     dir: PathBuf,
+}
+
+/// A fresh CA, written to `ca_file`, and a server certificate it signed for 127.0.0.1.
+fn new_tls(ca_file: &Path) -> Arc<rustls::ServerConfig> {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "fake-apiserver-ca");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    std::fs::write(ca_file, ca.pem()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    Arc::new(config)
 }
 
 impl FakeApi {
     /// Starts on 127.0.0.1 with a fresh CA; files go to `dir`.
     pub fn start(dir: &Path) -> FakeApi {
         std::fs::create_dir_all(dir).unwrap();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "fake-apiserver-ca");
-        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-        let cert = params.signed_by(&key, &ca).unwrap();
-
         let ca_file = dir.join("ca.crt");
-        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let config = Arc::new(Mutex::new(new_tls(&ca_file)));
         let token_file = dir.join("token");
         std::fs::write(&token_file, "token-1\n").unwrap();
-
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .unwrap();
-        let config = Arc::new(config);
 
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
@@ -111,15 +118,15 @@ impl FakeApi {
         }));
         let stop = Arc::new(AtomicBool::new(false));
         {
-            let (state, stop) = (state.clone(), stop.clone());
+            let (state, stop, config) = (state.clone(), stop.clone(), config.clone());
             thread::spawn(move || {
                 for conn in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
                     let Ok(tcp) = conn else { continue };
-                    let (state, config) = (state.clone(), config.clone());
-                    thread::spawn(move || serve_conn(tcp, config, state));
+                    let (state, tls) = (state.clone(), config.lock().unwrap().clone());
+                    thread::spawn(move || serve_conn(tcp, tls, state));
                 }
             });
         }
@@ -129,8 +136,16 @@ impl FakeApi {
             token_file,
             state,
             stop,
+            tls: config,
             dir: dir.to_owned(),
         }
+    }
+
+    /// The cluster's CA rotated: new connections get a certificate of a new CA, which the CA
+    /// file now holds (kubelet updates the projected `ca.crt`); open connections are closed.
+    pub fn rotate_ca(&self) {
+        *self.tls.lock().unwrap() = new_tls(&self.ca_file);
+        self.with(|s| s.tls_generation += 1);
     }
 
     pub fn kube_config(&self, namespace: &str) -> node_local_cache::kube::KubeConfig {
@@ -625,7 +640,11 @@ fn serve_conn(tcp: TcpStream, config: Arc<rustls::ServerConfig>, state: Arc<Mute
     let conn = rustls::ServerConnection::new(config).unwrap();
     let tls = rustls::StreamOwned::new(conn, tcp);
     let mut reader = BufReader::new(tls);
+    let generation = state.lock().unwrap().tls_generation;
     while let Some(req) = read_request(&mut reader) {
+        if state.lock().unwrap().tls_generation != generation {
+            return;
+        }
         let (delay, entry) = {
             let mut s = state.lock().unwrap();
             s.log.push(Exchange {
