@@ -487,18 +487,6 @@ impl Client {
         )
     }
 
-    pub fn delete_configmap(&self, name: &str) -> KubeResult<()> {
-        match self.call(
-            "delete",
-            "DELETE",
-            &format!("{}/{name}", self.ns_path("configmaps")),
-            None,
-        ) {
-            Ok(_) | Err(KubeError::NotFound) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
     /// Deletes a ConfigMap only as it was at `resource_version`; false when it changed since or
     /// is gone already.
     pub fn delete_configmap_at(&self, name: &str, resource_version: &str) -> KubeResult<bool> {

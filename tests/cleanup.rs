@@ -981,3 +981,26 @@ fn a_fifo_in_place_of_the_read_note_does_not_hold_the_poller() {
     let answered = finished.recv_timeout(Duration::from_secs(30));
     assert_eq!(answered, Ok(true), "the poll finished despite the FIFO");
 }
+
+/// A tombstone past its retention is deleted only as the controller listed it: when another
+/// write reached it in between (a DeleteVolume of the same id making it pending again), the
+/// expiry leaves it, and a later pass judges it afresh.
+#[test]
+fn a_tombstone_written_since_it_was_listed_is_not_expired() {
+    let api = api("expiry-race");
+    let cfg = config(Duration::from_secs(600));
+    let id = volume_id("pvc-expiry");
+    api.put_tombstone(NS, &id, SystemTime::now() - Duration::from_secs(2 * 24 * 3600));
+    let key = format!("configmaps/{NS}/{}", cleanup::record_name(&id));
+    api.with(|s| s.faults.written_before_delete.push(key.clone()));
+    let ctl = CleanupController::new(api.client(NS), cfg);
+    ctl.poll_once().unwrap();
+    assert!(api.object(&key).is_some(), "written after the list: not expired");
+    let index = api.object(&format!("configmaps/{NS}/{}", cleanup::INDEX_NAME)).unwrap();
+    assert!(
+        index["data"]["records"].as_str().unwrap().contains(&id),
+        "and still in the index"
+    );
+    ctl.poll_once().unwrap();
+    assert!(api.object(&key).is_none(), "unchanged since listed: expired");
+}

@@ -98,6 +98,7 @@ mod tests {
             completed: None,
             pv: String::new(),
             legacy_acks: legacy.iter().map(|n| n.to_string()).collect(),
+            resource_version: String::new(),
         }
     }
 

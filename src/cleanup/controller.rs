@@ -384,12 +384,21 @@ impl CleanupController {
             if r.completed
                 .is_some_and(|c| now.duration_since(c).unwrap_or_default() >= self.cfg.retention)
             {
-                match self.kube.delete_configmap(&record_name(r.volume_id())) {
-                    Ok(()) => {
+                // Only the tombstone as listed: a DeleteVolume of the same id may have made it
+                // pending again since, and deleting that would lose the deletion.
+                match self
+                    .kube
+                    .delete_configmap_at(&record_name(r.volume_id()), &r.resource_version)
+                {
+                    Ok(true) => {
                         debug!("volume {}: cleanup record expired", r.volume_id());
                         expired.insert(r.volume_id());
                         self.complaints().cleared(r.volume_id(), "expire");
                     }
+                    Ok(false) => debug!(
+                        "volume {}: cleanup record changed or went before it expired",
+                        r.volume_id()
+                    ),
                     Err(e) => self.complaints().failed(r.volume_id(), "expire", &e),
                 }
             }

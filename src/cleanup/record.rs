@@ -93,6 +93,8 @@ pub struct CleanupRecord {
     pub pv: String,
     /// Nodes that acknowledged in the record itself, as versions before the index did.
     pub legacy_acks: HashSet<String>,
+    /// The object's resourceVersion as read: the record is expired only as it was then.
+    pub resource_version: String,
 }
 
 impl CleanupRecord {
@@ -114,6 +116,10 @@ impl CleanupRecord {
                 .filter_map(|k| k.strip_prefix(LEGACY_ACK_PREFIX))
                 .map(str::to_owned)
                 .collect(),
+            resource_version: cm["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
         })
     }
 

@@ -34,6 +34,8 @@ pub struct Faults {
     pub conflict_next: u32,
     /// Requests refused for good, as an admission webhook would: (method, path, status).
     pub refuse: Vec<(String, String, u16)>,
+    /// Objects (by key) another writer changes just before a DELETE of them arrives.
+    pub written_before_delete: Vec<String>,
 }
 
 /// One request as the server saw it.
@@ -853,6 +855,13 @@ fn handle(state: &Mutex<State>, req: &Request) -> (u16, Value) {
         }
         ("DELETE", Some(n)) => {
             let key = format!("{prefix}{n}");
+            if let Some(i) = s.faults.written_before_delete.iter().position(|k| *k == key) {
+                s.faults.written_before_delete.remove(i);
+                let rv = s.bump();
+                if let Some(o) = s.objects.get_mut(&key) {
+                    o["metadata"]["resourceVersion"] = rv.into();
+                }
+            }
             // DeleteOptions: a precondition on the resourceVersion is answered 409 when it fails.
             let options: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
             if let (Some(want), Some(current)) = (
