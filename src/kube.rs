@@ -145,7 +145,7 @@ struct Token {
 }
 
 /// The HTTP agent, the CA file's content it trusts, and that file's mtime when last read.
-struct Agent {
+struct CaAgent {
     ca_modified: Option<SystemTime>,
     ca: Vec<u8>,
     agent: ureq::Agent,
@@ -154,7 +154,7 @@ struct Agent {
 #[derive(Clone)]
 pub struct Client {
     cfg: Arc<KubeConfig>,
-    agent: Arc<Mutex<Agent>>,
+    agent: Arc<Mutex<CaAgent>>,
     token: Arc<Mutex<Token>>,
     /// Every call made through this handle ends by then (see `with_deadline`).
     deadline: Deadline,
@@ -164,7 +164,7 @@ impl Client {
     pub fn new(cfg: KubeConfig) -> Result<Client, String> {
         let ca_modified = std::fs::metadata(&cfg.ca_file).and_then(|m| m.modified()).ok();
         let ca = read_ca(&cfg)?;
-        let agent = Agent {
+        let agent = CaAgent {
             ca_modified,
             agent: new_agent(&cfg, &ca)?,
             ca,
@@ -203,7 +203,7 @@ impl Client {
                         "the API CA file {} changed; trusting it from now on",
                         self.cfg.ca_file.display()
                     );
-                    *agent = Agent {
+                    *agent = CaAgent {
                         ca_modified: modified,
                         ca,
                         agent: a,
@@ -273,22 +273,16 @@ impl Client {
                 .header("Authorization", &auth)
                 .header("Accept", "application/json")
                 .call(),
-            ("DELETE", body) => {
-                let request = agent
-                    .delete(&url)
-                    .config()
-                    .timeout_global(timeout)
-                    .build()
-                    .header("Authorization", &auth);
-                match body {
-                    None => request.call(),
-                    // DeleteOptions: preconditions have no query parameter.
-                    Some((kind, b)) => request
-                        .header("Content-Type", kind)
-                        .force_send_body()
-                        .send(b.to_string()),
-                }
-            }
+            // DeleteOptions in the body: preconditions have no query parameter.
+            ("DELETE", Some((kind, b))) => agent
+                .delete(&url)
+                .config()
+                .timeout_global(timeout)
+                .build()
+                .header("Authorization", &auth)
+                .header("Content-Type", kind)
+                .force_send_body()
+                .send(b.to_string()),
             ("POST", Some((kind, b))) => agent
                 .post(&url)
                 .config()
