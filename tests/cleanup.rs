@@ -35,6 +35,18 @@ struct SimNode {
 impl SimNode {
     fn new(api: &FakeApi, name: &str, cfg: &CleanupConfig) -> SimNode {
         let tree = Tree::new(name);
+        let (state, cleaner) = SimNode::start(api, name, &tree, cfg);
+        api.add_node(name, DRIVER);
+        SimNode {
+            name: name.to_owned(),
+            tree,
+            state,
+            cleaner,
+        }
+    }
+
+    /// The node's plugin started on `tree`: its state and its cleanup poller.
+    fn start(api: &FakeApi, name: &str, tree: &Tree, cfg: &CleanupConfig) -> (Arc<NodeState>, NodeCleaner) {
         let mut c = Config::new(Mode::Node);
         c.node_name = name.to_owned();
         c.base_dir = tree.base();
@@ -43,13 +55,12 @@ impl SimNode {
         let mut ccfg = cfg.clone();
         ccfg.node_name = name.to_owned();
         let cleaner = NodeCleaner::new(api.client(NS), state.clone(), ccfg);
-        api.add_node(name, DRIVER);
-        SimNode {
-            name: name.to_owned(),
-            tree,
-            state,
-            cleaner,
-        }
+        (state, cleaner)
+    }
+
+    /// The cleanup poller of this node's plugin started again, on the same base dir.
+    fn restarted(&self, api: &FakeApi, cfg: &CleanupConfig) -> NodeCleaner {
+        SimNode::start(api, &self.name, &self.tree, cfg).1
     }
 
     /// A pod on this node writes `file` into the volume, then goes away (the copy stays).
@@ -930,18 +941,9 @@ fn a_restarted_node_trusts_the_index_it_read_before() {
     let from = api.request_count();
     node.poll();
     assert_eq!(lists(from), 1, "a node's first pass lists the records");
-    let restarted = |node: &SimNode| {
-        let mut c = Config::new(Mode::Node);
-        c.node_name = node.name.clone();
-        c.base_dir = node.tree.base();
-        c.kubelet_dir = node.tree.kubelet();
-        let mut ccfg = cfg.clone();
-        ccfg.node_name = node.name.clone();
-        NodeCleaner::new(api.client(NS), NodeState::new(Arc::new(c), InFlight::default()), ccfg)
-    };
 
     let from = api.request_count();
-    restarted(&node).poll_once().unwrap();
+    node.restarted(&api, &cfg).poll_once().unwrap();
     assert_eq!(lists(from), 0, "a restarted node reads the index only");
 
     let note = node.tree.base().join(".meta").join("cleanup-read");
@@ -952,12 +954,12 @@ fn a_restarted_node_trusts_the_index_it_read_before() {
         .set_modified(now - 2 * Duration::from_secs(24 * 3600))
         .unwrap();
     let from = api.request_count();
-    restarted(&node).poll_once().unwrap();
+    node.restarted(&api, &cfg).poll_once().unwrap();
     assert_eq!(lists(from), 1, "a last complete pass two days ago does not count");
 
     fs::remove_file(&note).unwrap();
     let from = api.request_count();
-    restarted(&node).poll_once().unwrap();
+    node.restarted(&api, &cfg).poll_once().unwrap();
     assert_eq!(lists(from), 1, "without a note the records are listed");
 }
 
