@@ -510,34 +510,17 @@ impl Client {
         )
     }
 
-    /// The name of the PV of `driver` whose volume handle is `handle`, scanning the PVs a page at
-    /// a time and stopping at the first match.
-    pub fn find_pv(&self, driver: &str, handle: &str) -> KubeResult<Option<String>> {
-        let mut found = None;
-        self.for_each_page("/api/v1/persistentvolumes", "", &mut |page| {
-            found = page
-                .iter()
-                .find(|pv| csi_handle(pv, driver) == Some(handle))
-                .and_then(|pv| pv["metadata"]["name"].as_str().map(str::to_owned));
-            if found.is_some() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })?;
-        Ok(found)
-    }
-
-    /// The PVs of `driver` that name any of `handles`, as handle → PV name, scanning the PVs a
-    /// page at a time and stopping once every handle is found.
-    pub fn pv_names(&self, driver: &str, handles: &HashSet<String>) -> KubeResult<HashMap<String, String>> {
+    /// The PVs of `driver`, as volume handle → PV name, scanning the PVs a page at a time:
+    /// those whose handle is one of `handles` (stopping once every one is found), or, with
+    /// `None`, all of them.
+    pub fn pv_names(&self, driver: &str, handles: Option<&HashSet<String>>) -> KubeResult<HashMap<String, String>> {
         let mut names = HashMap::new();
         self.for_each_page("/api/v1/persistentvolumes", "", &mut |page| {
             names.extend(page.iter().filter_map(|pv| {
-                let handle = csi_handle(pv, driver).filter(|h| handles.contains(*h))?;
+                let handle = csi_handle(pv, driver).filter(|h| handles.is_none_or(|w| w.contains(*h)))?;
                 Some((handle.to_owned(), pv["metadata"]["name"].as_str()?.to_owned()))
             }));
-            if names.len() == handles.len() {
+            if handles.is_some_and(|w| names.len() == w.len()) {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())

@@ -998,3 +998,58 @@ fn objects_of_departed_nodes_at_5000_nodes() {
         human((first - before) / 3600.0)
     );
 }
+
+/// Deletions after the controller restarted, in a cluster of `CLUSTER_NODES` nodes with
+/// `PVS_PER_NODE` PVs each, a fifth of them this driver's.
+const RESTART_DELETIONS: usize = 200;
+
+/// A namespace teardown right after the controller restarted (an upgrade, a reschedule): it
+/// knows no CreateVolume names, so it finds each PV among all of them. csi-provisioner sends the
+/// deletions concurrently; the controller's pool runs four at once. Counts the PV requests and
+/// their bytes at the server, and asserts they stay near one scan of the PVs.
+#[test]
+fn deletions_after_a_controller_restart_at_5000_nodes() {
+    let api = fake_api("restart-deletions");
+    let total = PVS_PER_NODE * CLUSTER_NODES;
+    let mut ours = Vec::new();
+    for p in 0..total {
+        let name = format!("pvc-{p:08}");
+        if p % 5 == 0 {
+            let id = volume_id(&name);
+            api.add_pv(&name, DRIVER, &id);
+            ours.push(id);
+        } else {
+            api.add_pv(&name, "other.csi.example.com", &format!("vol-{p}"));
+        }
+    }
+    // The volumes deleted, spread through the PVs as a scan meets them.
+    let deleted: Vec<String> = (0..RESTART_DELETIONS)
+        .map(|k| ours[(unit(k as u64 + 31) * ours.len() as f64) as usize].clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let ctl = CleanupController::new(api.client(NS), CleanupConfig::new(DRIVER, ""));
+    let from = api.request_count();
+    let queue = std::sync::Mutex::new(deleted.iter());
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| loop {
+                let Some(id) = queue.lock().unwrap().next() else { return };
+                ctl.volume_deleted(id, None, Deadline::none()).unwrap();
+            });
+        }
+    });
+    let (requests, lists, bytes, _) = pv_requests_since(&api, from);
+    let scan = total.div_ceil(500);
+    println!(
+        "{} deletions after a restart, {total} PVs ({} of this driver): {requests} PV requests, {lists} list pages ({:.1} scans), {} read",
+        deleted.len(),
+        ours.len(),
+        lists as f64 / scan as f64,
+        human(bytes as f64)
+    );
+    assert!(
+        lists <= 2 * scan,
+        "the deletions share the scans of the PVs: {lists} pages, a scan is {scan}"
+    );
+}

@@ -1006,3 +1006,81 @@ fn a_tombstone_written_since_it_was_listed_is_not_expired() {
     ctl.poll_once().unwrap();
     assert!(api.object(&key).is_none(), "unchanged since listed: expired");
 }
+
+/// Whether the PV `name` carries the cleanup finalizer.
+fn held(api: &FakeApi, name: &str) -> bool {
+    api.pv_finalizers(name)
+        .is_some_and(|f| f.iter().any(|x| x == FINALIZER))
+}
+
+/// A restarted controller knows no CreateVolume names, so it finds the PV of an older volume by
+/// a scan of the PVs. Deletions waiting at once share one scan, and what a scan found serves the
+/// deletions after it; a PV made since the last scan, or re-made under another name with the
+/// same volume handle, is found by a new one.
+#[test]
+fn deletions_after_a_restart_share_a_scan_of_the_pvs() {
+    let api = api("restart-scan");
+    let cfg = config(Duration::from_secs(600));
+    // Another driver's PVs first: a scan reads three pages of 500 before it meets ours.
+    for p in 0..1200 {
+        api.add_pv(
+            &format!("pvc-other-{p:05}"),
+            "other.csi.example.com",
+            &format!("vol-{p}"),
+        );
+    }
+    let old: Vec<(String, String)> = (0..10)
+        .map(|k| {
+            let pv = format!("pvc-zold-{k}");
+            let id = volume_id(&pv);
+            api.add_pv(&pv, DRIVER, &id);
+            (pv, id)
+        })
+        .collect();
+    let pages = || {
+        pv_requests(&api)
+            .iter()
+            .filter(|(_, p)| p.starts_with("/api/v1/persistentvolumes?"))
+            .count()
+    };
+    let ctl = CleanupController::new(api.client(NS), cfg);
+    api.clear_log();
+    // Eight at once, as csi-provisioner's workers send them after the restart.
+    std::thread::scope(|s| {
+        for (_, id) in &old[..8] {
+            let ctl = &ctl;
+            s.spawn(move || delete(ctl, id).unwrap());
+        }
+    });
+    assert!(
+        pages() <= 2 * 3,
+        "eight deletions waiting at once share a scan (a second one for those that came while it ran): {} pages",
+        pages()
+    );
+    for (pv, _) in &old[..8] {
+        assert!(held(&api, pv), "{pv} holds the cleanup finalizer");
+    }
+
+    api.clear_log();
+    delete(&ctl, &old[8].1).unwrap();
+    assert_eq!(pages(), 0, "a volume the last scan saw needs no new scan");
+    assert!(held(&api, &old[8].0));
+
+    // Made after the last scan (a statically provisioned PV): one more scan finds it.
+    let late = volume_id("pvc-zlate");
+    api.add_pv("pvc-zlate", DRIVER, &late);
+    api.clear_log();
+    delete(&ctl, &late).unwrap();
+    assert_eq!(pages(), 3, "one scan for a PV made since the last one");
+    assert!(held(&api, "pvc-zlate"));
+
+    // Re-made under another name with the same handle (a Retain volume bound again): the name
+    // the scan saw is gone, and a new scan finds the PV that holds the volume now.
+    let (old_name, id) = &old[9];
+    api.delete_pv(old_name);
+    api.add_pv("pvc-zrebound", DRIVER, id);
+    api.clear_log();
+    delete(&ctl, id).unwrap();
+    assert_eq!(pages(), 3);
+    assert!(held(&api, "pvc-zrebound"), "the PV that holds the volume now is held");
+}

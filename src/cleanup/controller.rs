@@ -11,6 +11,7 @@ use log::{debug, info, warn};
 use serde_json::{json, Value};
 
 use super::acks::Acknowledgements;
+use super::pv_names::PvNames;
 use super::record::{CleanupRecord, Deletion, IndexEntry, NodeAcks, INDEX_NAME, NODE_LABEL};
 use super::{record_name, CleanupConfig, Complaints, FINALIZER, INDEX_SKEW, LABEL};
 use crate::controller::Deleter;
@@ -66,6 +67,9 @@ pub struct CleanupController {
     /// Serialises index writes in this process; `None` until first read.
     index: Mutex<Option<IndexCopy>>,
     sweep: Mutex<NodeSweep>,
+    /// This driver's PVs as the last scan found them, for deletions of volumes this process did
+    /// not create.
+    pv_names: PvNames,
 }
 
 fn unavailable(volume: &str, what: &str, e: &KubeError) -> Error {
@@ -88,6 +92,7 @@ impl CleanupController {
             complaints: Mutex::default(),
             index: Mutex::new(None),
             sweep: Mutex::default(),
+            pv_names: PvNames::default(),
         })
     }
 
@@ -96,16 +101,28 @@ impl CleanupController {
     }
 
     /// The PV whose CSI volume handle is `id`: by the name CreateVolume was given when this
-    /// process saw it, else by scanning the PVs a page at a time.
-    fn find_pv(&self, kube: &Client, id: &str, name: Option<&str>) -> KubeResult<Option<String>> {
-        if let Some(name) = name.filter(|n| !n.is_empty()) {
-            match kube.get_pv(name) {
-                Ok(pv) if pv["spec"]["csi"]["volumeHandle"].as_str() == Some(id) => return Ok(Some(name.to_owned())),
-                Ok(_) | Err(KubeError::NotFound) => {}
-                Err(e) => return Err(e),
+    /// process saw it, else by the name the last scan of the PVs saw, else by a new scan shared
+    /// with the deletions waiting for one. Each name is checked with a GET: a PV re-made under
+    /// another name with the same handle is found by the next scan.
+    fn find_pv(&self, kube: &Client, id: &str, name: Option<&str>, deadline: &Deadline) -> KubeResult<Option<String>> {
+        let named = |name: &str| match kube.get_pv(name) {
+            Ok(pv) => Ok(pv["spec"]["csi"]["volumeHandle"].as_str() == Some(id)),
+            Err(KubeError::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        };
+        for candidate in [
+            name.filter(|n| !n.is_empty()).map(str::to_owned),
+            self.pv_names.known(id),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if named(&candidate)? {
+                return Ok(Some(candidate));
             }
         }
-        kube.find_pv(&self.cfg.driver_name, id)
+        self.pv_names
+            .scan_for(id, deadline, || kube.pv_names(&self.cfg.driver_name, None))
     }
 
     /// Creates the pending record, or finds it pending already, or restarts a tombstone of an
@@ -494,9 +511,9 @@ fn read_index(kube: &Client) -> KubeResult<IndexCopy> {
 
 impl Deleter for CleanupController {
     fn volume_deleted(&self, id: &str, name: Option<&str>, deadline: Deadline) -> Result<()> {
-        let kube = self.kube.with_deadline(deadline);
+        let kube = self.kube.with_deadline(deadline.clone());
         let pv = self
-            .find_pv(&kube, id, name)
+            .find_pv(&kube, id, name, &deadline)
             .map_err(|e| unavailable(id, "find the volume's PV", &e))?;
         let deletion = self
             .write_record(&kube, id, pv.as_deref().unwrap_or_default())
@@ -517,6 +534,7 @@ impl Deleter for CleanupController {
             self.set_finalizer(&kube, pv, true)
                 .map_err(|e| unavailable(id, "add PV finalizer", &e))?;
         }
+        self.pv_names.forget(id);
         info!(
             "volume {id}: cleanup requested on every node (PV {})",
             pv.as_deref().unwrap_or("unknown")

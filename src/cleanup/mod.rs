@@ -24,6 +24,7 @@
 mod acks;
 mod controller;
 mod node;
+mod pv_names;
 mod record;
 
 use std::collections::HashMap;

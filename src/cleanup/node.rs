@@ -218,7 +218,7 @@ impl NodeCleaner {
             }
         }
         if !unnamed.is_empty() {
-            match self.kube.pv_names(&self.cfg.driver_name, &unnamed) {
+            match self.kube.pv_names(&self.cfg.driver_name, Some(&unnamed)) {
                 Ok(names) => {
                     self.complaints.cleared("", "orphan");
                     for (id, name) in &names {
