@@ -159,8 +159,8 @@ fn deleted_volume_is_wiped_on_every_node_and_released() {
     assert_eq!(api.nodes_done(NS, &id), vec!["node-0", "node-1", "node-2"]);
     assert_eq!(
         data_keys(&api, &id),
-        vec!["pv", "requestedAt", "volumeId"],
-        "the record holds nothing per node"
+        vec!["joinedAt", "pv", "requestedAt", "volumeId"],
+        "the record holds nothing per node (the repeated DeleteVolume noted when it joined)"
     );
     ctl.poll_once().unwrap();
     assert_eq!(api.pv_finalizers("pvc-all"), None, "the PV is released and gone");
@@ -1083,4 +1083,95 @@ fn deletions_after_a_restart_share_a_scan_of_the_pvs() {
     delete(&ctl, id).unwrap();
     assert_eq!(pages(), 3);
     assert!(held(&api, "pvc-zrebound"), "the PV that holds the volume now is held");
+}
+
+/// A DeleteVolume retried while a pass completes the record it joins (the first call wrote the
+/// record and failed before holding the PV; the pass releases a PV it finds free): the PV must
+/// not end up held by a finalizer no later pass removes, which would leave it Terminating for
+/// good once csi-provisioner deletes it.
+#[test]
+fn a_retried_deletion_racing_the_completion_never_leaves_the_pv_held() {
+    let api = api("finalizer-race");
+    // The cleanup timeout passes at once: a pass completes every pending record.
+    let cfg = config(Duration::ZERO);
+    let id = volume_id("pvc-race");
+    api.add_pv("pvc-race", DRIVER, &id);
+    api.put_configmap(
+        NS,
+        cleanup::CleanupRecord::new_object(&id, SystemTime::now(), "pvc-race"),
+        "node-local-cache",
+    );
+    let ctl = CleanupController::new(api.client(NS), cfg);
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    api.with(|s| {
+        s.faults.hold = Some(fake_apiserver::Hold {
+            method: "PATCH".into(),
+            path: "/api/v1/persistentvolumes/pvc-race".into(),
+            arrived: arrived_tx,
+            go: go_rx,
+        })
+    });
+    std::thread::scope(|s| {
+        let retry = s.spawn(|| delete(&ctl, &id));
+        // The retry is about to hold the PV; a pass completes the record meanwhile.
+        arrived.recv().unwrap();
+        ctl.poll_once().unwrap();
+        assert_eq!(state_of(&api, &id), "complete");
+        go.send(()).unwrap();
+        retry.join().unwrap().unwrap();
+    });
+    for _ in 0..3 {
+        ctl.poll_once().unwrap();
+    }
+    assert_eq!(state_of(&api, &id), "complete");
+    let finalizers = api.pv_finalizers("pvc-race").unwrap();
+    assert!(
+        !finalizers.iter().any(|f| f == FINALIZER),
+        "the PV is released once its record completes: {finalizers:?}"
+    );
+}
+
+/// The other order: a pass has released the PV and is about to mark the record complete when a
+/// retried DeleteVolume holds the PV again and joins the record. The completion is conditional
+/// on the record as listed, so it leaves the joined record to the next pass, which releases the
+/// PV again; an unconditional one left the PV held under a complete record.
+#[test]
+fn a_completion_racing_a_retried_deletion_leaves_the_record_to_the_next_pass() {
+    let api = api("completion-race");
+    let cfg = config(Duration::ZERO);
+    let id = volume_id("pvc-late");
+    api.add_pv("pvc-late", DRIVER, &id);
+    let ctl = CleanupController::new(api.client(NS), cfg);
+    delete(&ctl, &id).unwrap();
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    api.with(|s| {
+        s.faults.hold = Some(fake_apiserver::Hold {
+            method: "PATCH".into(),
+            path: format!("/api/v1/namespaces/{NS}/configmaps/{}", cleanup::record_name(&id)),
+            arrived: arrived_tx,
+            go: go_rx,
+        })
+    });
+    std::thread::scope(|s| {
+        let pass = s.spawn(|| ctl.poll_once().unwrap());
+        // The pass released the PV and its completion waits; the retry comes in between.
+        arrived.recv().unwrap();
+        assert!(api.pv_finalizers("pvc-late").unwrap().is_empty());
+        delete(&ctl, &id).unwrap();
+        go.send(()).unwrap();
+        pass.join().unwrap();
+    });
+    assert_eq!(
+        state_of(&api, &id),
+        "pending",
+        "joined after it was listed: left to the next pass"
+    );
+    ctl.poll_once().unwrap();
+    assert_eq!(state_of(&api, &id), "complete");
+    assert!(
+        api.pv_finalizers("pvc-late").unwrap().is_empty(),
+        "the PV is released once its record completes"
+    );
 }

@@ -125,9 +125,12 @@ impl CleanupController {
             .scan_for(id, deadline, || kube.pv_names(&self.cfg.driver_name, None))
     }
 
-    /// Creates the pending record, or finds it pending already, or restarts a tombstone of an
-    /// earlier deletion; returns the deletion the record now stands for. Each path is a single
-    /// write, so a caller that gives up never leaves half a record.
+    /// Creates the pending record, or joins it pending already, or restarts a tombstone of an
+    /// earlier deletion; returns the deletion the record now stands for. Each path ends in one
+    /// conditional write made after the PV was held, so a caller that gives up never leaves
+    /// half a record, and a pass completing the record meanwhile either sees the write (its
+    /// conditional completion fails and the next pass judges afresh) or is seen by it (the
+    /// complete record is restarted, and a later pass releases the PV again).
     fn write_record(&self, kube: &Client, id: &str, pv: &str) -> KubeResult<Deletion> {
         let requested = SystemTime::now();
         let ours = Deletion {
@@ -135,22 +138,29 @@ impl CleanupController {
             requested_ms: time::to_millis(requested),
         };
         match kube.create_configmap(&CleanupRecord::new_object(id, requested, pv)) {
-            Ok(_) => Ok(ours),
-            Err(KubeError::Conflict(_)) => {
-                let existing = kube.get_configmap(&record_name(id))?;
-                match CleanupRecord::parse(&existing) {
-                    Some(r) if r.pending => Ok(r.deletion),
-                    _ => {
-                        kube.patch_configmap(
-                            &record_name(id),
-                            &CleanupRecord::restart_patch(&existing, requested, pv),
-                        )?;
-                        Ok(ours)
-                    }
-                }
-            }
-            Err(e) => Err(e),
+            Ok(_) => return Ok(ours),
+            Err(KubeError::Conflict(_)) => {}
+            Err(e) => return Err(e),
         }
+        for _ in 0..5 {
+            let existing = kube.get_configmap(&record_name(id))?;
+            let written = match CleanupRecord::parse(&existing) {
+                Some(r) if r.pending => kube
+                    .patch_configmap(&record_name(id), &CleanupRecord::joined_patch(&existing, requested))
+                    .map(|_| r.deletion),
+                _ => kube
+                    .patch_configmap(
+                        &record_name(id),
+                        &CleanupRecord::restart_patch(&existing, requested, pv),
+                    )
+                    .map(|_| ours.clone()),
+            };
+            match written {
+                Err(KubeError::Conflict(_)) => continue,
+                other => return other,
+            }
+        }
+        Err(KubeError::Conflict(format!("{} kept changing", record_name(id))))
     }
 
     /// Applies `change` to the index (its entries and from when it lists every deletion), keeps
@@ -266,16 +276,22 @@ impl CleanupController {
         Ok(acks)
     }
 
-    /// Releases the PV and marks the record complete; the error says which step failed.
-    fn complete(&self, r: &CleanupRecord, now: SystemTime) -> std::result::Result<(), (&'static str, KubeError)> {
+    /// Releases the PV and marks the record complete if it did not change since listed;
+    /// `Ok(false)` when it did (a DeleteVolume joined or restarted it: the next pass judges it
+    /// afresh). The error says which step failed.
+    fn complete(&self, r: &CleanupRecord, now: SystemTime) -> std::result::Result<bool, (&'static str, KubeError)> {
         if !r.pv.is_empty() {
             self.set_finalizer(&self.kube, &r.pv, false)
                 .map_err(|e| ("finalizer", e))?;
         }
-        self.kube
+        match self
+            .kube
             .patch_configmap(&record_name(r.volume_id()), &r.complete_patch(now))
-            .map(drop)
-            .map_err(|e| ("complete", e))
+        {
+            Ok(_) => Ok(true),
+            Err(KubeError::Conflict(_) | KubeError::NotFound) => Ok(false),
+            Err(e) => Err(("complete", e)),
+        }
     }
 
     /// Deletes the objects of nodes that left the cluster: no CSINode at two sweeps at least
@@ -386,7 +402,11 @@ impl CleanupController {
                     ),
                 }
                 match self.complete(r, now) {
-                    Ok(()) => {
+                    Ok(false) => debug!(
+                        "volume {}: cleanup record changed since listed; the next pass completes it",
+                        r.volume_id()
+                    ),
+                    Ok(true) => {
                         completed.insert(r.volume_id().to_owned());
                         let mut c = self.complaints();
                         c.cleared(r.volume_id(), "finalizer");
@@ -515,6 +535,12 @@ impl Deleter for CleanupController {
         let pv = self
             .find_pv(&kube, id, name, &deadline)
             .map_err(|e| unavailable(id, "find the volume's PV", &e))?;
+        // The PV is held before the record is written: a pass releases a PV only on its way to
+        // completing the record, and the record's write comes after the hold (see write_record).
+        if let Some(pv) = &pv {
+            self.set_finalizer(&kube, pv, true)
+                .map_err(|e| unavailable(id, "add PV finalizer", &e))?;
+        }
         let deletion = self
             .write_record(&kube, id, pv.as_deref().unwrap_or_default())
             .map_err(|e| unavailable(id, "write cleanup record", &e))?;
@@ -529,10 +555,6 @@ impl Deleter for CleanupController {
         }) {
             Ok(()) => self.complaints().cleared(id, "index"),
             Err(e) => self.complaints().failed(id, "index", &e),
-        }
-        if let Some(pv) = &pv {
-            self.set_finalizer(&kube, pv, true)
-                .map_err(|e| unavailable(id, "add PV finalizer", &e))?;
         }
         self.pv_names.forget(id);
         info!(

@@ -12,6 +12,9 @@ use super::LABEL;
 use crate::time;
 use crate::volume;
 
+/// When a repeated DeleteVolume last joined a pending record; a tombstone drops it.
+const JOINED_AT: &str = "joinedAt";
+
 const PENDING: &str = "pending";
 const COMPLETE: &str = "complete";
 /// Acknowledgements of records written before the index (one data key per node).
@@ -142,7 +145,7 @@ impl CleanupRecord {
     pub fn restart_patch(existing: &Value, requested: SystemTime, pv: &str) -> Value {
         let mut data = serde_json::Map::new();
         for key in existing["data"].as_object().into_iter().flat_map(|d| d.keys()) {
-            if key.starts_with(LEGACY_ACK_PREFIX) || key == "completedAt" {
+            if key.starts_with(LEGACY_ACK_PREFIX) || key == "completedAt" || key == JOINED_AT {
                 data.insert(key.clone(), Value::Null);
             }
         }
@@ -154,15 +157,30 @@ impl CleanupRecord {
         })
     }
 
-    /// Marks the record complete; a tombstone keeps no per-node data, so legacy acknowledgements
-    /// go with it.
+    /// Marks the record complete, on the condition that it did not change since listed (a
+    /// DeleteVolume that joined or restarted it meanwhile); a tombstone keeps no per-node data,
+    /// so legacy acknowledgements go with it.
     pub fn complete_patch(&self, at: SystemTime) -> Value {
         let mut data = serde_json::Map::new();
         for node in &self.legacy_acks {
             data.insert(format!("{LEGACY_ACK_PREFIX}{node}"), Value::Null);
         }
         data.insert("completedAt".into(), time::format(at).into());
-        json!({ "metadata": { "labels": { LABEL: COMPLETE } }, "data": data })
+        data.insert(JOINED_AT.into(), Value::Null);
+        json!({
+            "metadata": { "labels": { LABEL: COMPLETE }, "resourceVersion": self.resource_version },
+            "data": data,
+        })
+    }
+
+    /// Marks a pending record as joined by another DeleteVolume call, on the condition that it
+    /// did not change since read: a change the pass that may be completing it meanwhile sees (its
+    /// completion is conditional too), so one of the two learns of the other.
+    pub fn joined_patch(existing: &Value, at: SystemTime) -> Value {
+        json!({
+            "metadata": { "resourceVersion": existing["metadata"]["resourceVersion"] },
+            "data": { JOINED_AT: time::format(at) },
+        })
     }
 
     pub fn index_entry(&self) -> IndexEntry {

@@ -36,6 +36,18 @@ pub struct Faults {
     pub refuse: Vec<(String, String, u16)>,
     /// Objects (by key) another writer changes just before a DELETE of them arrives.
     pub written_before_delete: Vec<String>,
+    /// The first request to this method and path waits, with the state unlocked, until the test
+    /// lets it go: another client's requests are served in between.
+    pub hold: Option<Hold>,
+}
+
+pub struct Hold {
+    pub method: String,
+    pub path: String,
+    /// Told when the held request has arrived.
+    pub arrived: std::sync::mpsc::Sender<()>,
+    /// Waited on before the held request is served.
+    pub go: std::sync::mpsc::Receiver<()>,
 }
 
 /// One request as the server saw it.
@@ -690,6 +702,24 @@ fn status_body(code: u16, reason: &str, message: &str) -> (u16, Value) {
 }
 
 fn handle(state: &Mutex<State>, req: &Request) -> (u16, Value) {
+    let path = req.target.split_once('?').map_or(req.target.as_str(), |(p, _)| p);
+    let held = {
+        let mut s = state.lock().unwrap();
+        let hit = s
+            .faults
+            .hold
+            .as_ref()
+            .is_some_and(|h| h.method == req.method && h.path == path);
+        if hit {
+            s.faults.hold.take()
+        } else {
+            None
+        }
+    };
+    if let Some(h) = held {
+        h.arrived.send(()).unwrap();
+        h.go.recv().unwrap();
+    }
     let mut s = state.lock().unwrap();
     let manager = req
         .headers
