@@ -597,7 +597,15 @@ impl NodeState {
             debug!("volume {id}: nothing mounted at {}", target.display());
         }
         if self.cfg.data_on_unpublish == DataOnUnpublish::Delete {
-            self.delete_data(id, Some(&guard))?;
+            // The target is gone already: kubelet's retry would find nothing to unmount and fail
+            // the same way, so a copy that cannot go now (a read-only base, something mounted in
+            // it) stays for the next unpublish or the cleanup instead of holding the pod.
+            if let Err(e) = self.delete_data(id, Some(&guard)) {
+                warn!(
+                    "volume {id}: unpublished from {}, but its data stays: {e}",
+                    target.display()
+                );
+            }
         }
         Ok(())
     }
@@ -618,7 +626,8 @@ impl NodeState {
             })?;
         let not_published = || Error::not_found(id, &path, "not a publish target of this volume");
         let t = match self.open_target(id, &path) {
-            Err(Error::NotFound { .. }) => return Err(not_published()),
+            // A path that leads out of the kubelet dir or through a file is no target either.
+            Err(Error::NotFound { .. } | Error::BadPath { .. }) => return Err(not_published()),
             other => other?,
         };
         // The base dir's handle, checked once for the whole call.

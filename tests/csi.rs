@@ -635,12 +635,17 @@ fn bad_input_gets_exact_codes_and_names_volume_and_path() {
     );
     // NodeGetVolumeStats: NOT_FOUND for a volume that does not exist and for a path where the
     // volume is not published, as csi-sanity asks (it sends a fake id and the relative
-    // "some/path"); a missing field stays INVALID_ARGUMENT.
+    // "some/path"), through a link out of the kubelet dir or a file on the way included; a
+    // missing field stays INVALID_ARGUMENT.
+    let file = tree.kubelet().join("pods/a-file");
+    fs::write(&file, b"").unwrap();
     for (id, path) in [
         ("fake-vol-id-1234", target.as_path()),
         ("x", target.as_path()),
         (vol.as_str(), Path::new("some/path")),
         (vol.as_str(), tree.root.join("elsewhere").as_path()),
+        (vol.as_str(), pods.join("mount").as_path()),
+        (vol.as_str(), file.join("v/mount").as_path()),
     ] {
         let (c, msg) = code(n.node_get_volume_stats(&stats_req(id, path)));
         assert_eq!(c, RpcStatusCode::NOT_FOUND, "{id} at {}: {msg}", path.display());

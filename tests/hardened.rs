@@ -278,3 +278,41 @@ fn a_busy_target_answers_unavailable_until_it_is_free() {
     assert_eq!(mounted_at(&target), 0);
     assert!(tree.base().join(&vol).join("held-open").exists(), "data kept");
 }
+
+/// `--data-on-unpublish=delete` on a base dir that went read-only: the unmount works and the
+/// target goes, but the copy cannot be deleted. The unpublish is done all the same (the copy
+/// stays for a later pass); failing it made every retry of kubelet fail the same way, and the
+/// pod never finished terminating.
+#[test]
+fn an_unpublish_whose_data_cannot_be_deleted_is_still_done() {
+    let tree = Tree::new("ro-delete");
+    hardened_base(&tree, MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
+    let d = Driver::node(&tree, "node-a", &["--data-on-unpublish=delete"]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-ro-delete");
+    let seed = tree.target("seed");
+    n.node_publish_volume(&publish_req(&vol, &seed, false)).unwrap();
+    fs::write(seed.join("kept"), b"x").unwrap();
+    let ro = tree.target("ro");
+    n.node_publish_volume(&publish_req(&vol, &ro, true)).unwrap();
+    n.node_unpublish_volume(&unpublish_req(&vol, &seed)).unwrap();
+    nix::mount::mount(
+        None::<&str>,
+        &tree.base(),
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .unwrap();
+    for attempt in 0..2 {
+        n.node_unpublish_volume(&unpublish_req(&vol, &ro))
+            .unwrap_or_else(|e| panic!("unpublish {attempt}: {e:?}"));
+        assert_eq!(mounted_at(&ro), 0);
+        assert!(!ro.exists(), "the target dir is gone");
+    }
+    assert_eq!(
+        fs::read(tree.base().join(&vol).join("kept")).unwrap(),
+        b"x",
+        "the copy stays for a later pass"
+    );
+}
