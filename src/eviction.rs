@@ -141,12 +141,25 @@ pub struct CopyRecord {
 /// all of them) touches no file.
 static RECORDS: Mutex<Known> = Mutex::new(BTreeMap::new());
 
-/// Limits by base dir (device and inode), then by volume id.
-type Known = BTreeMap<(u64, u64), BTreeMap<String, Limits>>;
+/// Limits by base dir (device and inode), then by volume id, and whether the record on disk
+/// holds them: a publish whose record could not be written (a full filesystem) is still known
+/// here, and written at the next chance.
+type Known = BTreeMap<(u64, u64), BTreeMap<String, (Limits, bool)>>;
 
 /// The limits known for volume `id` under the base dir with this device and inode.
 fn known_limits(known: &Known, base: (u64, u64), id: &str) -> Option<Limits> {
-    known.get(&base)?.get(id).copied()
+    known.get(&base)?.get(id).map(|(limits, _)| *limits)
+}
+
+/// The limits of copy `id`: the latest a publish in this process brought, else the record's,
+/// else the defaults.
+pub fn limits_of(base: BorrowedFd<'_>, id: &str) -> Limits {
+    let known = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
+    safedir::identity(base)
+        .ok()
+        .and_then(|b| known_limits(&known, b, id))
+        .or_else(|| read_record(base, id).map(|r| r.limits))
+        .unwrap_or_default()
 }
 
 pub fn read_record(base: BorrowedFd<'_>, id: &str) -> Option<CopyRecord> {
@@ -205,20 +218,31 @@ pub fn note_publish(
     limits: Limits,
 ) -> std::result::Result<(), Errno> {
     let mut known = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
-    if known_limits(&known, base_identity, id) == Some(limits) {
+    let entry = known.entry(base_identity).or_default();
+    if entry.get(id) == Some(&(limits, true)) {
         return Ok(());
     }
-    if read_record(base, id).unwrap_or_default().limits != limits {
-        write_record(base, id, &CopyRecord { limits })?;
-    }
-    known.entry(base_identity).or_default().insert(id.to_owned(), limits);
-    Ok(())
+    let written = if read_record(base, id).unwrap_or_default().limits != limits {
+        write_record(base, id, &CopyRecord { limits })
+    } else {
+        Ok(())
+    };
+    entry.insert(id.to_owned(), (limits, written.is_ok()));
+    written
 }
 
 /// An unpublish that took a pod's mount away: the copy's last use, for least-recently-used order.
 /// Sets the record's modification time in place; writes a record only for a copy that has none.
 pub fn note_unpublish(base: BorrowedFd<'_>, id: &str, at: SystemTime) -> std::result::Result<(), Errno> {
-    let known = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut known = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
+    // Limits a publish could not write: written now, if there is room.
+    let identity = safedir::identity(base).ok();
+    if let Some((limits, written)) = identity.and_then(|b| known.get_mut(&b)?.get_mut(id)) {
+        if !*written {
+            write_record(base, id, &CopyRecord { limits: *limits })?;
+            *written = true;
+        }
+    }
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let mtime = TimeSpec::from_duration(since);
     let touch = || {
@@ -233,10 +257,7 @@ pub fn note_unpublish(base: BorrowedFd<'_>, id: &str, at: SystemTime) -> std::re
     };
     match touch() {
         Err(Errno::ENOENT) => {
-            let limits = safedir::identity(base)
-                .ok()
-                .and_then(|b| known_limits(&known, b, id))
-                .unwrap_or_default();
+            let limits = identity.and_then(|b| known_limits(&known, b, id)).unwrap_or_default();
             write_record(base, id, &CopyRecord { limits })?;
             touch()
         }
@@ -247,7 +268,7 @@ pub fn note_unpublish(base: BorrowedFd<'_>, id: &str, at: SystemTime) -> std::re
 /// For NodeGetVolumeStats: how far a copy in use is over its capacity, when it is and its
 /// policy would trim or evict it.
 pub fn over_capacity(base: BorrowedFd<'_>, id: &str, used: u64) -> Option<String> {
-    let limits = read_record(base, id)?.limits;
+    let limits = limits_of(base, id);
     if limits.capacity == 0 || used <= limits.capacity || limits.policy == Policy::Off {
         return None;
     }
@@ -545,7 +566,9 @@ impl Evictor {
 
     fn look_at(&mut self, base: &PassBase, id: &str, in_use: bool) -> Result<LocalCopy> {
         let path = base.real.join(id);
-        let record = read_record(base.fd.as_fd(), id).unwrap_or_default();
+        let record = CopyRecord {
+            limits: limits_of(base.fd.as_fd(), id),
+        };
         let last_used = match last_use(base.fd.as_fd(), id) {
             Some(t) => t,
             None => {

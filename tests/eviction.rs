@@ -606,3 +606,51 @@ impl BaseMounts for Tree {
         self.assert_no_mounts_but(&self.base());
     }
 }
+
+/// A publish whose limits cannot be written (the base dir's filesystem is full) still gets them
+/// honoured: the node keeps them in memory, the unpublish writes them once there is room, and
+/// the pass never takes a copy published with `none` for one with the default policy.
+#[test]
+fn limits_that_could_not_be_written_at_publish_are_still_honoured() {
+    let (n, mut evictor) = node("unwritten-limits", 1024, |c| c.max_cache_bytes = 100 * KIB);
+    let [kept, other] = ["pvc-kept", "pvc-other"].map(volume_id);
+    // The copy as an earlier pod on this node left it, used before the other one.
+    for i in 0..5u64 {
+        file(&n.copy(&kept).join(format!("f{i}")), FILE, 10_000);
+    }
+    let copy = n.idle_copy(&other, lru(0), 1_000);
+    for i in 0..5u64 {
+        file(&copy.join(format!("f{i}")), FILE, 5_000);
+    }
+    // Fill the filesystem: the record of the publish below cannot be written.
+    let filler = n.tree.base().join("filler");
+    let mut f = fs::File::create(&filler).unwrap();
+    while f.write_all(&[0u8; 4096]).is_ok() {}
+    drop(f);
+    let none = Limits {
+        capacity: 0,
+        policy: Policy::Off,
+    };
+    let target = n.publish(&kept, "pod-kept", none);
+    fs::remove_file(&filler).unwrap();
+    n.unpublish(&kept, &target);
+    eviction::note_unpublish(n.base_fd().as_fd(), &kept, ago(3_000)).unwrap();
+
+    // 160 KiB against 100: only the copy with the default policy may give.
+    let report = evictor.pass().unwrap();
+    assert!(
+        report.done.iter().all(|d| !format!("{d:?}").contains(&kept)),
+        "{report:#?}"
+    );
+    assert_eq!(
+        files(&n.copy(&kept)).len(),
+        5,
+        "a copy published with `none` is never trimmed"
+    );
+    assert_eq!(
+        eviction::read_record(n.base_fd().as_fd(), &kept).map(|r| r.limits),
+        Some(none),
+        "written once there was room"
+    );
+    n.tree.assert_no_mounts_but_base();
+}
