@@ -3,10 +3,10 @@
 //!
 //! The protocol, all by polling the Kubernetes API, with every object's size independent of the
 //! number of nodes:
-//! 1. DeleteVolume (controller) writes the record ConfigMap `nlc-cleanup-<id>` (label
-//!    `node-local-cache.csi.io/cleanup=pending`), adds the volume to the index ConfigMap
-//!    `nlc-cleanup-index` (one line per record) and adds the finalizer
-//!    `node-local-cache.csi.io/cleanup` to the volume's PV, then answers OK.
+//! 1. DeleteVolume (controller) adds the finalizer `node-local-cache.csi.io/cleanup` to the
+//!    volume's PV, writes the record ConfigMap `nlc-cleanup-<id>` (label
+//!    `node-local-cache.csi.io/cleanup=pending`) and adds the volume to the index ConfigMap
+//!    `nlc-cleanup-index` (one line per record), then answers OK.
 //! 2. Every node reads the index (one small cached GET per poll; past 16 KiB the index leaves out
 //!    the oldest deletions and says from when it lists every one, and a node that has not read
 //!    it since lists the records instead), deletes its copy when nothing
