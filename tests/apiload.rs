@@ -1053,3 +1053,42 @@ fn deletions_after_a_controller_restart_at_5000_nodes() {
         "the deletions share the scans of the PVs: {lists} pages, a scan is {scan}"
     );
 }
+
+/// Peak RSS of the real controller through a DeleteVolume after a restart when every one of the
+/// cluster's 50,000 PVs is this driver's: the scan keeps each one's handle and name.
+#[test]
+fn controller_memory_keeping_a_scan_of_the_pvs() {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let api = fake_api("scan-rss");
+    let tree = Tree::new("scan-rss");
+    let total = PVS_PER_NODE * CLUSTER_NODES;
+    for p in 0..total {
+        let name = format!("pvc-{p:08}");
+        api.add_pv(&name, DRIVER, &volume_id(&name));
+    }
+    let ctl = spawn(
+        Path::new(BIN),
+        &api,
+        &tree,
+        &[
+            "--mode=controller".to_owned(),
+            "--csi-socket".to_owned(),
+            format!("unix://{}", tree.socket("ctl").display()),
+        ],
+    );
+    let socket = tree.socket("ctl");
+    wait_until("the controller's socket", || socket.exists());
+    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+    let client = ControllerClient::new(ChannelBuilder::new(env).connect(&format!("unix:{}", socket.display())));
+    let idle = peak_rss(ctl.0.id());
+    let mut del = csi::DeleteVolumeRequest::new();
+    del.volume_id = volume_id(&format!("pvc-{:08}", total - 1));
+    client.delete_volume(&del).unwrap();
+    let peak = peak_rss(ctl.0.id());
+    println!(
+        "controller peak RSS {:.1} MiB after a scan keeping {total} PVs ({:.1} MiB before the call)",
+        mib(peak),
+        mib(idle)
+    );
+    assert!(mib(peak) < 32.0, "controller peak RSS {:.1} MiB", mib(peak));
+}

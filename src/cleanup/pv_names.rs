@@ -28,7 +28,7 @@ pub struct PvNames {
 /// passed its PV's place already.
 #[derive(Default)]
 struct Scans {
-    by_handle: HashMap<Box<str>, Box<str>>,
+    by_handle: HashMap<String, String>,
     started: u64,
     finished: u64,
     running: bool,
@@ -37,7 +37,7 @@ struct Scans {
 impl PvNames {
     /// The PV name the last scan saw for `handle`.
     pub fn known(&self, handle: &str) -> Option<String> {
-        self.lock().by_handle.get(handle).map(|n| n.to_string())
+        self.lock().by_handle.get(handle).cloned()
     }
 
     /// Forgets `handle`: its volume is deleted, or the name kept for it named another PV.
@@ -66,7 +66,7 @@ impl PvNames {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
             if s.finished > asked {
-                return Ok(s.by_handle.get(handle).map(|n| n.to_string()));
+                return Ok(s.by_handle.get(handle).cloned());
             }
         }
         s.running = true;
@@ -77,9 +77,10 @@ impl PvNames {
         let mut s = self.lock();
         s.running = false;
         let result = found.map(|all| {
-            s.by_handle = all.into_iter().map(|(h, n)| (h.into(), n.into())).collect();
+            // Taken as it is: a copy into another form would hold both at once.
+            s.by_handle = all;
             s.finished = number;
-            s.by_handle.get(handle).map(|n| n.to_string())
+            s.by_handle.get(handle).cloned()
         });
         drop(s);
         self.scanned.notify_all();
