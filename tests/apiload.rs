@@ -783,16 +783,18 @@ fn node_memory_listing_16500_records() {
     let note = tree.base().join(".meta").join("cleanup-read");
     wait_until("a pass through every record", || note.exists());
     let peak = peak_rss(node.0.id());
-    let list = api.with(|s| {
+    let (bytes, asked) = api.with(|s| {
         s.log[from..]
             .iter()
             .find(|e| e.target.contains("labelSelector="))
-            .map_or(0, |e| e.response_bytes)
+            .map(|e| (e.response_bytes, e.at))
+            .unwrap()
     });
     println!(
-        "node peak RSS {:.1} MiB listing {LISTED_RECORDS} records (a list of {})",
+        "node peak RSS {:.1} MiB listing {LISTED_RECORDS} records (a list of {}; the pass ended {:.1} s after it was asked for)",
         mib(peak),
-        human(list as f64)
+        human(bytes as f64),
+        asked.elapsed().as_secs_f64()
     );
     assert!(
         mib(peak) < 32.0,
