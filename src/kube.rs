@@ -4,11 +4,14 @@
 //!
 //! Lists of objects that grow with the cluster (PVs, CSINodes, the nodes' cleanup objects) are
 //! read a page at a time and reduced to the few fields used before the next page is asked for,
-//! so memory holds one page, never the cluster.
+//! so memory holds one page, never the cluster. A list from the watch cache comes in one
+//! response whatever its size; it is decoded an item at a time and each item reduced before the
+//! next is read, so memory holds one item.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::io::BufReader;
+use std::io::{self, BufReader, Read};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,14 +19,19 @@ use std::thread;
 use std::time::{Duration, SystemTime};
 
 use log::{debug, info, warn};
+use serde_core::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Value};
 
 use crate::metrics;
 use crate::time::Deadline;
 
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-/// Largest response body read: a page of a paginated list is a few MiB at most.
+/// Largest response body decoded whole: a page of a paginated list is a few MiB at most.
 const MAX_BODY: u64 = 32 << 20;
+/// Largest item of a list decoded item by item, with what comes before it: etcd keeps no object
+/// over 1.5 MiB (its default request limit), and JSON makes that little more. The list itself
+/// has no bound: it grows with the cluster, its memory does not.
+const MAX_ITEM: u64 = 4 << 20;
 /// Items per page of a paginated list: a page of PVs with their managedFields is about 1 MiB.
 pub const PAGE: usize = 500;
 
@@ -251,15 +259,17 @@ impl Client {
         self.token.lock().unwrap_or_else(|p| p.into_inner()).value.clear();
     }
 
-    /// One request, no retries. `verb` labels the metric.
-    fn once(
+    /// One request, no retries; `read` decodes a successful response's body. `verb` labels the
+    /// metric.
+    fn once<T>(
         &self,
         verb: &'static str,
         method: &str,
         path: &str,
         body: Option<(&str, &Value)>,
         timeout: Duration,
-    ) -> KubeResult<Value> {
+        read: &mut dyn FnMut(&mut ureq::Body) -> KubeResult<T>,
+    ) -> KubeResult<T> {
         let url = format!("{}{path}", self.cfg.api_url);
         let auth = format!("Bearer {}", self.bearer()?);
         let timeout = Some(timeout);
@@ -317,15 +327,7 @@ impl Client {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         if (200..=299).contains(&status) {
-            // Decoded as it arrives: the body text is never held beside the parsed value.
-            let reader = BufReader::new(resp.body_mut().with_config().limit(MAX_BODY).reader());
-            return serde_json::from_reader(reader).map_err(|e| {
-                if e.is_io() {
-                    KubeError::Transport(e.to_string())
-                } else {
-                    KubeError::BadResponse(e.to_string())
-                }
-            });
+            return read(resp.body_mut());
         }
         let text = resp
             .body_mut()
@@ -350,10 +352,23 @@ impl Client {
         }
     }
 
+    /// `call_reading` with the body decoded whole.
+    fn call(&self, verb: &'static str, method: &str, path: &str, body: Option<(&str, &Value)>) -> KubeResult<Value> {
+        self.call_reading(verb, method, path, body, &mut read_value)
+    }
+
     /// Retries what is safe to retry with jittered exponential backoff; a 401 re-reads the token
     /// once (it may have rotated between our stat and the server's check). Nothing starts or
-    /// waits past the handle's deadline.
-    fn call(&self, verb: &'static str, method: &str, path: &str, body: Option<(&str, &Value)>) -> KubeResult<Value> {
+    /// waits past the handle's deadline. `read` decodes a successful response's body; a retry
+    /// reads the new response from the start.
+    fn call_reading<T>(
+        &self,
+        verb: &'static str,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &Value)>,
+        read: &mut dyn FnMut(&mut ureq::Body) -> KubeResult<T>,
+    ) -> KubeResult<T> {
         let mut delay = self.cfg.backoff;
         let mut reread_token = true;
         let mut attempt = 1;
@@ -365,7 +380,7 @@ impl Client {
                 .deadline
                 .remaining()
                 .map_or(self.cfg.timeout, |left| left.min(self.cfg.timeout));
-            match self.once(verb, method, path, body, timeout) {
+            match self.once(verb, method, path, body, timeout, read) {
                 Err(KubeError::Unauthorized(401, _)) if reread_token => {
                     reread_token = false;
                     self.forget_token();
@@ -440,14 +455,23 @@ impl Client {
         )
     }
 
-    /// Lists from the apiserver's watch cache (`resourceVersion=0`), in one response.
-    pub fn list_configmaps_cached(&self, label_selector: &str) -> KubeResult<Vec<Value>> {
+    /// Lists from the apiserver's watch cache (`resourceVersion=0`), which answers in one
+    /// response whatever the `limit`: what `keep` makes of each item, decoded as it arrives and
+    /// dropped before the next one, so memory holds one item and what was kept, never the list
+    /// (decoded whole, a cleanup record of ~800 bytes took ~7 KiB, managedFields included).
+    pub fn list_configmaps_cached<T>(
+        &self,
+        label_selector: &str,
+        mut keep: impl FnMut(&Value) -> Option<T>,
+    ) -> KubeResult<Vec<T>> {
         let path = format!(
             "{}?labelSelector={}&resourceVersion=0",
             self.ns_path("configmaps"),
             encode(label_selector)
         );
-        items(self.call("list", "GET", &path, None)?)
+        self.call_reading("list", "GET", &path, None, &mut |body| {
+            read_list(body.with_config().reader(), MAX_ITEM, &mut keep)
+        })
     }
 
     /// Every ConfigMap matching the selector, a page at a time, as etcd has them now.
@@ -626,6 +650,150 @@ fn items(list: Value) -> KubeResult<Vec<Value>> {
     }
 }
 
+/// A body decoded whole as it arrives (its text is never held beside the value), up to `MAX_BODY`.
+fn read_value(body: &mut ureq::Body) -> KubeResult<Value> {
+    let reader = BufReader::new(body.with_config().limit(MAX_BODY).reader());
+    serde_json::from_reader(reader).map_err(unreadable)
+}
+
+/// What `keep` makes of each item of the list in `body`, decoded one item at a time; an item,
+/// with what comes before it, may take `item_limit` bytes.
+fn read_list<T>(body: impl Read, item_limit: u64, keep: &mut dyn FnMut(&Value) -> Option<T>) -> KubeResult<Vec<T>> {
+    let item_bytes = Cell::new(0);
+    let bounded = ItemBound {
+        inner: body,
+        read: &item_bytes,
+        limit: item_limit,
+    };
+    let mut decoder = serde_json::Deserializer::from_reader(BufReader::new(bounded));
+    let kept = decoder
+        .deserialize_map(ListItems {
+            keep,
+            item_bytes: &item_bytes,
+        })
+        .map_err(unreadable)?;
+    decoder.end().map_err(unreadable)?;
+    Ok(kept)
+}
+
+/// Why a body could not be read, by whether another try could do better: cut off (no
+/// response: yes), or over a size bound or not the JSON expected (no: the same again).
+fn unreadable(e: serde_json::Error) -> KubeError {
+    if !e.is_io() {
+        return KubeError::BadResponse(e.to_string());
+    }
+    let text = e.to_string();
+    let e = io::Error::from(e);
+    if let Some(over) = e.get_ref().and_then(|inner| inner.downcast_ref::<ItemTooLarge>()) {
+        return KubeError::BadResponse(over.to_string());
+    }
+    match ureq::Error::from(e) {
+        ureq::Error::BodyExceedsLimit(limit) => KubeError::BadResponse(format!("a response over {limit} bytes")),
+        _ => KubeError::Transport(text),
+    }
+}
+
+/// A list item, with what came before it, over the bound.
+#[derive(Debug)]
+struct ItemTooLarge(u64);
+
+impl fmt::Display for ItemTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a list item over {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for ItemTooLarge {}
+
+/// Fails a read once more than `limit` bytes came since `read` was last set to 0 (at the start
+/// of each item): one item's bound, met as it arrives, not once it is decoded. Under the
+/// decoder's buffer, so it counts in whole reads: an item may take up to a buffer more.
+struct ItemBound<'a, R> {
+    inner: R,
+    read: &'a Cell<u64>,
+    limit: u64,
+}
+
+impl<R: Read> Read for ItemBound<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.read.get() > self.limit {
+            return Err(io::Error::other(ItemTooLarge(self.limit)));
+        }
+        let n = self.inner.read(buf)?;
+        self.read.set(self.read.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// A list response: the object around `items`, whose other fields are skipped unread.
+struct ListItems<'a, T> {
+    keep: &'a mut dyn FnMut(&Value) -> Option<T>,
+    item_bytes: &'a Cell<u64>,
+}
+
+impl<'de, T> Visitor<'de> for ListItems<'_, T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list response")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<T>, A::Error> {
+        let ListItems { keep, item_bytes } = self;
+        let mut kept = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" && kept.is_none() {
+                kept = Some(map.next_value_seed(Items {
+                    keep: &mut *keep,
+                    item_bytes,
+                })?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        // Not a list (a proxy's error page, a Status): read as empty, every record would look gone.
+        kept.ok_or_else(|| de::Error::custom("a list response without items"))
+    }
+}
+
+/// A list's `items`: each decoded alone, handed to `keep`, dropped before the next.
+struct Items<'a, T> {
+    keep: &'a mut dyn FnMut(&Value) -> Option<T>,
+    item_bytes: &'a Cell<u64>,
+}
+
+impl<'de, T> DeserializeSeed<'de> for Items<'_, T> {
+    type Value = Vec<T>;
+
+    fn deserialize<D: Deserializer<'de>>(self, items: D) -> Result<Vec<T>, D::Error> {
+        items.deserialize_any(self)
+    }
+}
+
+impl<'de, T> Visitor<'de> for Items<'_, T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of items")
+    }
+
+    /// The apiserver may write an empty list's items as null.
+    fn visit_unit<E: de::Error>(self) -> Result<Vec<T>, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Vec<T>, A::Error> {
+        let mut kept = Vec::new();
+        loop {
+            self.item_bytes.set(0);
+            let Some(item) = items.next_element::<Value>()? else {
+                return Ok(kept);
+            };
+            kept.extend((self.keep)(&item));
+        }
+    }
+}
+
 /// Percent-encoding for a query value or path segment.
 fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -738,6 +906,86 @@ mod tests {
         assert!(items(serde_json::json!({ "items": [] })).unwrap().is_empty());
         assert!(items(serde_json::json!({})).is_err());
         assert!(items(serde_json::json!({ "kind": "Status" })).is_err());
+    }
+
+    /// Names of the items of a list body, read item by item.
+    fn names(body: &str, item_limit: u64) -> KubeResult<Vec<String>> {
+        read_list(body.as_bytes(), item_limit, &mut |item| {
+            item["metadata"]["name"].as_str().map(str::to_owned)
+        })
+    }
+
+    /// The same answers as `items` gives for a list decoded whole, wherever `items` comes in the
+    /// object; what `keep` leaves out is not kept.
+    #[test]
+    fn a_list_read_item_by_item_keeps_what_the_whole_list_gave() {
+        let list = r#"{"kind":"ConfigMapList","apiVersion":"v1","metadata":{"resourceVersion":"7"},
+            "items":[{"metadata":{"name":"a"}},{"data":{}},{"metadata":{"name":"c","managedFields":[{"manager":"x"}]}}]}"#;
+        assert_eq!(names(list, MAX_ITEM).unwrap(), ["a", "c"]);
+        let items_first = r#"{"items":[{"metadata":{"name":"a"}}],"metadata":{"continue":""},"kind":"List"}"#;
+        assert_eq!(names(items_first, MAX_ITEM).unwrap(), ["a"]);
+        assert!(names(r#"{"items":null}"#, MAX_ITEM).unwrap().is_empty());
+        assert!(names(r#" {"items":[]} "#, MAX_ITEM).unwrap().is_empty());
+        for not_a_list in [
+            r#"{}"#,
+            r#"{"kind":"Status","code":500}"#,
+            r#"{"items":{}}"#,
+            "[]",
+            r#""x""#,
+            "<html>",
+            r#"{"items":[]} x"#,
+        ] {
+            assert!(
+                matches!(names(not_a_list, MAX_ITEM), Err(KubeError::BadResponse(_))),
+                "{not_a_list}"
+            );
+        }
+    }
+
+    /// One item over the bound fails the list, not to be retried; items under it do not add up.
+    #[test]
+    fn a_list_bounds_each_item_not_the_whole() {
+        let item = |name: &str, pad: usize| {
+            format!(
+                r#"{{"metadata":{{"name":"{name}"}},"data":{{"k":"{}"}}}}"#,
+                "x".repeat(pad)
+            )
+        };
+        let many: Vec<String> = (0..200).map(|k| item(&k.to_string(), 900)).collect();
+        let body = format!(r#"{{"items":[{}]}}"#, many.join(","));
+        assert!(body.len() > 150_000);
+        assert_eq!(names(&body, 64 * 1024).unwrap().len(), 200);
+        let body = format!(r#"{{"items":[{},{}]}}"#, item("small", 10), item("big", 256 * 1024));
+        match names(&body, 64 * 1024) {
+            Err(e @ KubeError::BadResponse(_)) => assert!(!e.retryable()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A body cut off is a transport failure, worth another try; a body over the cap on a whole
+    /// response is not.
+    #[test]
+    fn a_body_cut_off_is_retried_one_too_large_is_not() {
+        struct CutOff<'a>(&'a [u8]);
+        impl Read for CutOff<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0.is_empty() {
+                    return Err(io::ErrorKind::ConnectionReset.into());
+                }
+                let n = self.0.read(buf)?;
+                Ok(n)
+            }
+        }
+        let cut = CutOff(br#"{"items":[{"metadata":{"name":"a"}},{"meta"#);
+        match read_list(cut, MAX_ITEM, &mut |_| Some(())) {
+            Err(e @ KubeError::Transport(_)) => assert!(e.retryable()),
+            other => panic!("{other:?}"),
+        }
+        let mut body = ureq::Body::builder().data(vec![b' '; MAX_BODY as usize + 1]);
+        match read_value(&mut body) {
+            Err(e @ KubeError::BadResponse(_)) => assert!(!e.retryable(), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

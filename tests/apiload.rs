@@ -220,10 +220,8 @@ struct LegacyNode {
 impl LegacyNode {
     fn poll(&self, kube: &Client) {
         for r in kube
-            .list_configmaps_cached(cleanup::LABEL)
+            .list_configmaps_cached(cleanup::LABEL, CleanupRecord::parse)
             .unwrap()
-            .iter()
-            .filter_map(CleanupRecord::parse)
         {
             if r.pending && !r.legacy_acks.contains(&self.name) {
                 let patch = json!({ "data": { format!("ack.{}", self.name): time::format(SystemTime::now()) } });
@@ -622,6 +620,17 @@ fn spawn(bin: &Path, api: &FakeApi, tree: &Tree, args: &[String]) -> Running {
     Running(child)
 }
 
+/// The flags of the first node's plugin on `tree`.
+fn node_args(tree: &Tree) -> [String; 5] {
+    [
+        "--mode=node".to_owned(),
+        format!("--node-name={}", node_name(0)),
+        format!("--base-dir={}", tree.base().display()),
+        format!("--kubelet-dir={}", tree.kubelet().display()),
+        format!("--csi-socket=unix://{}", tree.socket("node").display()),
+    ]
+}
+
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !done() {
@@ -710,18 +719,7 @@ fn measure_rss(bin: &Path, n: usize, legacy: bool) -> (u64, u64, String) {
             .unwrap();
     }
     let polls_before = api.request_count();
-    let node = spawn(
-        bin,
-        &api,
-        &tree,
-        &[
-            "--mode=node".to_owned(),
-            format!("--node-name={}", node_name(0)),
-            format!("--base-dir={}", tree.base().display()),
-            format!("--kubelet-dir={}", tree.kubelet().display()),
-            format!("--csi-socket=unix://{}", tree.socket("node").display()),
-        ],
-    );
+    let node = spawn(bin, &api, &tree, &node_args(&tree));
     wait_until("five node polls", || api.request_count() >= polls_before + 5);
     let node_rss = peak_rss(node.0.id());
     (controller_rss, node_rss, deleted)
@@ -760,6 +758,49 @@ fn peak_memory_of_the_real_binaries() {
             n * PVS_PER_NODE
         );
     }
+}
+
+/// Records present when a node plugin lists them: what the index leaves out after a day of CI
+/// deletions, or a burst, with no index a node trusts.
+const LISTED_RECORDS: usize = 16_500;
+
+/// Peak RSS of the node plugin through its first poll with `LISTED_RECORDS` records and no
+/// index: a node that does not trust the index (new, back after a long absence, after a burst)
+/// lists every record from the watch cache in one response. Decoded whole, that list took
+/// ~7 KiB per record of ~800 bytes (130 MiB here), past the node pod's 128 Mi limit.
+#[test]
+fn node_memory_listing_16500_records() {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let api = fake_api("listed");
+    let tree = Tree::new("listed");
+    let now = SystemTime::now();
+    for k in 0..LISTED_RECORDS {
+        let requested = now - Duration::from_secs(5 * k as u64);
+        api.put_tombstone(NS, &volume_id(&format!("pvc-listed-{k}")), requested);
+    }
+    let from = api.request_count();
+    let node = spawn(Path::new(BIN), &api, &tree, &node_args(&tree));
+    let note = tree.base().join(".meta").join("cleanup-read");
+    wait_until("a pass through every record", || note.exists());
+    let peak = peak_rss(node.0.id());
+    let (bytes, asked) = api.with(|s| {
+        s.log[from..]
+            .iter()
+            .find(|e| e.target.contains("labelSelector="))
+            .map(|e| (e.response_bytes, e.at))
+            .unwrap()
+    });
+    println!(
+        "node peak RSS {:.1} MiB listing {LISTED_RECORDS} records (a list of {}; the pass ended {:.1} s after it was asked for)",
+        mib(peak),
+        human(bytes as f64),
+        asked.elapsed().as_secs_f64()
+    );
+    assert!(
+        mib(peak) < 32.0,
+        "node peak RSS {:.1} MiB listing {LISTED_RECORDS} records",
+        mib(peak)
+    );
 }
 
 /// A namespace teardown: nodes in the cluster, and deletions pending at once, every one of them

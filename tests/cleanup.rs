@@ -1174,4 +1174,79 @@ fn a_completion_racing_a_retried_deletion_leaves_the_record_to_the_next_pass() {
         api.pv_finalizers("pvc-late").unwrap().is_empty(),
         "the PV is released once its record completes"
     );
+
+/// A node that does not trust the index lists every record from the watch cache, in one
+/// response (`limit` is ignored there). Past what used to cap a response body (32 MiB: 42,000
+/// records of ~790 bytes with their managedFields) the list still yields, in one request, the entry of
+/// every record as read from the stored objects, and skips what is not a record as before; the
+/// node deletes its copy of a volume whose record comes last.
+#[test]
+fn records_listed_past_the_old_body_cap_are_all_read() {
+    const RECORDS: usize = 48_000;
+    let api = api("past-cap");
+    let mut cfg = config(Duration::from_secs(600));
+    cfg.retention = Duration::from_secs(24 * 3600);
+    let mut ids: Vec<String> = (0..RECORDS).map(|k| volume_id(&format!("pvc-many-{k}"))).collect();
+    ids.sort();
+    let last = ids.pop().unwrap();
+    let mut n = SimNode::new(&api, "node-many", &cfg);
+    n.use_volume(&last, "pvc-last", "data");
+    // Served whole: the fake server builds the ~38 MB answer before it sends it, past the
+    // 2 s the fake's client config allows.
+    let kube = node_local_cache::kube::Client::new(node_local_cache::kube::KubeConfig {
+        timeout: Duration::from_secs(60),
+        ..api.kube_config(NS)
+    })
+    .unwrap();
+    let mut ncfg = cfg.clone();
+    ncfg.node_name = n.name.clone();
+    n.cleaner = NodeCleaner::new(kube.clone(), n.state.clone(), ncfg);
+    let now = SystemTime::now();
+    for (k, id) in ids.iter().enumerate() {
+        api.put_tombstone(NS, id, now - Duration::from_millis(k as u64 * 2000));
+    }
+    // Pending, requested after the copy was made.
+    let pending = cleanup::CleanupRecord::new_object(&last, SystemTime::now(), "pvc-last");
+    api.put_configmap(NS, pending, "node-local-cache");
+    // Labelled like a record, but none: no volume id, and one that is not a volume id.
+    for (name, data) in [
+        ("nlc-cleanup-junk-0", json!({ "note": "x" })),
+        (
+            "nlc-cleanup-junk-1",
+            json!({ "volumeId": "../etc", "requestedAt": "2026-01-01T00:00:00Z" }),
+        ),
+    ] {
+        let obj = json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": { "name": name, "labels": { cleanup::LABEL: "pending" } },
+            "data": data,
+        });
+        api.put_configmap(NS, obj, "kubectl");
+    }
+    let mut expected: Vec<cleanup::IndexEntry> = api.with(|s| {
+        s.objects
+            .range(format!("configmaps/{NS}/")..format!("configmaps/{NS}0"))
+            .filter(|(_, o)| !o["metadata"]["labels"][cleanup::LABEL].is_null())
+            .filter_map(|(_, o)| cleanup::CleanupRecord::parse(o))
+            .map(|r| r.index_entry())
+            .collect()
+    });
+    assert_eq!(expected.len(), RECORDS);
+
+    let from = api.request_count();
+    let mut listed = kube
+        .list_configmaps_cached(cleanup::LABEL, |cm| {
+            cleanup::CleanupRecord::parse(cm).map(|r| r.index_entry())
+        })
+        .unwrap();
+    let (_, bytes) = api.bytes_since(from);
+    assert_eq!(api.request_count() - from, 1, "one request");
+    assert!(bytes > 32 << 20, "the list was {bytes} bytes, not past the old cap");
+    listed.sort();
+    expected.sort();
+    assert!(listed == expected, "the list yields every record's entry");
+
+    assert!(n.has(&last));
+    assert_eq!(n.poll(), 1);
+    assert!(!n.has(&last), "the copy of the record listed last is deleted");
 }

@@ -61,13 +61,8 @@ impl NodeCleaner {
             Ok(index) if trusted(IndexEntry::covers_from(&index)) => Ok(IndexEntry::parse_index(&index)),
             Ok(_) | Err(KubeError::NotFound) => {
                 debug!("listing the cleanup records: no index, or it leaves out deletions this node may not have seen");
-                Ok(self
-                    .kube
-                    .list_configmaps_cached(LABEL)?
-                    .iter()
-                    .filter_map(CleanupRecord::parse)
-                    .map(|r| r.index_entry())
-                    .collect())
+                self.kube
+                    .list_configmaps_cached(LABEL, |cm| CleanupRecord::parse(cm).map(|r| r.index_entry()))
             }
             Err(e) => Err(e),
         }
