@@ -3,6 +3,7 @@
 //! symlink after it was checked is refused instead of followed.
 
 use std::ffi::{CStr, OsStr, OsString};
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::dir::{Dir, Type};
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat2, OFlag, RenameFlags};
+use nix::fcntl::{openat, renameat2, AtFlags, OFlag, RenameFlags};
+use nix::libc;
 use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, Mode};
 use nix::time::{clock_gettime, ClockId};
 use nix::unistd::{unlinkat, UnlinkatFlags};
@@ -230,6 +232,115 @@ fn dir_identity_of(st: &nix::sys::stat::FileStat) -> Result<(u64, u64), Errno> {
     Ok((st.st_dev, st.st_ino))
 }
 
+/// What a stat shows of a name (not following a symlink there) or of an open handle, with
+/// whether it is the root of a mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub mode: u32,
+    pub dev: u64,
+    pub ino: u64,
+    /// Bytes of the blocks allocated (`du`'s count).
+    pub bytes: u64,
+    pub atime: (i64, i64),
+    pub mtime: (i64, i64),
+    /// Whether a mount's root is what shows here; `None` where the kernel cannot say (before
+    /// Linux 5.8, or statx filtered out by a seccomp profile).
+    pub mount_root: Option<bool>,
+}
+
+impl Stat {
+    pub fn is_dir(&self) -> bool {
+        self.mode & libc_s_ifmt() == libc_s_ifdir()
+    }
+
+    /// Whether a walk that started on device `dev` must stop here: a mount sits here. A bind
+    /// from the same filesystem shows the same device, so the kernel's word on the mount root
+    /// is what catches it; the device alone catches only another filesystem, and where the kernel
+    /// cannot say, callers check the mount table before they delete.
+    pub fn is_mount_boundary(&self, dev: u64) -> bool {
+        self.mount_root == Some(true) || self.dev != dev
+    }
+
+    fn from_stat(st: &nix::sys::stat::FileStat) -> Stat {
+        Stat {
+            mode: st.st_mode,
+            dev: st.st_dev,
+            ino: st.st_ino,
+            bytes: st.st_blocks as u64 * 512,
+            atime: (st.st_atime, st.st_atime_nsec),
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            mount_root: None,
+        }
+    }
+}
+
+/// Cleared once `statx` turned out to be missing (Linux before 4.11) or filtered out.
+static STATX_WORKS: AtomicBool = AtomicBool::new(true);
+
+/// Stats `name` in `dir`, not following a symlink there.
+pub fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Stat, Errno> {
+    statx_or_stat(dir, name, libc::AT_SYMLINK_NOFOLLOW)
+}
+
+/// Stats an open handle.
+pub fn stat_fd(fd: BorrowedFd<'_>) -> Result<Stat, Errno> {
+    statx_or_stat(fd, c"", libc::AT_EMPTY_PATH)
+}
+
+fn statx_or_stat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Result<Stat, Errno> {
+    if STATX_WORKS.load(Ordering::Relaxed) {
+        let mut buf = MaybeUninit::<libc::statx>::zeroed();
+        // SAFETY: `name` is NUL-terminated and outlives the call; `buf` is writable and exactly
+        // the struct statx fills; `dir` stays open while it is borrowed.
+        let rc = unsafe {
+            libc::statx(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                flags | libc::AT_STATX_SYNC_AS_STAT,
+                libc::STATX_BASIC_STATS,
+                buf.as_mut_ptr(),
+            )
+        };
+        match Errno::result(rc) {
+            Ok(_) => {
+                // SAFETY: the buffer started zeroed, and statx succeeded, so every field holds a
+                // value.
+                let stx = unsafe { buf.assume_init() };
+                let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+                return Ok(Stat {
+                    mode: u32::from(stx.stx_mode),
+                    // The device as stat's st_dev encodes it, so the two compare.
+                    dev: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+                    ino: stx.stx_ino,
+                    bytes: stx.stx_blocks * 512,
+                    atime: (stx.stx_atime.tv_sec, i64::from(stx.stx_atime.tv_nsec)),
+                    mtime: (stx.stx_mtime.tv_sec, i64::from(stx.stx_mtime.tv_nsec)),
+                    mount_root: (stx.stx_attributes_mask & bit != 0).then_some(stx.stx_attributes & bit != 0),
+                });
+            }
+            Err(Errno::ENOSYS | Errno::EPERM) => STATX_WORKS.store(false, Ordering::Relaxed),
+            Err(e) => return Err(e),
+        }
+    }
+    let st = if name.is_empty() {
+        fstat(dir)?
+    } else {
+        fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)?
+    };
+    Ok(Stat::from_stat(&st))
+}
+
+/// Opens the directory `name` in `parent` for a walk that started on device `dev` to enter,
+/// refusing a symlink: `Ok(None)` when a mount sits there (placed there after the name was
+/// stated, perhaps), so the walk steps around it.
+pub fn open_walkable_child(parent: BorrowedFd<'_>, name: &OsStr, dev: u64) -> Result<Option<OwnedFd>, Errno> {
+    let fd = open_child(parent, name)?;
+    if stat_fd(fd.as_fd())?.is_mount_boundary(dev) {
+        return Ok(None);
+    }
+    Ok(Some(fd))
+}
+
 /// Bytes and inodes used below a directory, like `du -s --apparent-size`'s block count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -240,13 +351,14 @@ pub struct Usage {
 /// Directory levels `usage` keeps open; deeper subtrees are not counted, so handles stay bounded.
 const MAX_USAGE_LEVELS: usize = 256;
 
-/// Walks a tree without following symlinks or crossing into other filesystems. Subtrees deeper
-/// than `MAX_USAGE_LEVELS` are not counted.
+/// Walks a tree without following symlinks or entering a mount (a bind from the same
+/// filesystem included): what is mounted inside is not counted. Subtrees deeper than
+/// `MAX_USAGE_LEVELS` are not counted.
 pub fn usage(root: OwnedFd) -> Result<Usage, Errno> {
-    let st = fstat(root.as_fd())?;
-    let dev = st.st_dev;
+    let st = stat_fd(root.as_fd())?;
+    let dev = st.dev;
     let mut total = Usage {
-        bytes: st.st_blocks as u64 * 512,
+        bytes: st.bytes,
         inodes: 1,
     };
     let mut levels = vec![(Dir::from_fd(root)?, Vec::<std::ffi::CString>::new(), false)];
@@ -266,15 +378,18 @@ pub fn usage(root: OwnedFd) -> Result<Usage, Errno> {
                 if is_dot(name) {
                     continue;
                 }
-                let st = match fstatat(at.as_fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+                let st = match stat_at(at.as_fd(), name) {
                     Ok(st) => st,
                     // Deleted while we walked: a cache changes under us; count what is there.
                     Err(Errno::ENOENT) => continue,
                     Err(e) => return Err(e),
                 };
+                if st.is_mount_boundary(dev) {
+                    continue;
+                }
                 total.inodes += 1;
-                total.bytes += st.st_blocks as u64 * 512;
-                if st.st_mode & libc_s_ifmt() == libc_s_ifdir() && st.st_dev == dev {
+                total.bytes += st.bytes;
+                if st.is_dir() {
                     subdirs.push(name.to_owned());
                 }
             }
@@ -283,14 +398,9 @@ pub fn usage(root: OwnedFd) -> Result<Usage, Errno> {
             levels.pop();
             continue;
         };
-        let fd = match openat(
-            dir.as_fd(),
-            name.as_c_str(),
-            DIR_FLAGS | OFlag::O_NOFOLLOW,
-            Mode::empty(),
-        ) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => continue,
+        let fd = match open_walkable_child(dir.as_fd(), OsStr::from_bytes(name.to_bytes()), dev) {
+            Ok(Some(fd)) => fd,
+            Ok(None) | Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => continue,
             Err(e) => return Err(e),
         };
         if levels.len() < MAX_USAGE_LEVELS {
@@ -321,8 +431,8 @@ pub struct RemoveError {
 }
 
 /// Deletes `name` inside `parent` and everything below it. Never follows a symlink (a link is
-/// removed, not its target) and never descends into another filesystem: a mount inside the
-/// tree fails the removal with EXDEV and is left alone.
+/// removed, not its target) and never descends into a mount, a bind from the same filesystem
+/// included: a mount inside the tree fails the removal with EXDEV and is left alone.
 pub fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr) -> Result<(), RemoveError> {
     let top = Path::new(name);
     let root = match open_child(parent, name) {
@@ -408,7 +518,7 @@ fn remove_contents(root: OwnedFd, at: &Path) -> Result<(), RemoveError> {
         errno,
         at: at.to_owned(),
     };
-    let dev = fstat(root.as_fd()).map_err(|e| fail(e, at))?.st_dev;
+    let dev = stat_fd(root.as_fd()).map_err(|e| fail(e, at))?.dev;
     let mut levels = vec![Level::open(root, OsString::new(), at.to_owned())?];
     let mut moved = 0u64;
     while let Some(level) = levels.last_mut() {
@@ -457,7 +567,10 @@ fn remove_contents(root: OwnedFd, at: &Path) -> Result<(), RemoveError> {
             }
             Err(e) => return Err(fail(e, &child_at)),
         };
-        if fstat(child.as_fd()).map_err(|e| fail(e, &child_at))?.st_dev != dev {
+        if stat_fd(child.as_fd())
+            .map_err(|e| fail(e, &child_at))?
+            .is_mount_boundary(dev)
+        {
             return Err(fail(Errno::EXDEV, &child_at));
         }
         if levels.len() < MAX_OPEN_LEVELS {
@@ -677,6 +790,34 @@ mod tests {
         let parent = open_dir(&d).unwrap();
         remove_tree(parent.as_fd(), OsStr::new("vol")).unwrap();
         assert!(!d.join("vol").exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A bind of a directory of the same filesystem: same device as everything around it.
+    fn bind(from: &Path, to: &Path) {
+        nix::mount::mount(Some(from), to, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>).unwrap();
+    }
+
+    /// A bind from the same filesystem inside a tree is a boundary as another filesystem is:
+    /// the removal stops there with EXDEV and deletes nothing of the bind's source, and the
+    /// usage counts none of it.
+    #[test]
+    fn a_same_filesystem_bind_inside_a_tree_is_neither_removed_nor_counted() {
+        let d = tmp("same-fs-bind");
+        fs::create_dir_all(d.join("precious")).unwrap();
+        fs::write(d.join("precious/important"), vec![1u8; 8192]).unwrap();
+        fs::create_dir_all(d.join("vol/a/sub")).unwrap();
+        bind(&d.join("precious"), &d.join("vol/a/sub"));
+        let u = usage(open_dir(&d.join("vol")).unwrap());
+        let parent = open_dir(&d).unwrap();
+        let removed = remove_tree(parent.as_fd(), OsStr::new("vol"));
+        nix::mount::umount(&d.join("vol/a/sub")).unwrap();
+        assert_eq!(fs::read(d.join("precious/important")).unwrap().len(), 8192);
+        assert_eq!(u.map(|u| u.inodes), Ok(2), "the root and a/, not the bind");
+        assert_eq!(
+            removed.map_err(|e| (e.errno, e.at)),
+            Err((Errno::EXDEV, PathBuf::from("vol/a/sub")))
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -1,5 +1,5 @@
-//! The least-recently-used trim of one copy: a walk that never follows a symlink or enters
-//! another filesystem, keeps only the oldest files that cover what must be freed (memory stays
+//! The least-recently-used trim of one copy: a walk that never follows a symlink or enters a
+//! mount (a bind from the same filesystem included), keeps only the oldest files that cover what must be freed (memory stays
 //! flat on copies of millions of files), and deletes them through directories opened again
 //! without following symlinks. It stops as soon as its caller says so.
 
@@ -11,11 +11,9 @@ use std::path::{Path, PathBuf};
 
 use nix::dir::Dir;
 use nix::errno::Errno;
-use nix::fcntl::AtFlags;
-use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
-use crate::safedir;
+use crate::safedir::{self, Stat};
 
 /// Files a trim keeps in mind per walk of a copy: the oldest ones. A copy needing more is walked
 /// again; memory stays flat however many files the copy holds.
@@ -53,19 +51,11 @@ pub enum Halt {
     Failed(Errno, PathBuf),
 }
 
-fn blocks(st: &FileStat) -> u64 {
-    st.st_blocks as u64 * 512
-}
-
-fn is_dir(st: &FileStat) -> bool {
-    st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits()
-}
-
 /// When a file was last used: the later of its access and modification times. Under relatime
 /// (the usual default) the access time moves at most once a day, after a read; under noatime
 /// it never moves, and the modification time is all there is; each is a lower bound.
-fn last_use(st: &FileStat) -> (i64, i64) {
-    (st.st_atime, st.st_atime_nsec).max((st.st_mtime, st.st_mtime_nsec))
+fn last_use(st: &Stat) -> (i64, i64) {
+    st.atime.max(st.mtime)
 }
 
 pub fn is_dot(name: &CStr) -> bool {
@@ -77,15 +67,15 @@ pub fn reopen(dir: BorrowedFd<'_>) -> std::result::Result<OwnedFd, Errno> {
     safedir::open_child(dir, OsStr::new("."))
 }
 
-/// Walks a copy without following symlinks or entering other filesystems, one open directory
+/// Walks a copy without following symlinks or entering mounts, one open directory
 /// per level, adding up its bytes as `safedir::usage` does and keeping the oldest files that
 /// cover `need` bytes (none when `need` is 0).
 fn walk(root: OwnedFd, need: u64, stop: &dyn Fn() -> bool) -> std::result::Result<Scan, Halt> {
     let failed = |e, at: &Path| Halt::Failed(e, at.to_owned());
-    let st = fstat(root.as_fd()).map_err(|e| failed(e, Path::new("")))?;
-    let dev = st.st_dev;
+    let st = safedir::stat_fd(root.as_fd()).map_err(|e| failed(e, Path::new("")))?;
+    let dev = st.dev;
     let mut scan = Scan {
-        bytes: blocks(&st),
+        bytes: st.bytes,
         oldest: Vec::new(),
     };
     let mut heap = BinaryHeap::new();
@@ -111,20 +101,24 @@ fn walk(root: OwnedFd, need: u64, stop: &dyn Fn() -> bool) -> std::result::Resul
         // as this borrow is used: below, before any level is popped.
         let dir = unsafe { BorrowedFd::borrow_raw(entries.as_raw_fd()) };
         let path = at.join(OsStr::from_bytes(name.to_bytes()));
-        let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        let st = match safedir::stat_at(dir, name) {
             Ok(st) => st,
             Err(Errno::ENOENT) => continue,
             Err(e) => return Err(failed(e, &path)),
         };
-        scan.bytes += blocks(&st);
-        if is_dir(&st) {
-            // Another filesystem mounted inside, or too deep: not ours to walk.
-            if st.st_dev != dev || levels.len() >= MAX_DEPTH {
+        // A mount inside (another filesystem or a bind): not the copy's, neither counted nor
+        // trimmed.
+        if st.is_mount_boundary(dev) {
+            continue;
+        }
+        scan.bytes += st.bytes;
+        if st.is_dir() {
+            if levels.len() >= MAX_DEPTH {
                 continue;
             }
-            let sub = match safedir::open_child(dir, path.file_name().unwrap_or_default()) {
-                Ok(fd) => fd,
-                Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => continue,
+            let sub = match safedir::open_walkable_child(dir, path.file_name().unwrap_or_default(), dev) {
+                Ok(Some(fd)) => fd,
+                Ok(None) | Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => continue,
                 Err(e) => return Err(failed(e, &path)),
             };
             let sub = Dir::from_fd(sub).map_err(|e| failed(e, &path))?;
@@ -134,12 +128,12 @@ fn walk(root: OwnedFd, need: u64, stop: &dyn Fn() -> bool) -> std::result::Resul
         if need == 0 {
             continue;
         }
-        heap_bytes += blocks(&st);
+        heap_bytes += st.bytes;
         heap.push(Candidate {
             used: last_use(&st),
             path,
-            ino: st.st_ino,
-            bytes: blocks(&st),
+            ino: st.ino,
+            bytes: st.bytes,
         });
         // Drop the newest while the rest still cover `need`, or while there are too many.
         while let Some(top) = heap.peek() {
@@ -156,7 +150,7 @@ fn walk(root: OwnedFd, need: u64, stop: &dyn Fn() -> bool) -> std::result::Resul
 }
 
 /// Deletes one file the walk chose, if it is still that file and still unused since: each
-/// directory on the way is opened again without following symlinks or leaving the filesystem.
+/// directory on the way is opened again without following symlinks or entering a mount.
 /// Returns the bytes freed (0 when the file has changed or gone).
 fn delete_candidate(root: BorrowedFd<'_>, dev: u64, c: &Candidate) -> std::result::Result<u64, Errno> {
     let (Some(parent), Some(name)) = (c.path.parent(), c.path.file_name()) else {
@@ -165,27 +159,25 @@ fn delete_candidate(root: BorrowedFd<'_>, dev: u64, c: &Candidate) -> std::resul
     let mut held: Option<OwnedFd> = None;
     for part in parent.components() {
         let at = held.as_ref().map_or(root, |f| f.as_fd());
-        let next = match safedir::open_child(at, part.as_os_str()) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => return Ok(0),
+        let next = match safedir::open_walkable_child(at, part.as_os_str(), dev) {
+            Ok(Some(fd)) => fd,
+            Ok(None) | Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => return Ok(0),
             Err(e) => return Err(e),
         };
-        if fstat(next.as_fd())?.st_dev != dev {
-            return Ok(0);
-        }
         held = Some(next);
     }
     let dir = held.as_ref().map_or(root, |f| f.as_fd());
-    let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+    let name = std::ffi::CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)?;
+    let st = match safedir::stat_at(dir, &name) {
         Ok(st) => st,
         Err(Errno::ENOENT) => return Ok(0),
         Err(e) => return Err(e),
     };
-    if is_dir(&st) || st.st_ino != c.ino || last_use(&st) > c.used {
+    if st.is_dir() || st.is_mount_boundary(dev) || st.ino != c.ino || last_use(&st) > c.used {
         return Ok(0);
     }
-    match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
-        Ok(()) => Ok(blocks(&st)),
+    match unlinkat(dir, name.as_c_str(), UnlinkatFlags::NoRemoveDir) {
+        Ok(()) => Ok(st.bytes),
         Err(Errno::ENOENT | Errno::EISDIR) => Ok(0),
         Err(e) => Err(e),
     }
@@ -206,7 +198,7 @@ pub struct Trimmed {
 /// nothing more can go: directories stay), walking it again when one walk's oldest files were
 /// not enough. `hint` is what the caller expects to free (bounds the first walk's memory).
 pub fn trim(copy: BorrowedFd<'_>, to: u64, hint: u64, stop: &dyn Fn() -> bool) -> std::result::Result<Trimmed, Halt> {
-    let dev = fstat(copy).map_err(|e| Halt::Failed(e, PathBuf::new()))?.st_dev;
+    let dev = safedir::stat_fd(copy).map_err(|e| Halt::Failed(e, PathBuf::new()))?.dev;
     let mut done = Trimmed::default();
     let mut need = hint.max(1);
     for round in 0..MAX_ROUNDS {
@@ -300,6 +292,39 @@ mod tests {
         assert_eq!(names, ["f0", "f1", "f2"]);
         assert!(scan.bytes >= 10 * one);
         assert_eq!(measure(safedir::open_dir(&d).unwrap()).unwrap(), scan.bytes);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A bind from the same filesystem inside a copy is not the copy's: its files, older than
+    /// any, are neither counted nor trimmed.
+    #[test]
+    fn a_same_filesystem_bind_inside_a_copy_is_not_trimmed() {
+        let d = tmp("same-fs-bind");
+        let copy = d.join("copy");
+        fs::create_dir_all(copy.join("sub")).unwrap();
+        let one = ten_files(&copy);
+        fs::create_dir_all(d.join("precious")).unwrap();
+        ten_files(&d.join("precious"));
+        let old = SystemTime::now() - Duration::from_secs(100_000);
+        let f = fs::File::options().write(true).open(d.join("precious/f0")).unwrap();
+        f.set_times(fs::FileTimes::new().set_accessed(old).set_modified(old))
+            .unwrap();
+        nix::mount::mount(
+            Some(&d.join("precious")),
+            &copy.join("sub"),
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let measured = measure(safedir::open_dir(&copy).unwrap());
+        let fd = safedir::open_dir(&copy).unwrap();
+        let trimmed = trim(fd.as_fd(), 0, 2 * one, &|| false);
+        nix::mount::umount(&copy.join("sub")).unwrap();
+        let left = (0..10).filter(|i| d.join(format!("precious/f{i}")).exists()).count();
+        assert_eq!(left, 10, "the bind's source is untouched");
+        assert!(measured.unwrap() < 15 * one, "the bind is not counted");
+        assert_eq!(trimmed.unwrap().files, 10, "the copy's own files went");
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -446,18 +446,22 @@ fn hostile_trees_are_trimmed_and_evicted_as_the_safe_delete_handles_them() {
         .unwrap();
     }
     file(&copy.join("old"), FILE, 40_000);
-    // Another filesystem mounted inside the copy: not walked, not trimmed.
+    // Another filesystem mounted inside the copy: not the copy's, so the copy is left alone
+    // while it is there.
     let inner = copy.join("mnt");
     fs::create_dir(&inner).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &inner,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .unwrap();
-    file(&inner.join("foreign"), FILE, 50_000);
+    let mount_inner = || {
+        nix::mount::mount(
+            Some("tmpfs"),
+            &inner,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        file(&inner.join("foreign"), FILE, 50_000);
+    };
+    mount_inner();
     // Deeper than a walk goes (256 levels): left to the whole-copy delete.
     let mut deep = copy.join("deep");
     for _ in 0..300 {
@@ -466,12 +470,16 @@ fn hostile_trees_are_trimmed_and_evicted_as_the_safe_delete_handles_them() {
     file(&deep.join("bottom"), FILE, 50_000);
 
     let report = evictor.pass().unwrap();
+    assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
+    assert!(copy.join("old").exists() && inner.join("foreign").exists());
+    nix::mount::umount(&inner).unwrap();
+    let report = evictor.pass().unwrap();
     assert!(matches!(report.done.as_slice(), [Done::Trimmed { .. }]), "{report:#?}");
     assert!(!copy.join("old").exists());
     assert!(!copy.join("link-file").exists() && !copy.join("link-dir").exists());
     assert_eq!(read_all(&outside.join("precious")).len() as u64, FILE);
-    assert!(inner.join("foreign").exists());
     assert!(deep.join("bottom").exists());
+    mount_inner();
 
     // Evicted whole: refused while a filesystem is mounted inside, then everything goes,
     // however deep.
@@ -496,6 +504,73 @@ fn hostile_trees_are_trimmed_and_evicted_as_the_safe_delete_handles_them() {
     assert!(!copy.exists());
     assert!(fs::read_dir(n.tree.base().join(".trash")).unwrap().next().is_none());
     assert!(outside.join("precious").exists());
+}
+
+/// A bind mount from the base dir's own filesystem inside a copy shows the same device as the
+/// copy, so only the mount itself tells it apart: an unpublish that deletes, the cleanup's
+/// deletion, a trim and a whole-copy eviction leave the copy for later, none deletes in the
+/// bind's source, and the usage counts none of it.
+#[test]
+fn a_same_filesystem_bind_inside_a_copy_is_never_deleted_trimmed_or_counted() {
+    let (n, mut evictor) = node("same-fs-bind", 16 * 1024, |cfg| {
+        cfg.data_on_unpublish = node_local_cache::config::DataOnUnpublish::Delete;
+    });
+    let id = volume_id("pvc-same-fs-bind");
+    let precious = n.tree.base().join("precious");
+    file(&precious.join("important"), FILE, 50_000);
+    let target = n.publish(&id, "pod", lru(4 * KIB));
+    let copy = n.copy(&id);
+    let inner = copy.join("sub");
+    fs::create_dir(&inner).unwrap();
+    nix::mount::mount(
+        Some(&precious),
+        &inner,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let kept = || {
+        assert_eq!(read_all(&precious.join("important")).len() as u64, FILE);
+    };
+    let only_the_copy = safedir::usage(safedir::open_dir(&copy).unwrap()).unwrap();
+    assert_eq!(only_the_copy.inodes, 1, "the bind is not counted: {only_the_copy:?}");
+    assert!(only_the_copy.bytes < FILE, "{only_the_copy:?}");
+
+    // The unpublish that deletes finds the copy in use and keeps it.
+    n.unpublish(&id, &target);
+    kept();
+    assert!(copy.exists());
+    // So does the cleanup's deletion.
+    assert!(!n.state.delete_data(&id, None).unwrap());
+    kept();
+    // The trim leaves it alone: the bind's file is older than anything.
+    file(&copy.join("own"), FILE, 40_000);
+    eviction::note_unpublish(n.base_fd().as_fd(), &id, ago(100)).unwrap();
+    let report = evictor.pass().unwrap();
+    assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
+    kept();
+    // So does the whole-copy eviction.
+    let base = n.base_fd();
+    eviction::note_publish(
+        base.as_fd(),
+        safedir::identity(base.as_fd()).unwrap(),
+        &id,
+        Limits {
+            capacity: 4 * KIB,
+            policy: Policy::WholeCopy,
+        },
+    )
+    .unwrap();
+    let report = evictor.pass().unwrap();
+    assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
+    kept();
+
+    // Unmounted, the copy goes and the source stays.
+    nix::mount::umount(&inner).unwrap();
+    assert!(n.state.delete_data(&id, None).unwrap());
+    assert!(!copy.exists());
+    kept();
 }
 
 #[test]
