@@ -355,59 +355,143 @@ const MAX_USAGE_LEVELS: usize = 256;
 /// filesystem included): what is mounted inside is not counted. Subtrees deeper than
 /// `MAX_USAGE_LEVELS` are not counted.
 pub fn usage(root: OwnedFd) -> Result<Usage, Errno> {
-    let st = stat_fd(root.as_fd())?;
-    let dev = st.dev;
-    let mut total = Usage {
-        bytes: st.bytes,
-        inodes: 1,
-    };
-    let mut levels = vec![(Dir::from_fd(root)?, Vec::<std::ffi::CString>::new(), false)];
-    while let Some((dir, subdirs, listed)) = levels.last_mut() {
-        if !*listed {
-            *listed = true;
-            // Each entry is stated as it is read, through a second handle (reading moves the
-            // first one's offset; a stat does not), so only subdirectory names are kept: a
-            // directory of a million files costs no memory for their names.
-            let at = dir
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
-            for entry in dir.iter() {
-                let entry = entry?;
-                let name = entry.file_name();
-                if is_dot(name) {
-                    continue;
-                }
-                let st = match stat_at(at.as_fd(), name) {
-                    Ok(st) => st,
-                    // Deleted while we walked: a cache changes under us; count what is there.
-                    Err(Errno::ENOENT) => continue,
-                    Err(e) => return Err(e),
-                };
-                if st.is_mount_boundary(dev) {
-                    continue;
-                }
-                total.inodes += 1;
-                total.bytes += st.bytes;
-                if st.is_dir() {
-                    subdirs.push(name.to_owned());
-                }
-            }
-        }
-        let Some(name) = subdirs.pop() else {
-            levels.pop();
-            continue;
-        };
-        let fd = match open_walkable_child(dir.as_fd(), OsStr::from_bytes(name.to_bytes()), dev) {
-            Ok(Some(fd)) => fd,
-            Ok(None) | Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => continue,
-            Err(e) => return Err(e),
-        };
-        if levels.len() < MAX_USAGE_LEVELS {
-            levels.push((Dir::from_fd(fd)?, Vec::new(), false));
+    let mut below = Usage::default();
+    let root = walk_tree(
+        root,
+        MAX_USAGE_LEVELS,
+        |entry| {
+            // Deleted while we walked (a cache changes under us) or a mount: not counted.
+            let Some(st) = entry.stat()? else {
+                return Ok(Visit::Skip);
+            };
+            below.inodes += 1;
+            below.bytes += st.bytes;
+            Ok(if st.is_dir() { Visit::Enter } else { Visit::Skip })
+        },
+        |errno, _| errno,
+    )?;
+    Ok(Usage {
+        bytes: root.bytes + below.bytes,
+        inodes: 1 + below.inodes,
+    })
+}
+
+/// What a walk does after `walk_tree`'s visitor has seen an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visit {
+    Skip,
+    /// Walk the directory (unless a mount sits there, or it is too deep).
+    Enter,
+    /// End the walk here.
+    Stop,
+}
+
+/// One level of a walk: its open directory, read as the walk goes, and its name.
+struct WalkLevel {
+    entries: nix::dir::OwningIter,
+    name: std::ffi::CString,
+}
+
+/// An entry a walk met, in the directory the walk holds open.
+pub struct WalkEntry<'a> {
+    pub dir: BorrowedFd<'a>,
+    pub name: &'a CStr,
+    /// The inode the directory entry names, from the listing (no stat).
+    pub ino: u64,
+    pub kind: Option<Type>,
+    dev: u64,
+    levels: &'a [WalkLevel],
+}
+
+impl WalkEntry<'_> {
+    /// What the entry is, not following a symlink; `None` when it has gone or a mount sits there
+    /// (not the tree's).
+    pub fn stat(&self) -> Result<Option<Stat>, Errno> {
+        match stat_at(self.dir, self.name) {
+            Ok(st) if st.is_mount_boundary(self.dev) => Ok(None),
+            Ok(st) => Ok(Some(st)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(e),
         }
     }
-    Ok(total)
+
+    /// The entry's path relative to the walk's root, made only when asked (for a message).
+    pub fn path(&self) -> PathBuf {
+        walk_path(self.levels, Some(self.name))
+    }
+}
+
+fn walk_path(levels: &[WalkLevel], name: Option<&CStr>) -> PathBuf {
+    levels
+        .iter()
+        .skip(1)
+        .map(|l| l.name.as_c_str())
+        .chain(name)
+        .map(|n| OsStr::from_bytes(n.to_bytes()))
+        .collect()
+}
+
+/// Walks the tree below `root` depth first with one open directory per level, so memory grows
+/// with its depth, never its width, and holds no path. Never follows a symlink or enters a mount;
+/// directories `max_levels` below the root are not entered. `visit` sees every entry but `.` and
+/// `..`, and says whether to walk a directory; an error reading or opening a directory is
+/// `fail(errno, path relative to the root)`. Returns what the root is.
+pub fn walk_tree<E>(
+    root: OwnedFd,
+    max_levels: usize,
+    mut visit: impl FnMut(&WalkEntry<'_>) -> Result<Visit, E>,
+    fail: impl Fn(Errno, PathBuf) -> E,
+) -> Result<Stat, E> {
+    let root_stat = stat_fd(root.as_fd()).map_err(|e| fail(e, PathBuf::new()))?;
+    let dev = root_stat.dev;
+    let root = Dir::from_fd(root).map_err(|e| fail(e, PathBuf::new()))?;
+    let mut levels = vec![WalkLevel {
+        entries: root.into_iter(),
+        name: std::ffi::CString::default(),
+    }];
+    while let Some(level) = levels.last_mut() {
+        let entry = match level.entries.next() {
+            None => {
+                levels.pop();
+                continue;
+            }
+            Some(Err(e)) => return Err(fail(e, walk_path(&levels, None))),
+            Some(Ok(entry)) => entry,
+        };
+        let name = entry.file_name();
+        if is_dot(name) {
+            continue;
+        }
+        let raw = level.entries.as_raw_fd();
+        // SAFETY: the descriptor belongs to the last level, which stays in `levels` (open) for
+        // as long as this borrow is used: below, before any level is popped.
+        let dir = unsafe { BorrowedFd::borrow_raw(raw) };
+        let seen = WalkEntry {
+            dir,
+            name,
+            ino: entry.ino(),
+            kind: entry.file_type(),
+            dev,
+            levels: &levels,
+        };
+        match visit(&seen)? {
+            Visit::Skip => continue,
+            Visit::Stop => break,
+            Visit::Enter if levels.len() >= max_levels => continue,
+            Visit::Enter => {}
+        }
+        let sub = match open_walkable_child(dir, OsStr::from_bytes(name.to_bytes()), dev) {
+            Ok(Some(fd)) => fd,
+            Ok(None) | Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => continue,
+            Err(e) => return Err(fail(e, walk_path(&levels, Some(name)))),
+        };
+        let sub = Dir::from_fd(sub).map_err(|e| fail(e, walk_path(&levels, Some(name))))?;
+        levels.push(WalkLevel {
+            entries: sub.into_iter(),
+            name: name.to_owned(),
+        });
+    }
+    Ok(root_stat)
 }
 
 fn libc_s_ifmt() -> u32 {
