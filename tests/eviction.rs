@@ -573,6 +573,51 @@ fn a_same_filesystem_bind_inside_a_copy_is_never_deleted_trimmed_or_counted() {
     kept();
 }
 
+/// A trim's plan holds a bounded number of bytes however long the paths to its files: 4,000
+/// files 250 levels of 255-byte names deep (64 KB of path each) raise the real binary's peak
+/// memory by a few MB at most during the trim that deletes them all.
+#[test]
+fn a_trim_of_files_deep_below_long_names_keeps_memory_flat() {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode as FileMode};
+    const LEVELS: usize = 250;
+    const FILES: usize = 4000;
+    let tree = Tree::with_tmpfs_base("trim-memory", Some("size=64m,mode=0700"));
+    let d = Driver::node(&tree, "node-a", &["--eviction-interval=100ms", "--min-free-percent=0"]);
+    let n = d.node_client();
+    let id = volume_id("pvc-trim-memory");
+    let target = tree.target("pod");
+    let mut publish = publish_req(&id, &target, false);
+    lru(4 * KIB).to_context(&mut publish.volume_context);
+    n.node_publish_volume_opt(&publish, opt()).unwrap();
+    let mut dir = safedir::open_dir(&target).unwrap();
+    for level in 0..LEVELS {
+        let name = long_name('d', level);
+        mkdirat(dir.as_fd(), name.as_str(), FileMode::from_bits_truncate(0o755)).unwrap();
+        dir = safedir::open_child(dir.as_fd(), std::ffi::OsStr::new(&name)).unwrap();
+    }
+    for i in 0..FILES {
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_CLOEXEC;
+        let fd = openat(
+            dir.as_fd(),
+            format!("f{i}").as_str(),
+            flags,
+            FileMode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        nix::unistd::write(&fd, b"x").unwrap();
+    }
+    drop(dir);
+    let before = peak_rss(d.pid().as_raw() as u32);
+    n.node_unpublish_volume_opt(&unpublish_req(&id, &target), opt())
+        .unwrap();
+    d.wait_for_log(&format!("volume {id}: trimmed {FILES} least recently used files"), 1);
+    let grown = peak_rss(d.pid().as_raw() as u32).saturating_sub(before);
+    eprintln!("peak memory grew by {:.1} MB through the trim", grown as f64 / 1e6);
+    assert!(grown < 16_000_000, "peak memory grew by {grown} bytes through the trim");
+    tree.assert_no_mounts_but_base();
+}
+
 #[test]
 fn create_volume_validates_the_eviction_parameter_and_the_node_enforces_it() {
     let tree = Tree::new("binary");
