@@ -603,7 +603,7 @@ impl Evictor {
 
     /// Takes the volume's lock as a publish does and checks again that no mount shows the copy:
     /// the mount table read for the plan may be a while old. Also returns a mount point inside
-    /// the copy, if another filesystem is mounted there.
+    /// the copy, if anything (another filesystem, a bind) is mounted there.
     fn claim(&self, base: &PassBase, id: &str) -> std::result::Result<(VolumeGuard, Option<PathBuf>), String> {
         let guard = self
             .inflight
@@ -633,22 +633,26 @@ impl Evictor {
             }
         };
         self.measured.remove(&id);
+        // A whole-copy eviction could not delete it all, and what is mounted inside is not the
+        // copy's to trim (the walks step around mounts, but on kernels before 5.8 only the table
+        // tells a bind from the same filesystem). The rest of the node's copies can go.
+        if let Some(at) = inner_mount {
+            let action = match step {
+                Step::Trim { .. } => "trimmed",
+                Step::Evict { .. } => "evicted",
+            };
+            warn!(
+                "volume {id}: not {action}: something is mounted inside it at {}",
+                at.display()
+            );
+            return Done::Skipped {
+                id,
+                why: format!("a mount inside at {}", at.display()),
+            };
+        }
         match step {
             Step::Trim { to, reason, .. } => self.trim_copy(base, copy, *to, *reason, &guard),
-            Step::Evict { reason, .. } => match inner_mount {
-                // Its files could not all go; the rest of the node's copies can.
-                Some(at) => {
-                    warn!(
-                        "volume {id}: not evicted: another filesystem is mounted inside it at {}",
-                        at.display()
-                    );
-                    Done::Skipped {
-                        id,
-                        why: format!("a mount inside at {}", at.display()),
-                    }
-                }
-                None => self.evict_copy(base, copy, *reason, guard),
-            },
+            Step::Evict { reason, .. } => self.evict_copy(base, copy, *reason, guard),
         }
     }
 

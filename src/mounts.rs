@@ -2,7 +2,6 @@
 //! binds from anything else, bind, read-only remount and unmount.
 
 use std::ffi::{CString, OsStr, OsString};
-use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
@@ -122,28 +121,11 @@ pub struct MountPointCheck {
 /// and what directory shows there, from the same call. A symlink at `name` is not followed.
 pub fn check_mount_point(parent: BorrowedFd<'_>, name: &OsStr) -> Result<MountPointCheck, Errno> {
     let name = CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)?;
-    let mut buf = MaybeUninit::<libc::statx>::zeroed();
-    // SAFETY: `name` is NUL-terminated and outlives the call; `buf` is writable and exactly the
-    // struct statx fills; `parent` stays open while it is borrowed.
-    let rc = unsafe {
-        libc::statx(
-            parent.as_raw_fd(),
-            name.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_SYNC_AS_STAT,
-            libc::STATX_TYPE | libc::STATX_INO,
-            buf.as_mut_ptr(),
-        )
-    };
-    Errno::result(rc)?;
-    // SAFETY: the buffer started zeroed, and statx succeeded, so every field holds a value.
-    let stx = unsafe { buf.assume_init() };
-    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
-    let mounted = (stx.stx_attributes_mask & bit != 0).then_some(stx.stx_attributes & bit != 0);
-    let is_dir = u32::from(stx.stx_mode) & libc::S_IFMT == libc::S_IFDIR;
-    // The device as stat's st_dev encodes it, so the two compare.
-    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
-    let dir = (is_dir && stx.stx_mask & libc::STATX_INO != 0).then_some((dev, stx.stx_ino));
-    Ok(MountPointCheck { mounted, dir })
+    let st = crate::safedir::stat_at(parent, &name)?;
+    Ok(MountPointCheck {
+        mounted: st.mount_root,
+        dir: st.is_dir().then_some((st.dev, st.ino)),
+    })
 }
 
 /// The mounts stacked at `path`, bottom first.

@@ -3,6 +3,7 @@
 //! symlink after it was checked is refused instead of followed.
 
 use std::ffi::{CStr, OsStr, OsString};
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::dir::{Dir, Type};
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat2, OFlag, RenameFlags};
+use nix::fcntl::{openat, renameat2, AtFlags, OFlag, RenameFlags};
+use nix::libc;
 use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, Mode};
 use nix::time::{clock_gettime, ClockId};
 use nix::unistd::{unlinkat, UnlinkatFlags};
@@ -230,6 +232,115 @@ fn dir_identity_of(st: &nix::sys::stat::FileStat) -> Result<(u64, u64), Errno> {
     Ok((st.st_dev, st.st_ino))
 }
 
+/// What a stat shows of a name (not following a symlink there) or of an open handle, with
+/// whether it is the root of a mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub mode: u32,
+    pub dev: u64,
+    pub ino: u64,
+    /// Bytes of the blocks allocated (`du`'s count).
+    pub bytes: u64,
+    pub atime: (i64, i64),
+    pub mtime: (i64, i64),
+    /// Whether a mount's root is what shows here; `None` where the kernel cannot say (before
+    /// Linux 5.8, or statx filtered out by a seccomp profile).
+    pub mount_root: Option<bool>,
+}
+
+impl Stat {
+    pub fn is_dir(&self) -> bool {
+        self.mode & libc_s_ifmt() == libc_s_ifdir()
+    }
+
+    /// Whether a walk that started on device `dev` must stop here: a mount sits here. A bind
+    /// from the same filesystem shows the same device, so the kernel's word on the mount root
+    /// is what catches it; the device alone catches only another filesystem, and where the kernel
+    /// cannot say, callers check the mount table before they delete.
+    pub fn is_mount_boundary(&self, dev: u64) -> bool {
+        self.mount_root == Some(true) || self.dev != dev
+    }
+
+    fn from_stat(st: &nix::sys::stat::FileStat) -> Stat {
+        Stat {
+            mode: st.st_mode,
+            dev: st.st_dev,
+            ino: st.st_ino,
+            bytes: st.st_blocks as u64 * 512,
+            atime: (st.st_atime, st.st_atime_nsec),
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            mount_root: None,
+        }
+    }
+}
+
+/// Cleared once `statx` turned out to be missing (Linux before 4.11) or filtered out.
+static STATX_WORKS: AtomicBool = AtomicBool::new(true);
+
+/// Stats `name` in `dir`, not following a symlink there.
+pub fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Stat, Errno> {
+    statx_or_stat(dir, name, libc::AT_SYMLINK_NOFOLLOW)
+}
+
+/// Stats an open handle.
+pub fn stat_fd(fd: BorrowedFd<'_>) -> Result<Stat, Errno> {
+    statx_or_stat(fd, c"", libc::AT_EMPTY_PATH)
+}
+
+fn statx_or_stat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Result<Stat, Errno> {
+    if STATX_WORKS.load(Ordering::Relaxed) {
+        let mut buf = MaybeUninit::<libc::statx>::zeroed();
+        // SAFETY: `name` is NUL-terminated and outlives the call; `buf` is writable and exactly
+        // the struct statx fills; `dir` stays open while it is borrowed.
+        let rc = unsafe {
+            libc::statx(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                flags | libc::AT_STATX_SYNC_AS_STAT,
+                libc::STATX_BASIC_STATS,
+                buf.as_mut_ptr(),
+            )
+        };
+        match Errno::result(rc) {
+            Ok(_) => {
+                // SAFETY: the buffer started zeroed, and statx succeeded, so every field holds a
+                // value.
+                let stx = unsafe { buf.assume_init() };
+                let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+                return Ok(Stat {
+                    mode: u32::from(stx.stx_mode),
+                    // The device as stat's st_dev encodes it, so the two compare.
+                    dev: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+                    ino: stx.stx_ino,
+                    bytes: stx.stx_blocks * 512,
+                    atime: (stx.stx_atime.tv_sec, i64::from(stx.stx_atime.tv_nsec)),
+                    mtime: (stx.stx_mtime.tv_sec, i64::from(stx.stx_mtime.tv_nsec)),
+                    mount_root: (stx.stx_attributes_mask & bit != 0).then_some(stx.stx_attributes & bit != 0),
+                });
+            }
+            Err(Errno::ENOSYS | Errno::EPERM) => STATX_WORKS.store(false, Ordering::Relaxed),
+            Err(e) => return Err(e),
+        }
+    }
+    let st = if name.is_empty() {
+        fstat(dir)?
+    } else {
+        fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)?
+    };
+    Ok(Stat::from_stat(&st))
+}
+
+/// Opens the directory `name` in `parent` for a walk that started on device `dev` to enter,
+/// refusing a symlink: `Ok(None)` when a mount sits there (placed there after the name was
+/// stated, perhaps), so the walk steps around it.
+pub fn open_walkable_child(parent: BorrowedFd<'_>, name: &OsStr, dev: u64) -> Result<Option<OwnedFd>, Errno> {
+    let fd = open_child(parent, name)?;
+    if stat_fd(fd.as_fd())?.is_mount_boundary(dev) {
+        return Ok(None);
+    }
+    Ok(Some(fd))
+}
+
 /// Bytes and inodes used below a directory, like `du -s --apparent-size`'s block count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -240,64 +351,147 @@ pub struct Usage {
 /// Directory levels `usage` keeps open; deeper subtrees are not counted, so handles stay bounded.
 const MAX_USAGE_LEVELS: usize = 256;
 
-/// Walks a tree without following symlinks or crossing into other filesystems. Subtrees deeper
-/// than `MAX_USAGE_LEVELS` are not counted.
+/// Walks a tree without following symlinks or entering a mount (a bind from the same
+/// filesystem included): what is mounted inside is not counted. Subtrees deeper than
+/// `MAX_USAGE_LEVELS` are not counted.
 pub fn usage(root: OwnedFd) -> Result<Usage, Errno> {
-    let st = fstat(root.as_fd())?;
-    let dev = st.st_dev;
-    let mut total = Usage {
-        bytes: st.st_blocks as u64 * 512,
-        inodes: 1,
-    };
-    let mut levels = vec![(Dir::from_fd(root)?, Vec::<std::ffi::CString>::new(), false)];
-    while let Some((dir, subdirs, listed)) = levels.last_mut() {
-        if !*listed {
-            *listed = true;
-            // Each entry is stated as it is read, through a second handle (reading moves the
-            // first one's offset; a stat does not), so only subdirectory names are kept: a
-            // directory of a million files costs no memory for their names.
-            let at = dir
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
-            for entry in dir.iter() {
-                let entry = entry?;
-                let name = entry.file_name();
-                if is_dot(name) {
-                    continue;
-                }
-                let st = match fstatat(at.as_fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
-                    Ok(st) => st,
-                    // Deleted while we walked: a cache changes under us; count what is there.
-                    Err(Errno::ENOENT) => continue,
-                    Err(e) => return Err(e),
-                };
-                total.inodes += 1;
-                total.bytes += st.st_blocks as u64 * 512;
-                if st.st_mode & libc_s_ifmt() == libc_s_ifdir() && st.st_dev == dev {
-                    subdirs.push(name.to_owned());
-                }
-            }
-        }
-        let Some(name) = subdirs.pop() else {
-            levels.pop();
-            continue;
-        };
-        let fd = match openat(
-            dir.as_fd(),
-            name.as_c_str(),
-            DIR_FLAGS | OFlag::O_NOFOLLOW,
-            Mode::empty(),
-        ) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => continue,
-            Err(e) => return Err(e),
-        };
-        if levels.len() < MAX_USAGE_LEVELS {
-            levels.push((Dir::from_fd(fd)?, Vec::new(), false));
+    let mut below = Usage::default();
+    let root = walk_tree(
+        root,
+        MAX_USAGE_LEVELS,
+        |entry| {
+            // Deleted while we walked (a cache changes under us) or a mount: not counted.
+            let Some(st) = entry.stat()? else {
+                return Ok(Visit::Skip);
+            };
+            below.inodes += 1;
+            below.bytes += st.bytes;
+            Ok(if st.is_dir() { Visit::Enter } else { Visit::Skip })
+        },
+        |errno, _| errno,
+    )?;
+    Ok(Usage {
+        bytes: root.bytes + below.bytes,
+        inodes: 1 + below.inodes,
+    })
+}
+
+/// What a walk does after `walk_tree`'s visitor has seen an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visit {
+    Skip,
+    /// Walk the directory (unless a mount sits there, or it is too deep).
+    Enter,
+    /// End the walk here.
+    Stop,
+}
+
+/// One level of a walk: its open directory, read as the walk goes, and its name.
+struct WalkLevel {
+    entries: nix::dir::OwningIter,
+    name: std::ffi::CString,
+}
+
+/// An entry a walk met, in the directory the walk holds open.
+pub struct WalkEntry<'a> {
+    pub dir: BorrowedFd<'a>,
+    pub name: &'a CStr,
+    /// The inode the directory entry names, from the listing (no stat).
+    pub ino: u64,
+    pub kind: Option<Type>,
+    dev: u64,
+    levels: &'a [WalkLevel],
+}
+
+impl WalkEntry<'_> {
+    /// What the entry is, not following a symlink; `None` when it has gone or a mount sits there
+    /// (not the tree's).
+    pub fn stat(&self) -> Result<Option<Stat>, Errno> {
+        match stat_at(self.dir, self.name) {
+            Ok(st) if st.is_mount_boundary(self.dev) => Ok(None),
+            Ok(st) => Ok(Some(st)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(e),
         }
     }
-    Ok(total)
+
+    /// The entry's path relative to the walk's root, made only when asked (for a message).
+    pub fn path(&self) -> PathBuf {
+        walk_path(self.levels, Some(self.name))
+    }
+}
+
+fn walk_path(levels: &[WalkLevel], name: Option<&CStr>) -> PathBuf {
+    levels
+        .iter()
+        .skip(1)
+        .map(|l| l.name.as_c_str())
+        .chain(name)
+        .map(|n| OsStr::from_bytes(n.to_bytes()))
+        .collect()
+}
+
+/// Walks the tree below `root` depth first with one open directory per level, so memory grows
+/// with its depth, never its width, and holds no path. Never follows a symlink or enters a mount;
+/// directories `max_levels` below the root are not entered. `visit` sees every entry but `.` and
+/// `..`, and says whether to walk a directory; an error reading or opening a directory is
+/// `fail(errno, path relative to the root)`. Returns what the root is.
+pub fn walk_tree<E>(
+    root: OwnedFd,
+    max_levels: usize,
+    mut visit: impl FnMut(&WalkEntry<'_>) -> Result<Visit, E>,
+    fail: impl Fn(Errno, PathBuf) -> E,
+) -> Result<Stat, E> {
+    let root_stat = stat_fd(root.as_fd()).map_err(|e| fail(e, PathBuf::new()))?;
+    let dev = root_stat.dev;
+    let root = Dir::from_fd(root).map_err(|e| fail(e, PathBuf::new()))?;
+    let mut levels = vec![WalkLevel {
+        entries: root.into_iter(),
+        name: std::ffi::CString::default(),
+    }];
+    while let Some(level) = levels.last_mut() {
+        let entry = match level.entries.next() {
+            None => {
+                levels.pop();
+                continue;
+            }
+            Some(Err(e)) => return Err(fail(e, walk_path(&levels, None))),
+            Some(Ok(entry)) => entry,
+        };
+        let name = entry.file_name();
+        if is_dot(name) {
+            continue;
+        }
+        let raw = level.entries.as_raw_fd();
+        // SAFETY: the descriptor belongs to the last level, which stays in `levels` (open) for
+        // as long as this borrow is used: below, before any level is popped.
+        let dir = unsafe { BorrowedFd::borrow_raw(raw) };
+        let seen = WalkEntry {
+            dir,
+            name,
+            ino: entry.ino(),
+            kind: entry.file_type(),
+            dev,
+            levels: &levels,
+        };
+        match visit(&seen)? {
+            Visit::Skip => continue,
+            Visit::Stop => break,
+            Visit::Enter if levels.len() >= max_levels => continue,
+            Visit::Enter => {}
+        }
+        let sub = match open_walkable_child(dir, OsStr::from_bytes(name.to_bytes()), dev) {
+            Ok(Some(fd)) => fd,
+            Ok(None) | Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => continue,
+            Err(e) => return Err(fail(e, walk_path(&levels, Some(name)))),
+        };
+        let sub = Dir::from_fd(sub).map_err(|e| fail(e, walk_path(&levels, Some(name))))?;
+        levels.push(WalkLevel {
+            entries: sub.into_iter(),
+            name: name.to_owned(),
+        });
+    }
+    Ok(root_stat)
 }
 
 fn libc_s_ifmt() -> u32 {
@@ -321,8 +515,8 @@ pub struct RemoveError {
 }
 
 /// Deletes `name` inside `parent` and everything below it. Never follows a symlink (a link is
-/// removed, not its target) and never descends into another filesystem: a mount inside the
-/// tree fails the removal with EXDEV and is left alone.
+/// removed, not its target) and never descends into a mount, a bind from the same filesystem
+/// included: a mount inside the tree fails the removal with EXDEV and is left alone.
 pub fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr) -> Result<(), RemoveError> {
     let top = Path::new(name);
     let root = match open_child(parent, name) {
@@ -408,7 +602,7 @@ fn remove_contents(root: OwnedFd, at: &Path) -> Result<(), RemoveError> {
         errno,
         at: at.to_owned(),
     };
-    let dev = fstat(root.as_fd()).map_err(|e| fail(e, at))?.st_dev;
+    let dev = stat_fd(root.as_fd()).map_err(|e| fail(e, at))?.dev;
     let mut levels = vec![Level::open(root, OsString::new(), at.to_owned())?];
     let mut moved = 0u64;
     while let Some(level) = levels.last_mut() {
@@ -457,7 +651,10 @@ fn remove_contents(root: OwnedFd, at: &Path) -> Result<(), RemoveError> {
             }
             Err(e) => return Err(fail(e, &child_at)),
         };
-        if fstat(child.as_fd()).map_err(|e| fail(e, &child_at))?.st_dev != dev {
+        if stat_fd(child.as_fd())
+            .map_err(|e| fail(e, &child_at))?
+            .is_mount_boundary(dev)
+        {
             return Err(fail(Errno::EXDEV, &child_at));
         }
         if levels.len() < MAX_OPEN_LEVELS {
@@ -677,6 +874,34 @@ mod tests {
         let parent = open_dir(&d).unwrap();
         remove_tree(parent.as_fd(), OsStr::new("vol")).unwrap();
         assert!(!d.join("vol").exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A bind of a directory of the same filesystem: same device as everything around it.
+    fn bind(from: &Path, to: &Path) {
+        nix::mount::mount(Some(from), to, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>).unwrap();
+    }
+
+    /// A bind from the same filesystem inside a tree is a boundary as another filesystem is:
+    /// the removal stops there with EXDEV and deletes nothing of the bind's source, and the
+    /// usage counts none of it.
+    #[test]
+    fn a_same_filesystem_bind_inside_a_tree_is_neither_removed_nor_counted() {
+        let d = tmp("same-fs-bind");
+        fs::create_dir_all(d.join("precious")).unwrap();
+        fs::write(d.join("precious/important"), vec![1u8; 8192]).unwrap();
+        fs::create_dir_all(d.join("vol/a/sub")).unwrap();
+        bind(&d.join("precious"), &d.join("vol/a/sub"));
+        let u = usage(open_dir(&d.join("vol")).unwrap());
+        let parent = open_dir(&d).unwrap();
+        let removed = remove_tree(parent.as_fd(), OsStr::new("vol"));
+        nix::mount::umount(&d.join("vol/a/sub")).unwrap();
+        assert_eq!(fs::read(d.join("precious/important")).unwrap().len(), 8192);
+        assert_eq!(u.map(|u| u.inodes), Ok(2), "the root and a/, not the bind");
+        assert_eq!(
+            removed.map_err(|e| (e.errno, e.at)),
+            Err((Errno::EXDEV, PathBuf::from("vol/a/sub")))
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 

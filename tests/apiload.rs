@@ -584,13 +584,6 @@ fn orphan_passes_at_5000_nodes() {
     );
 }
 
-/// Peak resident memory (`VmHWM`) of a process, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
-
 struct Running(Child);
 
 impl Drop for Running {

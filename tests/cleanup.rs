@@ -1174,6 +1174,7 @@ fn a_completion_racing_a_retried_deletion_leaves_the_record_to_the_next_pass() {
         api.pv_finalizers("pvc-late").unwrap().is_empty(),
         "the PV is released once its record completes"
     );
+}
 
 /// A node that does not trust the index lists every record from the watch cache, in one
 /// response (`limit` is ignored there). Past what used to cap a response body (32 MiB: 42,000

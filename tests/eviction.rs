@@ -446,18 +446,22 @@ fn hostile_trees_are_trimmed_and_evicted_as_the_safe_delete_handles_them() {
         .unwrap();
     }
     file(&copy.join("old"), FILE, 40_000);
-    // Another filesystem mounted inside the copy: not walked, not trimmed.
+    // Another filesystem mounted inside the copy: not the copy's, so the copy is left alone
+    // while it is there.
     let inner = copy.join("mnt");
     fs::create_dir(&inner).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &inner,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .unwrap();
-    file(&inner.join("foreign"), FILE, 50_000);
+    let mount_inner = || {
+        nix::mount::mount(
+            Some("tmpfs"),
+            &inner,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        file(&inner.join("foreign"), FILE, 50_000);
+    };
+    mount_inner();
     // Deeper than a walk goes (256 levels): left to the whole-copy delete.
     let mut deep = copy.join("deep");
     for _ in 0..300 {
@@ -466,12 +470,16 @@ fn hostile_trees_are_trimmed_and_evicted_as_the_safe_delete_handles_them() {
     file(&deep.join("bottom"), FILE, 50_000);
 
     let report = evictor.pass().unwrap();
+    assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
+    assert!(copy.join("old").exists() && inner.join("foreign").exists());
+    nix::mount::umount(&inner).unwrap();
+    let report = evictor.pass().unwrap();
     assert!(matches!(report.done.as_slice(), [Done::Trimmed { .. }]), "{report:#?}");
     assert!(!copy.join("old").exists());
     assert!(!copy.join("link-file").exists() && !copy.join("link-dir").exists());
     assert_eq!(read_all(&outside.join("precious")).len() as u64, FILE);
-    assert!(inner.join("foreign").exists());
     assert!(deep.join("bottom").exists());
+    mount_inner();
 
     // Evicted whole: refused while a filesystem is mounted inside, then everything goes,
     // however deep.
@@ -496,6 +504,118 @@ fn hostile_trees_are_trimmed_and_evicted_as_the_safe_delete_handles_them() {
     assert!(!copy.exists());
     assert!(fs::read_dir(n.tree.base().join(".trash")).unwrap().next().is_none());
     assert!(outside.join("precious").exists());
+}
+
+/// A bind mount from the base dir's own filesystem inside a copy shows the same device as the
+/// copy, so only the mount itself tells it apart: an unpublish that deletes, the cleanup's
+/// deletion, a trim and a whole-copy eviction leave the copy for later, none deletes in the
+/// bind's source, and the usage counts none of it.
+#[test]
+fn a_same_filesystem_bind_inside_a_copy_is_never_deleted_trimmed_or_counted() {
+    let (n, mut evictor) = node("same-fs-bind", 16 * 1024, |cfg| {
+        cfg.data_on_unpublish = node_local_cache::config::DataOnUnpublish::Delete;
+    });
+    let id = volume_id("pvc-same-fs-bind");
+    let precious = n.tree.base().join("precious");
+    file(&precious.join("important"), FILE, 50_000);
+    let target = n.publish(&id, "pod", lru(4 * KIB));
+    let copy = n.copy(&id);
+    let inner = copy.join("sub");
+    fs::create_dir(&inner).unwrap();
+    nix::mount::mount(
+        Some(&precious),
+        &inner,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let kept = || {
+        assert_eq!(read_all(&precious.join("important")).len() as u64, FILE);
+    };
+    let only_the_copy = safedir::usage(safedir::open_dir(&copy).unwrap()).unwrap();
+    assert_eq!(only_the_copy.inodes, 1, "the bind is not counted: {only_the_copy:?}");
+    assert!(only_the_copy.bytes < FILE, "{only_the_copy:?}");
+
+    // The unpublish that deletes finds the copy in use and keeps it.
+    n.unpublish(&id, &target);
+    kept();
+    assert!(copy.exists());
+    // So does the cleanup's deletion.
+    assert!(!n.state.delete_data(&id, None).unwrap());
+    kept();
+    // The trim leaves it alone: the bind's file is older than anything.
+    file(&copy.join("own"), FILE, 40_000);
+    eviction::note_unpublish(n.base_fd().as_fd(), &id, ago(100)).unwrap();
+    let report = evictor.pass().unwrap();
+    assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
+    kept();
+    // So does the whole-copy eviction.
+    let base = n.base_fd();
+    eviction::note_publish(
+        base.as_fd(),
+        safedir::identity(base.as_fd()).unwrap(),
+        &id,
+        Limits {
+            capacity: 4 * KIB,
+            policy: Policy::WholeCopy,
+        },
+    )
+    .unwrap();
+    let report = evictor.pass().unwrap();
+    assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
+    kept();
+
+    // Unmounted, the copy goes and the source stays.
+    nix::mount::umount(&inner).unwrap();
+    assert!(n.state.delete_data(&id, None).unwrap());
+    assert!(!copy.exists());
+    kept();
+}
+
+/// A trim's plan holds a bounded number of bytes however long the paths to its files: 4,000
+/// files 250 levels of 255-byte names deep (64 KB of path each) raise the real binary's peak
+/// memory by a few MB at most during the trim that deletes them all.
+#[test]
+fn a_trim_of_files_deep_below_long_names_keeps_memory_flat() {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode as FileMode};
+    const LEVELS: usize = 250;
+    const FILES: usize = 4000;
+    let tree = Tree::with_tmpfs_base("trim-memory", Some("size=64m,mode=0700"));
+    let d = Driver::node(&tree, "node-a", &["--eviction-interval=100ms", "--min-free-percent=0"]);
+    let n = d.node_client();
+    let id = volume_id("pvc-trim-memory");
+    let target = tree.target("pod");
+    let mut publish = publish_req(&id, &target, false);
+    lru(4 * KIB).to_context(&mut publish.volume_context);
+    n.node_publish_volume_opt(&publish, opt()).unwrap();
+    let mut dir = safedir::open_dir(&target).unwrap();
+    for level in 0..LEVELS {
+        let name = long_name('d', level);
+        mkdirat(dir.as_fd(), name.as_str(), FileMode::from_bits_truncate(0o755)).unwrap();
+        dir = safedir::open_child(dir.as_fd(), std::ffi::OsStr::new(&name)).unwrap();
+    }
+    for i in 0..FILES {
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_CLOEXEC;
+        let fd = openat(
+            dir.as_fd(),
+            format!("f{i}").as_str(),
+            flags,
+            FileMode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        nix::unistd::write(&fd, b"x").unwrap();
+    }
+    drop(dir);
+    let before = peak_rss(d.pid().as_raw() as u32);
+    n.node_unpublish_volume_opt(&unpublish_req(&id, &target), opt())
+        .unwrap();
+    d.wait_for_log(&format!("volume {id}: trimmed {FILES} least recently used files"), 1);
+    let grown = peak_rss(d.pid().as_raw() as u32).saturating_sub(before);
+    eprintln!("peak memory grew by {:.1} MB through the trim", grown as f64 / 1e6);
+    assert!(grown < 16_000_000, "peak memory grew by {grown} bytes through the trim");
+    tree.assert_no_mounts_but_base();
 }
 
 #[test]

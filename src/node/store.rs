@@ -37,8 +37,9 @@ pub(super) const META_DIR: &str = ".meta";
 const INDEX_READ: &str = "cleanup-read";
 
 impl NodeState {
-    /// Deletes this node's copy of a volume unless it is in use (mounted anywhere, or another
-    /// call on the volume is under way). Returns whether the data is gone.
+    /// Deletes this node's copy of a volume unless it is in use (mounted anywhere, something is
+    /// mounted inside it, or another call on the volume is under way). Returns whether the data
+    /// is gone.
     pub fn delete_data(&self, id: &str, holding: Option<&TargetGuard>) -> Result<bool> {
         let Some(_whole) = self.inflight.lock_volume(id, holding) else {
             debug!("volume {id}: busy; data kept for now");
@@ -59,13 +60,21 @@ impl NodeState {
         };
         let vol_path = base.real.join(id);
         if let Some(at) = Self::mounted_somewhere(id, &vol_path)? {
-            debug!("volume {id}: still mounted at {}; data kept", at.display());
+            if at.starts_with(&vol_path) && at != vol_path {
+                // Deleting around it would fail half-way; a pass after the unmount deletes it all.
+                info!(
+                    "volume {id}: something is mounted inside the copy at {}; data kept",
+                    at.display()
+                );
+            } else {
+                debug!("volume {id}: still mounted at {}; data kept", at.display());
+            }
             return Ok(false);
         }
         let started = Instant::now();
         let existed = safedir::open_child(base.fd.as_fd(), OsStr::new(id)).is_ok();
         safedir::remove_tree(base.fd.as_fd(), OsStr::new(id))
-            .map_err(|e| Error::sys("delete volume data", id, vol_path.join(&e.at), e.errno))?;
+            .map_err(|e| Error::sys("delete volume data", id, base.real.join(&e.at), e.errno))?;
         self.usage_cache.forget(id);
         if let Ok(meta_dir) = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)) {
             let _ = nix::unistd::unlinkat(meta_dir.as_fd(), id, nix::unistd::UnlinkatFlags::NoRemoveDir);
@@ -82,13 +91,18 @@ impl NodeState {
         Ok(true)
     }
 
-    /// Where a bind of the volume dir `vol_path` is mounted, if anywhere.
+    /// Where a bind of the volume dir `vol_path` (or of anything inside it) is mounted, or
+    /// where something is mounted on or inside it, if anywhere. A mount inside is not the
+    /// copy's and must not be deleted in: the walks step around mounts, but where the kernel
+    /// cannot tell a bind from the same filesystem (before Linux 5.8) only the table shows it.
     fn mounted_somewhere(id: &str, vol_path: &Path) -> Result<Option<PathBuf>> {
         let holding = Self::mounts_where(id, vol_path, |m| vol_path.starts_with(&m.mount_point))?;
         let source = Self::bind_source(&holding, vol_path, id)?;
-        Ok(Self::mounts_where(id, vol_path, |m| source.shown_by(m))?
-            .first()
-            .map(|m| m.mount_point.clone()))
+        Ok(Self::mounts_where(id, vol_path, |m| {
+            source.shown_by(m) || m.mount_point.starts_with(vol_path)
+        })?
+        .first()
+        .map(|m| m.mount_point.clone()))
     }
 
     /// Which of the copies `ids` are in use: a bind of the copy (or of anything inside it) is

@@ -372,3 +372,18 @@ pub fn read_all(path: &Path) -> String {
     fs::File::open(path).unwrap().read_to_string(&mut s).unwrap();
     s
 }
+
+/// Peak resident memory (`VmHWM`) of a process, in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// The longest name a directory entry may have (NAME_MAX) made of `c`, unique by `i`.
+pub fn long_name(c: char, i: usize) -> String {
+    let tail = format!("-{i}");
+    let mut name: String = std::iter::repeat_n(c, 255 - tail.len()).collect();
+    name.push_str(&tail);
+    name
+}
