@@ -624,6 +624,22 @@ fn node_args(tree: &Tree) -> [String; 5] {
     ]
 }
 
+fn controller_args(tree: &Tree) -> [String; 3] {
+    [
+        "--mode=controller".to_owned(),
+        "--csi-socket".to_owned(),
+        format!("unix://{}", tree.socket("ctl").display()),
+    ]
+}
+
+/// A client of the controller started with `controller_args`, once its socket is there.
+fn controller_client(tree: &Tree) -> ControllerClient {
+    let socket = tree.socket("ctl");
+    wait_until("the controller's socket", || socket.exists());
+    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+    ControllerClient::new(ChannelBuilder::new(env).connect(&format!("unix:{}", socket.display())))
+}
+
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !done() {
@@ -665,20 +681,8 @@ fn measure_rss(bin: &Path, n: usize, legacy: bool) -> (u64, u64, String) {
             api.put_configmap(NS, acks.new_object(), "node-local-cache");
         }
     }
-    let ctl = spawn(
-        bin,
-        &api,
-        &tree,
-        &[
-            "--mode=controller".to_owned(),
-            "--csi-socket".to_owned(),
-            format!("unix://{}", tree.socket("ctl").display()),
-        ],
-    );
-    let socket = tree.socket("ctl");
-    wait_until("the controller's socket", || socket.exists());
-    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    let client = ControllerClient::new(ChannelBuilder::new(env).connect(&format!("unix:{}", socket.display())));
+    let ctl = spawn(bin, &api, &tree, &controller_args(&tree));
+    let client = controller_client(&tree);
     let mut del = csi::DeleteVolumeRequest::new();
     del.volume_id = id.clone();
     let sent = Instant::now();
@@ -824,16 +828,7 @@ fn controller_memory_through_a_namespace_teardown() {
         };
         api.put_configmap(NS, acks.new_object(), "node-local-cache");
     }
-    let ctl = spawn(
-        Path::new(BIN),
-        &api,
-        &tree,
-        &[
-            "--mode=controller".to_owned(),
-            "--csi-socket".to_owned(),
-            format!("unix://{}", tree.socket("ctl").display()),
-        ],
-    );
+    let ctl = spawn(Path::new(BIN), &api, &tree, &controller_args(&tree));
     let complete = || {
         pending
             .iter()
@@ -1100,20 +1095,8 @@ fn controller_memory_keeping_a_scan_of_the_pvs() {
         let name = format!("pvc-{p:08}");
         api.add_pv(&name, DRIVER, &volume_id(&name));
     }
-    let ctl = spawn(
-        Path::new(BIN),
-        &api,
-        &tree,
-        &[
-            "--mode=controller".to_owned(),
-            "--csi-socket".to_owned(),
-            format!("unix://{}", tree.socket("ctl").display()),
-        ],
-    );
-    let socket = tree.socket("ctl");
-    wait_until("the controller's socket", || socket.exists());
-    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    let client = ControllerClient::new(ChannelBuilder::new(env).connect(&format!("unix:{}", socket.display())));
+    let ctl = spawn(Path::new(BIN), &api, &tree, &controller_args(&tree));
+    let client = controller_client(&tree);
     let idle = peak_rss(ctl.0.id());
     let mut del = csi::DeleteVolumeRequest::new();
     del.volume_id = volume_id(&format!("pvc-{:08}", total - 1));
