@@ -75,6 +75,12 @@ impl Node {
         target
     }
 
+    /// Hands the node new limits for copy `id`, as a publish bringing them would.
+    fn set_limits(&self, id: &str, limits: Limits) {
+        let base = self.base_fd();
+        eviction::note_publish(base.as_fd(), safedir::identity(base.as_fd()).unwrap(), id, limits).unwrap();
+    }
+
     fn unpublish(&self, id: &str, target: &Path) {
         self.state.unpublish(&unpublish_req(id, target)).unwrap();
     }
@@ -484,17 +490,13 @@ fn hostile_trees_are_trimmed_and_evicted_as_the_safe_delete_handles_them() {
     // Evicted whole: refused while a filesystem is mounted inside, then everything goes,
     // however deep.
     file(&copy.join("again"), FILE, 10);
-    let base = n.base_fd();
-    eviction::note_publish(
-        base.as_fd(),
-        safedir::identity(base.as_fd()).unwrap(),
+    n.set_limits(
         &id,
         Limits {
             capacity: 4 * KIB,
             policy: Policy::WholeCopy,
         },
-    )
-    .unwrap();
+    );
     let report = evictor.pass().unwrap();
     assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
     assert!(inner.join("foreign").exists());
@@ -551,17 +553,13 @@ fn a_same_filesystem_bind_inside_a_copy_is_never_deleted_trimmed_or_counted() {
     assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
     kept();
     // So does the whole-copy eviction.
-    let base = n.base_fd();
-    eviction::note_publish(
-        base.as_fd(),
-        safedir::identity(base.as_fd()).unwrap(),
+    n.set_limits(
         &id,
         Limits {
             capacity: 4 * KIB,
             policy: Policy::WholeCopy,
         },
-    )
-    .unwrap();
+    );
     let report = evictor.pass().unwrap();
     assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
     kept();
