@@ -521,7 +521,7 @@ impl NodeState {
             }
             other => other?,
         };
-        // The base dir's handle, checked once per call and only if something is mounted.
+        // The base dir's handle, checked once per call and only if something is to be noted.
         let base_cell = std::cell::OnceCell::new();
         let base = || base_cell.get_or_init(|| self.open_base(id).ok()).as_deref();
         let mut unmounted = 0;
@@ -564,8 +564,12 @@ impl NodeState {
                 Err(e) => return Err(Error::sys("unmount", id, &target, e)),
             }
         }
+        // A target dir left with nothing mounted is a publish the node lost (a reboot, or an
+        // unmount behind our back): that copy was in use until then.
+        let mut left_behind = false;
         match safedir::remove_child(t.parent.as_fd(), &t.name) {
-            Ok(()) | Err(Errno::ENOENT) => {}
+            Ok(()) => left_behind = unmounted == 0,
+            Err(Errno::ENOENT) => {}
             // Never delete data: a non-empty dir that is not a mount was written by someone else.
             Err(Errno::ENOTEMPTY | Errno::EEXIST) => {
                 warn!(
@@ -582,7 +586,7 @@ impl NodeState {
             }
             Err(e) => return Err(Error::sys("remove target dir", id, &target, e)),
         }
-        if unmounted > 0 {
+        if unmounted > 0 || left_behind {
             if let Some(base) = base() {
                 if let Err(e) = eviction::note_unpublish(base.fd.as_fd(), id, SystemTime::now()) {
                     warn!(

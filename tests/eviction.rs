@@ -772,3 +772,37 @@ fn limits_that_could_not_be_written_at_publish_are_still_honoured() {
     );
     n.tree.assert_no_mounts_but_base();
 }
+
+/// After a reboot, kubelet unpublishes the volumes it finds on disk: their targets are empty
+/// dirs, nothing is mounted there any more. Such a copy was in use until the reboot, so the
+/// unpublish notes it as used now; before, it kept the last use of an older unpublish and went
+/// first, ahead of copies idle for longer.
+#[test]
+fn an_unpublish_after_a_reboot_notes_the_copy_as_used_until_then() {
+    let (n, mut evictor) = node("reboot-lru", 16 * 1024, |c| c.max_cache_bytes = 120 * KIB);
+    let [busy, idle] = ["pvc-busy-till-reboot", "pvc-idle-since-yesterday"].map(volume_id);
+    let copy = n.idle_copy(&idle, lru(0), 86_400);
+    for i in 0..5u64 {
+        file(&copy.join(format!("f{i}")), FILE, 90_000);
+    }
+    // Unpublished from another pod 30 days ago, then in use until the reboot.
+    n.idle_copy(&busy, lru(0), 30 * 86_400);
+    let target = n.publish(&busy, "pod-busy", lru(0));
+    for i in 0..5u64 {
+        file(&target.join(format!("f{i}")), FILE, 90_000);
+    }
+    // The reboot: the mount is gone, the target dir stays.
+    nix::mount::umount(&target).unwrap();
+    assert!(target.exists() && mounted_at(&target) == 0);
+    n.unpublish(&busy, &target);
+    assert!(!target.exists());
+
+    // 160 KiB against 120: the copy idle since yesterday gives first.
+    let report = evictor.pass().unwrap();
+    assert!(
+        matches!(report.done.first(), Some(Done::Evicted { id, .. } | Done::Trimmed { id, .. }) if *id == idle),
+        "{report:#?}"
+    );
+    assert_eq!(files(&n.copy(&busy)).len(), 5, "{report:#?}");
+    n.tree.assert_no_mounts_but_base();
+}
