@@ -1102,16 +1102,7 @@ fn a_retried_deletion_racing_the_completion_never_leaves_the_pv_held() {
         "node-local-cache",
     );
     let ctl = CleanupController::new(api.client(NS), cfg);
-    let (arrived_tx, arrived) = std::sync::mpsc::channel();
-    let (go, go_rx) = std::sync::mpsc::channel();
-    api.with(|s| {
-        s.faults.hold = Some(fake_apiserver::Hold {
-            method: "PATCH".into(),
-            path: "/api/v1/persistentvolumes/pvc-race".into(),
-            arrived: arrived_tx,
-            go: go_rx,
-        })
-    });
+    let (arrived, go) = api.hold("PATCH", "/api/v1/persistentvolumes/pvc-race");
     std::thread::scope(|s| {
         let retry = s.spawn(|| delete(&ctl, &id));
         // The retry is about to hold the PV; a pass completes the record meanwhile.
@@ -1144,16 +1135,10 @@ fn a_completion_racing_a_retried_deletion_leaves_the_record_to_the_next_pass() {
     api.add_pv("pvc-late", DRIVER, &id);
     let ctl = CleanupController::new(api.client(NS), cfg);
     delete(&ctl, &id).unwrap();
-    let (arrived_tx, arrived) = std::sync::mpsc::channel();
-    let (go, go_rx) = std::sync::mpsc::channel();
-    api.with(|s| {
-        s.faults.hold = Some(fake_apiserver::Hold {
-            method: "PATCH".into(),
-            path: format!("/api/v1/namespaces/{NS}/configmaps/{}", cleanup::record_name(&id)),
-            arrived: arrived_tx,
-            go: go_rx,
-        })
-    });
+    let (arrived, go) = api.hold(
+        "PATCH",
+        &format!("/api/v1/namespaces/{NS}/configmaps/{}", cleanup::record_name(&id)),
+    );
     std::thread::scope(|s| {
         let pass = s.spawn(|| ctl.poll_once().unwrap());
         // The pass released the PV and its completion waits; the retry comes in between.

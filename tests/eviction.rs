@@ -137,6 +137,13 @@ fn lru(capacity: u64) -> Limits {
     }
 }
 
+fn whole_copy(capacity: u64) -> Limits {
+    Limits {
+        capacity,
+        policy: Policy::WholeCopy,
+    }
+}
+
 #[test]
 fn lru_files_trims_the_least_recently_used_files_down_to_the_low_water_mark() {
     let (n, mut evictor) = node("lru", 16 * 1024, |_| {});
@@ -358,10 +365,7 @@ fn min_free_percent_holds_free_space_on_the_base_dirs_filesystem() {
 #[test]
 fn a_publish_racing_an_eviction_sees_the_whole_old_copy_or_an_empty_one() {
     let (n, mut evictor) = node("race", 512 * 1024, |_| {});
-    let whole = Limits {
-        capacity: 64 * KIB,
-        policy: Policy::WholeCopy,
-    };
+    let whole = whole_copy(64 * KIB);
     let mut outcomes = BTreeSet::new();
     for round in 0..4u32 {
         let id = volume_id(&format!("pvc-race-{round}"));
@@ -490,13 +494,7 @@ fn hostile_trees_are_trimmed_and_evicted_as_the_safe_delete_handles_them() {
     // Evicted whole: refused while a filesystem is mounted inside, then everything goes,
     // however deep.
     file(&copy.join("again"), FILE, 10);
-    n.set_limits(
-        &id,
-        Limits {
-            capacity: 4 * KIB,
-            policy: Policy::WholeCopy,
-        },
-    );
+    n.set_limits(&id, whole_copy(4 * KIB));
     let report = evictor.pass().unwrap();
     assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
     assert!(inner.join("foreign").exists());
@@ -553,13 +551,7 @@ fn a_same_filesystem_bind_inside_a_copy_is_never_deleted_trimmed_or_counted() {
     assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
     kept();
     // So does the whole-copy eviction.
-    n.set_limits(
-        &id,
-        Limits {
-            capacity: 4 * KIB,
-            policy: Policy::WholeCopy,
-        },
-    );
+    n.set_limits(&id, whole_copy(4 * KIB));
     let report = evictor.pass().unwrap();
     assert!(matches!(report.done.as_slice(), [Done::Skipped { .. }]), "{report:#?}");
     kept();

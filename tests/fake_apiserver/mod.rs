@@ -258,6 +258,21 @@ impl FakeApi {
         self.with(|s| s.objects.get(key).cloned())
     }
 
+    /// Holds the first `method` request to `path` (see `Faults::hold`): the receiver tells when
+    /// it has arrived, a send on the sender lets it be served.
+    pub fn hold(&self, method: &str, path: &str) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (arrived_tx, arrived) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let hold = Hold {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            arrived: arrived_tx,
+            go: go_rx,
+        };
+        self.with(|s| s.faults.hold = Some(hold));
+        (arrived, go)
+    }
+
     /// The finalizers of PV `pv`; `None` once the PV is gone.
     pub fn pv_finalizers(&self, pv: &str) -> Option<Vec<String>> {
         self.object(&format!("persistentvolumes//{pv}")).map(|p| {
