@@ -329,11 +329,12 @@ impl BindFlags {
     }
 
     /// Why an existing mount does not serve a request for these flags, or `None` when it does.
-    /// Read-only must be as asked, in either direction; a restriction asked for must be there.
-    /// Restrictions nobody asked for are fine: a bind inherits its source's flags, and a base dir
-    /// on a `nosuid,nodev` filesystem gives every publish those (kubelet repeats a publish after
-    /// each restart and must get OK).
-    pub fn unmet_by(self, m: &MountEntry) -> Option<String> {
+    /// Read-only must be as asked, in either direction; a restriction asked for must be there,
+    /// and one there must be asked for or `inherited`: a bind takes its source's flags, and a base
+    /// dir on a `nosuid,nodev` filesystem gives every publish those (kubelet repeats a publish
+    /// after each restart and must get OK), but a restriction only an earlier publish asked for
+    /// is not what this one asks for.
+    pub fn unmet_by(self, m: &MountEntry, inherited: BindFlags) -> Option<String> {
         if m.read_only() != self.read_only {
             let (asked, there) = if self.read_only {
                 ("read-only", "read-write")
@@ -342,20 +343,49 @@ impl BindFlags {
             };
             return Some(format!("already published {there} ({}), not {asked}", m.options));
         }
-        let missing: Vec<&str> = [(self.nosuid, "nosuid"), (self.nodev, "nodev"), (self.noexec, "noexec")]
-            .into_iter()
-            .filter(|&(asked, name)| asked && !m.has_option(name))
-            .map(|(_, name)| name)
+        let restrictions = [
+            (self.nosuid, inherited.nosuid, "nosuid"),
+            (self.nodev, inherited.nodev, "nodev"),
+            (self.noexec, inherited.noexec, "noexec"),
+        ];
+        let missing: Vec<&str> = restrictions
+            .iter()
+            .filter(|&&(asked, _, name)| asked && !m.has_option(name))
+            .map(|&(_, _, name)| name)
             .collect();
-        if missing.is_empty() {
-            None
-        } else {
-            Some(format!(
+        if !missing.is_empty() {
+            return Some(format!(
                 "already published with options {}, without the requested {}",
                 m.options,
                 missing.join(",")
+            ));
+        }
+        let unasked: Vec<&str> = restrictions
+            .iter()
+            .filter(|&&(asked, from_base, name)| !asked && !from_base && m.has_option(name))
+            .map(|&(_, _, name)| name)
+            .collect();
+        if unasked.is_empty() {
+            None
+        } else {
+            Some(format!(
+                "already published with options {}: {} asked for by an earlier publish, not by this one",
+                m.options,
+                unasked.join(",")
             ))
         }
+    }
+
+    /// The restrictions every bind of `dir` takes from the mount it is on.
+    pub fn inherited_at(dir: BorrowedFd) -> Result<BindFlags, Errno> {
+        use nix::sys::statvfs::FsFlags;
+        let f = nix::sys::statvfs::fstatvfs(dir)?.flags();
+        Ok(BindFlags {
+            read_only: f.contains(FsFlags::ST_RDONLY),
+            nosuid: f.contains(FsFlags::ST_NOSUID),
+            nodev: f.contains(FsFlags::ST_NODEV),
+            noexec: f.contains(FsFlags::ST_NOEXEC),
+        })
     }
 
     pub fn describe(self) -> String {
@@ -929,30 +959,49 @@ mod tests {
     #[test]
     fn flags_are_compared_with_what_was_asked() {
         let t = table();
+        let none = BindFlags::default();
         let ro = BindFlags {
             read_only: true,
             nosuid: true,
             ..Default::default()
         };
-        assert_eq!(ro.unmet_by(&t[4]), None);
+        assert_eq!(ro.unmet_by(&t[4], none), None);
         let plain_ro = BindFlags {
             read_only: true,
             ..Default::default()
         };
+        let base_nosuid = BindFlags {
+            nosuid: true,
+            ..Default::default()
+        };
         // nosuid inherited, not asked for: still the same publish.
-        assert_eq!(plain_ro.unmet_by(&t[4]), None);
-        let rw = BindFlags::default().unmet_by(&t[4]).unwrap();
+        assert_eq!(plain_ro.unmet_by(&t[4], base_nosuid), None);
+        // nosuid neither asked for nor inherited: an earlier publish asked for it.
+        let extra = plain_ro.unmet_by(&t[4], none).unwrap();
+        assert!(extra.contains("nosuid") && extra.contains("earlier publish"), "{extra}");
+        let rw = none.unmet_by(&t[4], base_nosuid).unwrap();
         assert!(rw.contains("read-only") && rw.contains("not read-write"), "{rw}");
-        assert!(ro.unmet_by(&t[3]).unwrap().contains("read-write"));
+        assert!(ro.unmet_by(&t[3], none).unwrap().contains("read-write"));
         let noexec = BindFlags {
             noexec: true,
             ..Default::default()
         };
-        assert!(noexec.unmet_by(&t[3]).unwrap().contains("noexec"));
+        assert!(noexec.unmet_by(&t[3], none).unwrap().contains("noexec"));
         let hardened = parse_line(b"9 1 0:60 /nlc-a /t rw,nosuid,nodev,noexec,noatime - tmpfs tmpfs rw").unwrap();
-        for asked in [BindFlags::default(), noexec] {
-            assert_eq!(asked.unmet_by(&hardened), None, "{}", asked.describe());
+        let base_hardened = BindFlags {
+            nosuid: true,
+            nodev: true,
+            noexec: true,
+            ..Default::default()
+        };
+        for asked in [none, noexec] {
+            assert_eq!(asked.unmet_by(&hardened, base_hardened), None, "{}", asked.describe());
         }
+        let unasked = none.unmet_by(&hardened, base_nosuid).unwrap();
+        assert!(
+            unasked.contains("nodev,noexec asked for by an earlier publish"),
+            "{unasked}"
+        );
         assert_eq!(ro.describe(), "ro,nosuid");
         assert!(!BindFlags::default().needs_remount());
     }

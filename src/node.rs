@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::eviction;
 use crate::inflight::InFlight;
 use crate::metrics;
-use crate::mounts::{self, BindSource, Binding, MountPointCheck};
+use crate::mounts::{self, BindFlags, BindSource, Binding, MountPointCheck};
 use crate::proto::csi::node_service_capability::rpc::Type as NodeRpc;
 use crate::proto::csi::volume_usage::Unit;
 use crate::proto::csi::{
@@ -182,6 +182,14 @@ impl NodeState {
         Ok(base)
     }
 
+    /// The restrictions a bind of the volume dir takes from the filesystem under it: what a
+    /// repeated publish may find on its target without having asked for it.
+    fn inherited(&self, id: &str, base: &Base) -> Result<BindFlags> {
+        let vol = safedir::open_child(base.fd.as_fd(), OsStr::new(id));
+        let dir = vol.as_ref().map_or(base.fd.as_fd(), |fd| fd.as_fd());
+        BindFlags::inherited_at(dir).map_err(|e| Error::sys("statvfs", id, base.real.join(id), e))
+    }
+
     /// The base dir's path as mountinfo names it, even when the dir itself is unusable (`base`
     /// is `None`: so a target can still be unpublished after someone removed the base dir).
     fn base_real(&self, base: Option<&Base>) -> PathBuf {
@@ -306,7 +314,7 @@ impl NodeState {
         if let Some(top) = mounts::at(&table, &t.real).last() {
             let source = Self::bind_source(&table, &vol_path, id)?;
             return match source.classify(top) {
-                Binding::Ours | Binding::OursDeleted => match flags.unmet_by(top) {
+                Binding::Ours | Binding::OursDeleted => match flags.unmet_by(top, self.inherited(id, &base)?) {
                     None => {
                         debug!(
                             "volume {id} already published at {} ({})",

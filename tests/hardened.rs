@@ -125,6 +125,46 @@ fn a_missing_requested_flag_is_a_conflict() {
     assert_eq!(mounted_at(&target), 0);
 }
 
+/// A restriction an earlier publish asked for, which the base dir's filesystem does not carry, is
+/// not what a publish without it asks for (a PV's `mountOptions` edited while its pods run): the
+/// repeat is a conflict, not an OK over a mount the pod did not ask for. Restrictions the base
+/// gives every bind stay fine (`repeated_publishes_on_hardened_base_dirs_answer_ok`).
+#[test]
+fn a_restriction_the_publish_does_not_ask_for_is_a_conflict() {
+    let tree = Tree::new("extra-flag");
+    hardened_base(&tree, MsFlags::MS_NOSUID);
+    let d = Driver::node(&tree, "node-a", &[]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-extra-flag");
+    let target = tree.target("pod");
+    let first = with_flags(publish_req(&vol, &target, false), &["noexec", "nodev"]);
+    n.node_publish_volume(&first).unwrap();
+    // The base's own nosuid is never named as the conflict.
+    for (asked, unasked) in [
+        (&[][..], "nodev,noexec"),
+        (&["noexec"][..], "nodev"),
+        (&["nodev", "nosuid"][..], "noexec"),
+    ] {
+        let (c, msg) = code(n.node_publish_volume(&with_flags(publish_req(&vol, &target, false), asked)));
+        assert_eq!(c, RpcStatusCode::ALREADY_EXISTS, "asked {asked:?}: {msg}");
+        assert!(msg.contains(&vol) && msg.contains(target.to_str().unwrap()), "{msg}");
+        assert!(
+            msg.contains(&format!(": {unasked} asked for by an earlier publish")),
+            "{msg}"
+        );
+    }
+    // The same flags again, and with the base's restriction spelled out, are plain repeats.
+    n.node_publish_volume(&first).unwrap();
+    n.node_publish_volume(&with_flags(
+        publish_req(&vol, &target, false),
+        &["noexec", "nodev", "nosuid"],
+    ))
+    .unwrap();
+    assert_eq!(mounted_at(&target), 1);
+    n.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
+    assert_eq!(mounted_at(&target), 0);
+}
+
 /// A base dir whose filesystem went read-only (a disk remounted `ro` after errors, or a read-only
 /// bind): a read-write publish is refused with FAILED_PRECONDITION and leaves nothing behind,
 /// instead of handing the pod a read-only volume that every later repeat would conflict with.
