@@ -27,12 +27,13 @@ const STOP_CHECK_EVERY: u64 = 256;
 /// Walk-and-delete rounds in one trim before the pass moves on.
 const MAX_ROUNDS: usize = 64;
 
-/// A file a trim may delete, known by its inode (a walk does not leave the copy's filesystem,
-/// where an inode names one file). Ordered by last use, so a max-heap's top is the newest kept.
+/// A file a trim may delete, known by its device and inode (a walk does not leave the copy's
+/// filesystem, but each btrfs subvolume in it numbers its inodes anew). Ordered by last use, so a
+/// max-heap's top is the newest kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Candidate {
     used: (i64, i64),
-    ino: u64,
+    id: (u64, u64),
     bytes: u64,
 }
 
@@ -42,8 +43,9 @@ struct Scan {
     bytes: u64,
     /// The oldest files, oldest first: at most `MAX_CANDIDATES`, and no more than cover `need`.
     oldest: Vec<Candidate>,
-    /// Whether every listing showed a file's own inode (some filesystems, overlayfs among them,
-    /// may list another): then the deleting walk stats only the files it looks for.
+    /// Whether every listing showed a file's own inode, on its directory's device (some
+    /// filesystems, overlayfs among them, may list another): then the deleting walk stats only
+    /// the files it looks for.
     listed_inodes_hold: bool,
 }
 
@@ -98,14 +100,14 @@ fn walk(root: OwnedFd, need: u64, stop: &dyn Fn() -> bool) -> std::result::Resul
             if st.is_dir() {
                 return Ok(Visit::Enter);
             }
-            listed_inodes_hold &= st.ino == entry.ino;
+            listed_inodes_hold &= (st.dev, st.ino) == (entry.dev, entry.ino);
             if need == 0 {
                 return Ok(Visit::Skip);
             }
             heap_bytes += st.bytes;
             heap.push(Candidate {
                 used: last_use(&st),
-                ino: st.ino,
+                id: (st.dev, st.ino),
                 bytes: st.bytes,
             });
             // Drop the newest while the rest still cover `need`, or while there are too many.
@@ -140,7 +142,7 @@ struct Deleted {
 /// it is still that file and unused since. Files are deleted in the walk's order, not oldest
 /// first: all of them are among the oldest.
 fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> Result<Deleted, Halt> {
-    let mut chosen: HashMap<u64, Candidate> = scan.oldest.iter().map(|c| (c.ino, *c)).collect();
+    let mut chosen: HashMap<(u64, u64), Candidate> = scan.oldest.iter().map(|c| (c.id, *c)).collect();
     let mut done = Deleted::default();
     let root = reopen(copy).map_err(|e| Halt::Failed(e, PathBuf::new()))?;
     let mut seen = 0u64;
@@ -153,7 +155,8 @@ fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> 
                 return Err(Halt::Yielded);
             }
             let listed_dir = entry.kind == Some(Type::Directory);
-            if listed_dir || (scan.listed_inodes_hold && entry.kind.is_some() && !chosen.contains_key(&entry.ino)) {
+            let listed = (entry.dev, entry.ino);
+            if listed_dir || (scan.listed_inodes_hold && entry.kind.is_some() && !chosen.contains_key(&listed)) {
                 return Ok(if listed_dir { Visit::Enter } else { Visit::Skip });
             }
             let Some(st) = entry.stat().map_err(failed_at(entry))? else {
@@ -162,7 +165,7 @@ fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> 
             if st.is_dir() {
                 return Ok(Visit::Enter);
             }
-            let Some(c) = chosen.get(&st.ino) else {
+            let Some(c) = chosen.get(&(st.dev, st.ino)) else {
                 return Ok(Visit::Skip);
             };
             if last_use(&st) > c.used {
@@ -179,7 +182,7 @@ fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> 
                 Err(Errno::ENOENT | Errno::EISDIR) => {}
                 Err(e) => return Err(Halt::Failed(e, entry.path())),
             }
-            chosen.remove(&st.ino);
+            chosen.remove(&(st.dev, st.ino));
             // The chosen files together just cover `need`; met in the walk's order, the oldest
             // (emptied files, links) may come last, so all of them go.
             Ok(if chosen.is_empty() { Visit::Stop } else { Visit::Skip })
@@ -290,7 +293,7 @@ mod tests {
         let one = ten_files(&d);
         assert!(one > 0);
         let scan = walk(safedir::open_dir(&d).unwrap(), 3 * one, &|| false).unwrap();
-        let inodes: Vec<_> = scan.oldest.iter().map(|c| c.ino).collect();
+        let inodes: Vec<_> = scan.oldest.iter().map(|c| c.id.1).collect();
         let ino = |name: &str| fs::metadata(d.join(name)).unwrap().ino();
         assert_eq!(inodes, [ino("f0"), ino("f1"), ino("f2")]);
         assert!(scan.bytes >= 10 * one);

@@ -36,7 +36,14 @@ struct Node {
 
 /// The node and its eviction pass.
 fn node(tag: &str, size_kib: u64, configure: impl FnOnce(&mut Config)) -> (Node, Evictor) {
-    let tree = Tree::with_tmpfs_base(tag, Some(&format!("size={size_kib}k,mode=0700")));
+    node_on(
+        Tree::with_tmpfs_base(tag, Some(&format!("size={size_kib}k,mode=0700"))),
+        configure,
+    )
+}
+
+/// As `node`, on a tree with its base dir already mounted.
+fn node_on(tree: Tree, configure: impl FnOnce(&mut Config)) -> (Node, Evictor) {
     let mut cfg = Config::new(Mode::Node);
     cfg.node_name = "node-a".into();
     cfg.base_dir = tree.base();
@@ -796,5 +803,103 @@ fn an_unpublish_after_a_reboot_notes_the_copy_as_used_until_then() {
         "{report:#?}"
     );
     assert_eq!(files(&n.copy(&busy)).len(), 5, "{report:#?}");
+    n.tree.assert_no_mounts_but_base();
+}
+
+/// Files of this size are never inlined in btrfs's metadata: each holds exactly this many bytes
+/// of blocks.
+const BIG: u64 = 64 * KIB;
+
+fn subvolume(path: &Path) {
+    run("btrfs", &["subvolume", "create", path.to_str().unwrap()]);
+}
+
+/// The subvolumes a filesystem holds, as `btrfs subvolume list` prints them (deleted ones not).
+fn subvolumes(fs: &Path) -> String {
+    run("btrfs", &["subvolume", "list", fs.to_str().unwrap()])
+}
+
+/// What a user of a btrfs base dir can make in a copy (`dir`, a pod's view of it) without any
+/// privilege: subvolume `sv` with 8 files of `BIG` (`sv/d/f0` the oldest), `sv/nested` inside it
+/// with the oldest file of all, a tree deeper than a delete keeps open (64 levels) inside `sv`,
+/// and a subvolume 63 levels down inside `sv`, with a dir in it.
+fn subvolumes_in(dir: &Path) {
+    subvolume(&dir.join("sv"));
+    for i in 0..8u64 {
+        file(&dir.join(format!("sv/d/f{i}")), BIG, 10_000 - i * 100);
+    }
+    subvolume(&dir.join("sv/nested"));
+    file(&dir.join("sv/nested/g"), BIG, 20_000);
+    let deep = dir.join("sv").join(std::iter::repeat_n("d", 70).collect::<PathBuf>());
+    fs::create_dir_all(&deep).unwrap();
+    fs::write(deep.join("bottom"), b"").unwrap();
+    let low = dir.join("sv").join(std::iter::repeat_n("p", 61).collect::<PathBuf>());
+    fs::create_dir_all(&low).unwrap();
+    subvolume(&low.join("low"));
+    fs::create_dir_all(low.join("low/x")).unwrap();
+    fs::write(low.join("low/x/f"), b"").unwrap();
+}
+
+/// On btrfs a pod can make a subvolume in its copy (`btrfs subvolume create`, no privilege): it
+/// shows another device, but no mount sits there, so it is the copy's like any dir. NodeGetVolumeStats
+/// and the pass count it, a trim deletes its files, an eviction and the cleanup delete it with the
+/// copy; no subvolume is left on the filesystem. (Each used to stop at the other device: not
+/// counted, not trimmed, and the copy could not be deleted.)
+#[test]
+fn a_btrfs_subvolume_inside_a_copy_is_counted_trimmed_and_deleted_with_it() {
+    let (n, mut evictor) = node_on(Tree::with_btrfs_base("btrfs-subvolume"), |_| {});
+    let [id, other] = ["pvc-subvolume", "pvc-subvolume-other"].map(volume_id);
+    let target = n.publish(&id, "pod", lru(8 * BIG));
+    for i in 0..2u64 {
+        file(&target.join(format!("new{i}")), BIG, 10);
+    }
+    subvolumes_in(&target);
+    let stats = n.state.stats(&stats_req(&id, &target)).unwrap();
+    assert_eq!(stats.usage[0].used as u64, 11 * BIG, "{stats:?}");
+    n.unpublish(&id, &target);
+
+    // 11 files of BIG against 90 % of 8: the 4 oldest go, all in the subvolumes.
+    let copy = n.copy(&id);
+    let before = files(&copy);
+    let report = evictor.pass().unwrap();
+    assert_eq!(report.copies[0].bytes, 11 * BIG, "{report:#?}");
+    assert!(
+        matches!(report.done.as_slice(), [Done::Trimmed { trimmed, .. }] if trimmed.files == 4 && trimmed.freed == 4 * BIG),
+        "{report:#?}"
+    );
+    let gone: BTreeSet<String> = before.difference(&files(&copy)).cloned().collect();
+    let oldest = ["sv/nested/g", "sv/d/f0", "sv/d/f1", "sv/d/f2"].map(String::from);
+    assert_eq!(gone, BTreeSet::from(oldest));
+    assert_eq!(bytes_of(&copy), 7 * BIG);
+
+    // Evicted whole: the trash keeps nothing.
+    n.set_limits(&id, whole_copy(4 * KIB));
+    let report = evictor.pass().unwrap();
+    assert!(matches!(report.done.as_slice(), [Done::Evicted { .. }]), "{report:#?}");
+    assert!(!copy.exists());
+    assert!(fs::read_dir(n.tree.base().join(".trash")).unwrap().next().is_none());
+
+    // The cleanup's deletion (DeleteVolume) of another copy.
+    let target = n.publish(&other, "pod-other", lru(0));
+    subvolumes_in(&target);
+    n.unpublish(&other, &target);
+    assert_eq!(n.state.delete_data(&other, None), Ok(true));
+    assert!(!n.copy(&other).exists());
+    assert_eq!(subvolumes(&n.tree.base()), "", "no subvolume left");
+    n.tree.assert_no_mounts_but_base();
+}
+
+/// With `--data-on-unpublish=delete`, the unpublish deletes a copy with subvolumes inside.
+#[test]
+fn a_copy_with_btrfs_subvolumes_inside_goes_at_an_unpublish_that_deletes() {
+    let (n, _) = node_on(Tree::with_btrfs_base("btrfs-unpublish-delete"), |cfg| {
+        cfg.data_on_unpublish = node_local_cache::config::DataOnUnpublish::Delete;
+    });
+    let id = volume_id("pvc-subvolume-scratch");
+    let target = n.publish(&id, "pod", lru(0));
+    subvolumes_in(&target);
+    n.unpublish(&id, &target);
+    assert!(!n.copy(&id).exists());
+    assert_eq!(subvolumes(&n.tree.base()), "", "no subvolume left");
     n.tree.assert_no_mounts_but_base();
 }
