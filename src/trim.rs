@@ -14,7 +14,7 @@ use nix::dir::Type;
 use nix::errno::Errno;
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
-use crate::safedir::{self, Stat, Visit, WalkEntry};
+use crate::safedir::{self, LinkedFiles, Stat, Visit, WalkEntry};
 
 /// Files a trim keeps in mind per walk of a copy: the oldest ones. A copy needing more is walked
 /// again; memory stays flat however many files the copy holds.
@@ -78,13 +78,14 @@ fn failed_at<'e>(entry: &'e WalkEntry<'_>) -> impl Fn(Errno) -> Halt + 'e {
 }
 
 /// Walks a copy, adding up its bytes as `safedir::usage` does and keeping the oldest files
-/// that cover `need` bytes (none when `need` is 0).
+/// that cover `need` bytes (none when `need` is 0), a file with several links once.
 fn walk(root: OwnedFd, need: u64, stop: &dyn Fn() -> bool) -> std::result::Result<Scan, Halt> {
     let mut heap = BinaryHeap::new();
     let mut heap_bytes = 0u64;
     let mut below = 0u64;
     let mut listed_inodes_hold = true;
     let mut seen = 0u64;
+    let mut linked = LinkedFiles::default();
     let root = safedir::walk_tree(
         root,
         MAX_DEPTH,
@@ -96,6 +97,9 @@ fn walk(root: OwnedFd, need: u64, stop: &dyn Fn() -> bool) -> std::result::Resul
             let Some(st) = entry.stat().map_err(failed_at(entry))? else {
                 return Ok(Visit::Skip);
             };
+            if !linked.first_sight(&st) {
+                return Ok(Visit::Skip);
+            }
             below += st.bytes;
             if st.is_dir() {
                 return Ok(Visit::Enter);
@@ -174,15 +178,19 @@ fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> 
             if stop() {
                 return Err(Halt::Yielded);
             }
+            // The blocks go with the last link: every link met goes, and only the last frees.
+            let last_link = st.nlink < 2;
             match unlinkat(entry.dir, entry.name, UnlinkatFlags::NoRemoveDir) {
                 Ok(()) => {
                     done.files += 1;
-                    done.freed += st.bytes;
+                    done.freed += if last_link { st.bytes } else { 0 };
                 }
                 Err(Errno::ENOENT | Errno::EISDIR) => {}
                 Err(e) => return Err(Halt::Failed(e, entry.path())),
             }
-            chosen.remove(&(st.dev, st.ino));
+            if last_link {
+                chosen.remove(&(st.dev, st.ino));
+            }
             // The chosen files together just cover `need`; met in the walk's order, the oldest
             // (emptied files, links) may come last, so all of them go.
             Ok(if chosen.is_empty() { Visit::Stop } else { Visit::Skip })
@@ -199,7 +207,9 @@ fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> 
 /// What a trim did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Trimmed {
+    /// Names deleted: each link of a file with several.
     pub files: u64,
+    /// Bytes of the files whose last link went.
     pub freed: u64,
     /// Bytes the copy held when the trim began.
     pub before: u64,
@@ -349,6 +359,34 @@ mod tests {
         assert_eq!((deleted.files, deleted.freed, deleted.yielded), (3, 3 * one, false));
         let left: Vec<_> = (0..10).filter(|i| d.join(format!("sub/f{i}")).exists()).collect();
         assert_eq!(left, [3, 4, 5, 6, 7, 8, 9]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A file's blocks go with its last link: a trim deletes every link of a file it chose and
+    /// counts as freed only what that freed, nothing for a file still linked outside the copy.
+    #[test]
+    fn a_trim_counts_as_freed_only_what_a_last_link_frees() {
+        let d = tmp("links");
+        let copy = d.join("copy");
+        fs::create_dir_all(copy.join("a")).unwrap();
+        let one = ten_files(&copy);
+        let measured = || measure(safedir::open_dir(&copy).unwrap()).unwrap();
+        let before = measured();
+        for i in 1..4 {
+            fs::hard_link(copy.join("f0"), copy.join(format!("a/l{i}"))).unwrap();
+        }
+        fs::hard_link(copy.join("f1"), d.join("outside")).unwrap();
+        assert_eq!(measured(), before, "f0 counted once");
+        let fd = safedir::open_dir(&copy).unwrap();
+        let t = trim(fd.as_fd(), before - 2 * one, 2 * one, &|| false).unwrap();
+        assert_eq!(
+            (t.files, t.freed),
+            (5, one),
+            "f0, its 3 links and f1: only f0 freed blocks"
+        );
+        assert!(!copy.join("f1").exists() && d.join("outside").exists());
+        let left = (0..10).filter(|i| copy.join(format!("f{i}")).exists()).count();
+        assert_eq!((left, fs::read_dir(copy.join("a")).unwrap().count()), (8, 0));
         fs::remove_dir_all(&d).unwrap();
     }
 

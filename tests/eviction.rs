@@ -903,3 +903,85 @@ fn a_copy_with_btrfs_subvolumes_inside_goes_at_an_unpublish_that_deletes() {
     assert_eq!(subvolumes(&n.tree.base()), "", "no subvolume left");
     n.tree.assert_no_mounts_but_base();
 }
+
+const MIB: u64 = 1024 * KIB;
+
+/// A file with several hard links (a pnpm store links each of its files into node_modules)
+/// holds its blocks once: NodeGetVolumeStats and the pass count it once, and a trim that chooses
+/// it deletes all its links and counts it freed once. Counted per link, this copy held 11 MiB
+/// instead of 2, and the budget took the newer files too.
+#[test]
+fn a_file_with_ten_hard_links_is_counted_once_and_freed_once() {
+    let (n, mut evictor) = node("hard-links", 32 * 1024, |c| c.max_cache_bytes = 3 * MIB / 2);
+    let id = volume_id("pvc-hard-links");
+    let target = n.publish(&id, "pod", lru(0));
+    file(&target.join("store/big"), MIB, 50_000);
+    fs::create_dir(target.join("links")).unwrap();
+    for i in 1..10 {
+        fs::hard_link(target.join("store/big"), target.join(format!("links/big{i}"))).unwrap();
+    }
+    let newer: BTreeSet<String> = (0..4).map(|i| format!("new{i}")).collect();
+    for (i, name) in newer.iter().enumerate() {
+        file(&target.join(name), MIB / 4, 100 - i as u64);
+    }
+    let stats = n.state.stats(&stats_req(&id, &target)).unwrap();
+    let used = (stats.usage[0].used as u64, stats.usage[1].used);
+    assert_eq!(used, (2 * MIB, 8), "bytes, and inodes: 3 dirs, big, 4 newer files");
+    n.unpublish(&id, &target);
+
+    // 2 MiB against a budget of 1.5: down to 1.35, 0.65 MiB to free: the old file, all its links.
+    let copy = n.copy(&id);
+    let report = evictor.pass().unwrap();
+    assert_eq!(report.copies[0].bytes, 2 * MIB, "{report:#?}");
+    assert!(
+        matches!(report.done.as_slice(), [Done::Trimmed { trimmed, .. }] if trimmed.freed == MIB && trimmed.files == 10),
+        "{report:#?}"
+    );
+    assert_eq!(files(&copy), newer);
+    assert_eq!(bytes_of(&copy), MIB);
+}
+
+/// NodeGetVolumeStats remembers files with several links up to a bound
+/// (`safedir::MAX_LINKED_FILES`) and counts any more once per link: in a copy of 1,000 files more
+/// than that, each with two links, those 1,000 are counted twice. Remembering them raised the
+/// call's peak memory by 1.8 MB (0.07 MB remembering none), and as much with 60,000 over.
+#[test]
+fn hard_links_are_remembered_up_to_a_bound_that_keeps_memory_flat() {
+    let bound = safedir::MAX_LINKED_FILES as i64;
+    let over = 1_000;
+    let tree = Tree::with_tmpfs_base("links-memory", Some("size=64m,mode=0700"));
+    let d = Driver::node(&tree, "node-a", &["--min-free-percent=0"]);
+    let n = d.node_client();
+    let id = volume_id("pvc-links-memory");
+    let target = tree.target("pod");
+    n.node_publish_volume_opt(&publish_req(&id, &target, false), opt())
+        .unwrap();
+    for dir in ["a", "b"] {
+        fs::create_dir(target.join(dir)).unwrap();
+    }
+    for i in 0..bound + over {
+        fs::File::create(target.join(format!("a/{i}"))).unwrap();
+        fs::hard_link(target.join(format!("a/{i}")), target.join(format!("b/{i}"))).unwrap();
+    }
+    let pid = d.pid().as_raw() as u32;
+    reset_peak_rss(pid);
+    let before = rss(pid);
+    let stats = n.node_get_volume_stats_opt(&stats_req(&id, &target), opt()).unwrap();
+    let grown = peak_rss(pid).saturating_sub(before);
+    eprintln!(
+        "peak memory grew by {:.2} MB through the stats call",
+        grown as f64 / 1e6
+    );
+    assert_eq!(
+        stats.usage[1].used,
+        3 + bound + 2 * over,
+        "the root, a, b and the files"
+    );
+    assert!(
+        grown < 4_000_000,
+        "peak memory grew by {grown} bytes through the stats call"
+    );
+    n.node_unpublish_volume_opt(&unpublish_req(&id, &target), opt())
+        .unwrap();
+    tree.assert_no_mounts_but_base();
+}
