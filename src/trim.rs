@@ -14,7 +14,7 @@ use nix::dir::Type;
 use nix::errno::Errno;
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
-use crate::safedir::{self, Stat, Visit, WalkEntry};
+use crate::safedir::{self, LinkedFiles, Stat, Visit, WalkEntry};
 
 /// Files a trim keeps in mind per walk of a copy: the oldest ones. A copy needing more is walked
 /// again; memory stays flat however many files the copy holds.
@@ -27,12 +27,13 @@ const STOP_CHECK_EVERY: u64 = 256;
 /// Walk-and-delete rounds in one trim before the pass moves on.
 const MAX_ROUNDS: usize = 64;
 
-/// A file a trim may delete, known by its inode (a walk does not leave the copy's filesystem,
-/// where an inode names one file). Ordered by last use, so a max-heap's top is the newest kept.
+/// A file a trim may delete, known by its device and inode (a walk does not leave the copy's
+/// filesystem, but each btrfs subvolume in it numbers its inodes anew). Ordered by last use, so a
+/// max-heap's top is the newest kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Candidate {
     used: (i64, i64),
-    ino: u64,
+    id: (u64, u64),
     bytes: u64,
 }
 
@@ -42,8 +43,9 @@ struct Scan {
     bytes: u64,
     /// The oldest files, oldest first: at most `MAX_CANDIDATES`, and no more than cover `need`.
     oldest: Vec<Candidate>,
-    /// Whether every listing showed a file's own inode (some filesystems, overlayfs among them,
-    /// may list another): then the deleting walk stats only the files it looks for.
+    /// Whether every listing showed a file's own inode, on its directory's device (some
+    /// filesystems, overlayfs among them, may list another): then the deleting walk stats only
+    /// the files it looks for.
     listed_inodes_hold: bool,
 }
 
@@ -76,13 +78,14 @@ fn failed_at<'e>(entry: &'e WalkEntry<'_>) -> impl Fn(Errno) -> Halt + 'e {
 }
 
 /// Walks a copy, adding up its bytes as `safedir::usage` does and keeping the oldest files
-/// that cover `need` bytes (none when `need` is 0).
+/// that cover `need` bytes (none when `need` is 0), a file with several links once.
 fn walk(root: OwnedFd, need: u64, stop: &dyn Fn() -> bool) -> std::result::Result<Scan, Halt> {
     let mut heap = BinaryHeap::new();
     let mut heap_bytes = 0u64;
     let mut below = 0u64;
     let mut listed_inodes_hold = true;
     let mut seen = 0u64;
+    let mut linked = LinkedFiles::default();
     let root = safedir::walk_tree(
         root,
         MAX_DEPTH,
@@ -94,18 +97,21 @@ fn walk(root: OwnedFd, need: u64, stop: &dyn Fn() -> bool) -> std::result::Resul
             let Some(st) = entry.stat().map_err(failed_at(entry))? else {
                 return Ok(Visit::Skip);
             };
+            if !linked.first_sight(&st) {
+                return Ok(Visit::Skip);
+            }
             below += st.bytes;
             if st.is_dir() {
                 return Ok(Visit::Enter);
             }
-            listed_inodes_hold &= st.ino == entry.ino;
+            listed_inodes_hold &= (st.dev, st.ino) == (entry.dev, entry.ino);
             if need == 0 {
                 return Ok(Visit::Skip);
             }
             heap_bytes += st.bytes;
             heap.push(Candidate {
                 used: last_use(&st),
-                ino: st.ino,
+                id: (st.dev, st.ino),
                 bytes: st.bytes,
             });
             // Drop the newest while the rest still cover `need`, or while there are too many.
@@ -140,7 +146,7 @@ struct Deleted {
 /// it is still that file and unused since. Files are deleted in the walk's order, not oldest
 /// first: all of them are among the oldest.
 fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> Result<Deleted, Halt> {
-    let mut chosen: HashMap<u64, Candidate> = scan.oldest.iter().map(|c| (c.ino, *c)).collect();
+    let mut chosen: HashMap<(u64, u64), Candidate> = scan.oldest.iter().map(|c| (c.id, *c)).collect();
     let mut done = Deleted::default();
     let root = reopen(copy).map_err(|e| Halt::Failed(e, PathBuf::new()))?;
     let mut seen = 0u64;
@@ -153,7 +159,8 @@ fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> 
                 return Err(Halt::Yielded);
             }
             let listed_dir = entry.kind == Some(Type::Directory);
-            if listed_dir || (scan.listed_inodes_hold && entry.kind.is_some() && !chosen.contains_key(&entry.ino)) {
+            let listed = (entry.dev, entry.ino);
+            if listed_dir || (scan.listed_inodes_hold && entry.kind.is_some() && !chosen.contains_key(&listed)) {
                 return Ok(if listed_dir { Visit::Enter } else { Visit::Skip });
             }
             let Some(st) = entry.stat().map_err(failed_at(entry))? else {
@@ -162,7 +169,7 @@ fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> 
             if st.is_dir() {
                 return Ok(Visit::Enter);
             }
-            let Some(c) = chosen.get(&st.ino) else {
+            let Some(c) = chosen.get(&(st.dev, st.ino)) else {
                 return Ok(Visit::Skip);
             };
             if last_use(&st) > c.used {
@@ -171,15 +178,19 @@ fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> 
             if stop() {
                 return Err(Halt::Yielded);
             }
+            // The blocks go with the last link: every link met goes, and only the last frees.
+            let last_link = st.nlink < 2;
             match unlinkat(entry.dir, entry.name, UnlinkatFlags::NoRemoveDir) {
                 Ok(()) => {
                     done.files += 1;
-                    done.freed += st.bytes;
+                    done.freed += if last_link { st.bytes } else { 0 };
                 }
                 Err(Errno::ENOENT | Errno::EISDIR) => {}
                 Err(e) => return Err(Halt::Failed(e, entry.path())),
             }
-            chosen.remove(&st.ino);
+            if last_link {
+                chosen.remove(&(st.dev, st.ino));
+            }
             // The chosen files together just cover `need`; met in the walk's order, the oldest
             // (emptied files, links) may come last, so all of them go.
             Ok(if chosen.is_empty() { Visit::Stop } else { Visit::Skip })
@@ -196,7 +207,9 @@ fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> 
 /// What a trim did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Trimmed {
+    /// Names deleted: each link of a file with several.
     pub files: u64,
+    /// Bytes of the files whose last link went.
     pub freed: u64,
     /// Bytes the copy held when the trim began.
     pub before: u64,
@@ -290,7 +303,7 @@ mod tests {
         let one = ten_files(&d);
         assert!(one > 0);
         let scan = walk(safedir::open_dir(&d).unwrap(), 3 * one, &|| false).unwrap();
-        let inodes: Vec<_> = scan.oldest.iter().map(|c| c.ino).collect();
+        let inodes: Vec<_> = scan.oldest.iter().map(|c| c.id.1).collect();
         let ino = |name: &str| fs::metadata(d.join(name)).unwrap().ino();
         assert_eq!(inodes, [ino("f0"), ino("f1"), ino("f2")]);
         assert!(scan.bytes >= 10 * one);
@@ -346,6 +359,34 @@ mod tests {
         assert_eq!((deleted.files, deleted.freed, deleted.yielded), (3, 3 * one, false));
         let left: Vec<_> = (0..10).filter(|i| d.join(format!("sub/f{i}")).exists()).collect();
         assert_eq!(left, [3, 4, 5, 6, 7, 8, 9]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A file's blocks go with its last link: a trim deletes every link of a file it chose and
+    /// counts as freed only what that freed, nothing for a file still linked outside the copy.
+    #[test]
+    fn a_trim_counts_as_freed_only_what_a_last_link_frees() {
+        let d = tmp("links");
+        let copy = d.join("copy");
+        fs::create_dir_all(copy.join("a")).unwrap();
+        let one = ten_files(&copy);
+        let measured = || measure(safedir::open_dir(&copy).unwrap()).unwrap();
+        let before = measured();
+        for i in 1..4 {
+            fs::hard_link(copy.join("f0"), copy.join(format!("a/l{i}"))).unwrap();
+        }
+        fs::hard_link(copy.join("f1"), d.join("outside")).unwrap();
+        assert_eq!(measured(), before, "f0 counted once");
+        let fd = safedir::open_dir(&copy).unwrap();
+        let t = trim(fd.as_fd(), before - 2 * one, 2 * one, &|| false).unwrap();
+        assert_eq!(
+            (t.files, t.freed),
+            (5, one),
+            "f0, its 3 links and f1: only f0 freed blocks"
+        );
+        assert!(!copy.join("f1").exists() && d.join("outside").exists());
+        let left = (0..10).filter(|i| copy.join(format!("f{i}")).exists()).count();
+        assert_eq!((left, fs::read_dir(copy.join("a")).unwrap().count()), (8, 0));
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -36,7 +36,14 @@ struct Node {
 
 /// The node and its eviction pass.
 fn node(tag: &str, size_kib: u64, configure: impl FnOnce(&mut Config)) -> (Node, Evictor) {
-    let tree = Tree::with_tmpfs_base(tag, Some(&format!("size={size_kib}k,mode=0700")));
+    node_on(
+        Tree::with_tmpfs_base(tag, Some(&format!("size={size_kib}k,mode=0700"))),
+        configure,
+    )
+}
+
+/// As `node`, on a tree with its base dir already mounted.
+fn node_on(tree: Tree, configure: impl FnOnce(&mut Config)) -> (Node, Evictor) {
     let mut cfg = Config::new(Mode::Node);
     cfg.node_name = "node-a".into();
     cfg.base_dir = tree.base();
@@ -797,4 +804,184 @@ fn an_unpublish_after_a_reboot_notes_the_copy_as_used_until_then() {
     );
     assert_eq!(files(&n.copy(&busy)).len(), 5, "{report:#?}");
     n.tree.assert_no_mounts_but_base();
+}
+
+/// Files of this size are never inlined in btrfs's metadata: each holds exactly this many bytes
+/// of blocks.
+const BIG: u64 = 64 * KIB;
+
+fn subvolume(path: &Path) {
+    run("btrfs", &["subvolume", "create", path.to_str().unwrap()]);
+}
+
+/// The subvolumes a filesystem holds, as `btrfs subvolume list` prints them (deleted ones not).
+fn subvolumes(fs: &Path) -> String {
+    run("btrfs", &["subvolume", "list", fs.to_str().unwrap()])
+}
+
+/// What a user of a btrfs base dir can make in a copy (`dir`, a pod's view of it) without any
+/// privilege: subvolume `sv` with 8 files of `BIG` (`sv/d/f0` the oldest), `sv/nested` inside it
+/// with the oldest file of all, a tree deeper than a delete keeps open (64 levels) inside `sv`,
+/// and a subvolume 63 levels down inside `sv`, with a dir in it.
+fn subvolumes_in(dir: &Path) {
+    subvolume(&dir.join("sv"));
+    for i in 0..8u64 {
+        file(&dir.join(format!("sv/d/f{i}")), BIG, 10_000 - i * 100);
+    }
+    subvolume(&dir.join("sv/nested"));
+    file(&dir.join("sv/nested/g"), BIG, 20_000);
+    let deep = dir.join("sv").join(std::iter::repeat_n("d", 70).collect::<PathBuf>());
+    fs::create_dir_all(&deep).unwrap();
+    fs::write(deep.join("bottom"), b"").unwrap();
+    let low = dir.join("sv").join(std::iter::repeat_n("p", 61).collect::<PathBuf>());
+    fs::create_dir_all(&low).unwrap();
+    subvolume(&low.join("low"));
+    fs::create_dir_all(low.join("low/x")).unwrap();
+    fs::write(low.join("low/x/f"), b"").unwrap();
+}
+
+/// On btrfs a pod can make a subvolume in its copy (`btrfs subvolume create`, no privilege): it
+/// shows another device, but no mount sits there, so it is the copy's like any dir. NodeGetVolumeStats
+/// and the pass count it, a trim deletes its files, an eviction and the cleanup delete it with the
+/// copy; no subvolume is left on the filesystem. (Each used to stop at the other device: not
+/// counted, not trimmed, and the copy could not be deleted.)
+#[test]
+fn a_btrfs_subvolume_inside_a_copy_is_counted_trimmed_and_deleted_with_it() {
+    let (n, mut evictor) = node_on(Tree::with_btrfs_base("btrfs-subvolume"), |_| {});
+    let [id, other] = ["pvc-subvolume", "pvc-subvolume-other"].map(volume_id);
+    let target = n.publish(&id, "pod", lru(8 * BIG));
+    for i in 0..2u64 {
+        file(&target.join(format!("new{i}")), BIG, 10);
+    }
+    subvolumes_in(&target);
+    let stats = n.state.stats(&stats_req(&id, &target)).unwrap();
+    assert_eq!(stats.usage[0].used as u64, 11 * BIG, "{stats:?}");
+    n.unpublish(&id, &target);
+
+    // 11 files of BIG against 90 % of 8: the 4 oldest go, all in the subvolumes.
+    let copy = n.copy(&id);
+    let before = files(&copy);
+    let report = evictor.pass().unwrap();
+    assert_eq!(report.copies[0].bytes, 11 * BIG, "{report:#?}");
+    assert!(
+        matches!(report.done.as_slice(), [Done::Trimmed { trimmed, .. }] if trimmed.files == 4 && trimmed.freed == 4 * BIG),
+        "{report:#?}"
+    );
+    let gone: BTreeSet<String> = before.difference(&files(&copy)).cloned().collect();
+    let oldest = ["sv/nested/g", "sv/d/f0", "sv/d/f1", "sv/d/f2"].map(String::from);
+    assert_eq!(gone, BTreeSet::from(oldest));
+    assert_eq!(bytes_of(&copy), 7 * BIG);
+
+    // Evicted whole: the trash keeps nothing.
+    n.set_limits(&id, whole_copy(4 * KIB));
+    let report = evictor.pass().unwrap();
+    assert!(matches!(report.done.as_slice(), [Done::Evicted { .. }]), "{report:#?}");
+    assert!(!copy.exists());
+    assert!(fs::read_dir(n.tree.base().join(".trash")).unwrap().next().is_none());
+
+    // The cleanup's deletion (DeleteVolume) of another copy.
+    let target = n.publish(&other, "pod-other", lru(0));
+    subvolumes_in(&target);
+    n.unpublish(&other, &target);
+    assert_eq!(n.state.delete_data(&other, None), Ok(true));
+    assert!(!n.copy(&other).exists());
+    assert_eq!(subvolumes(&n.tree.base()), "", "no subvolume left");
+    n.tree.assert_no_mounts_but_base();
+}
+
+/// With `--data-on-unpublish=delete`, the unpublish deletes a copy with subvolumes inside.
+#[test]
+fn a_copy_with_btrfs_subvolumes_inside_goes_at_an_unpublish_that_deletes() {
+    let (n, _) = node_on(Tree::with_btrfs_base("btrfs-unpublish-delete"), |cfg| {
+        cfg.data_on_unpublish = node_local_cache::config::DataOnUnpublish::Delete;
+    });
+    let id = volume_id("pvc-subvolume-scratch");
+    let target = n.publish(&id, "pod", lru(0));
+    subvolumes_in(&target);
+    n.unpublish(&id, &target);
+    assert!(!n.copy(&id).exists());
+    assert_eq!(subvolumes(&n.tree.base()), "", "no subvolume left");
+    n.tree.assert_no_mounts_but_base();
+}
+
+const MIB: u64 = 1024 * KIB;
+
+/// A file with several hard links (a pnpm store links each of its files into node_modules)
+/// holds its blocks once: NodeGetVolumeStats and the pass count it once, and a trim that chooses
+/// it deletes all its links and counts it freed once. Counted per link, this copy held 11 MiB
+/// instead of 2, and the budget took the newer files too.
+#[test]
+fn a_file_with_ten_hard_links_is_counted_once_and_freed_once() {
+    let (n, mut evictor) = node("hard-links", 32 * 1024, |c| c.max_cache_bytes = 3 * MIB / 2);
+    let id = volume_id("pvc-hard-links");
+    let target = n.publish(&id, "pod", lru(0));
+    file(&target.join("store/big"), MIB, 50_000);
+    fs::create_dir(target.join("links")).unwrap();
+    for i in 1..10 {
+        fs::hard_link(target.join("store/big"), target.join(format!("links/big{i}"))).unwrap();
+    }
+    let newer: BTreeSet<String> = (0..4).map(|i| format!("new{i}")).collect();
+    for (i, name) in newer.iter().enumerate() {
+        file(&target.join(name), MIB / 4, 100 - i as u64);
+    }
+    let stats = n.state.stats(&stats_req(&id, &target)).unwrap();
+    let used = (stats.usage[0].used as u64, stats.usage[1].used);
+    assert_eq!(used, (2 * MIB, 8), "bytes, and inodes: 3 dirs, big, 4 newer files");
+    n.unpublish(&id, &target);
+
+    // 2 MiB against a budget of 1.5: down to 1.35, 0.65 MiB to free: the old file, all its links.
+    let copy = n.copy(&id);
+    let report = evictor.pass().unwrap();
+    assert_eq!(report.copies[0].bytes, 2 * MIB, "{report:#?}");
+    assert!(
+        matches!(report.done.as_slice(), [Done::Trimmed { trimmed, .. }] if trimmed.freed == MIB && trimmed.files == 10),
+        "{report:#?}"
+    );
+    assert_eq!(files(&copy), newer);
+    assert_eq!(bytes_of(&copy), MIB);
+}
+
+/// NodeGetVolumeStats remembers files with several links up to a bound
+/// (`safedir::MAX_LINKED_FILES`) and counts any more once per link: in a copy of 1,000 files more
+/// than that, each with two links, those 1,000 are counted twice. Remembering them raised the
+/// call's peak memory by 1.8 MB (0.07 MB remembering none), and as much with 60,000 over.
+#[test]
+fn hard_links_are_remembered_up_to_a_bound_that_keeps_memory_flat() {
+    let bound = safedir::MAX_LINKED_FILES as i64;
+    let over = 1_000;
+    let tree = Tree::with_tmpfs_base("links-memory", Some("size=64m,mode=0700"));
+    let d = Driver::node(&tree, "node-a", &["--min-free-percent=0"]);
+    let n = d.node_client();
+    let id = volume_id("pvc-links-memory");
+    let target = tree.target("pod");
+    n.node_publish_volume_opt(&publish_req(&id, &target, false), opt())
+        .unwrap();
+    for dir in ["a", "b"] {
+        fs::create_dir(target.join(dir)).unwrap();
+    }
+    for i in 0..bound + over {
+        fs::File::create(target.join(format!("a/{i}"))).unwrap();
+        fs::hard_link(target.join(format!("a/{i}")), target.join(format!("b/{i}"))).unwrap();
+    }
+    let pid = d.pid().as_raw() as u32;
+    reset_peak_rss(pid);
+    let before = rss(pid);
+    let stats = n.node_get_volume_stats_opt(&stats_req(&id, &target), opt()).unwrap();
+    let grown = peak_rss(pid).saturating_sub(before);
+    eprintln!(
+        "peak memory grew by {:.2} MB through the stats call",
+        grown as f64 / 1e6
+    );
+    assert_eq!(
+        stats.usage[1].used,
+        3 + bound + 2 * over,
+        "the root, a, b and the files"
+    );
+    assert!(
+        grown < 4_000_000,
+        "peak memory grew by {grown} bytes through the stats call"
+    );
+    n.node_unpublish_volume_opt(&unpublish_req(&id, &target), opt())
+        .unwrap();
+    tree.assert_no_mounts_but_base();
 }

@@ -35,6 +35,8 @@ static SEQ: AtomicUsize = AtomicUsize::new(0);
 /// it and removes it on drop (after the test has made its own assertions).
 pub struct Tree {
     pub root: PathBuf,
+    /// The loop device under a base dir on a filesystem image, detached on drop.
+    loop_device: Option<String>,
 }
 
 impl Tree {
@@ -50,7 +52,10 @@ impl Tree {
         fs::create_dir_all(root.join("base")).unwrap();
         // Canonical from the start, so paths match what mountinfo reports.
         let root = fs::canonicalize(&root).unwrap();
-        Tree { root }
+        Tree {
+            root,
+            loop_device: None,
+        }
     }
 
     /// As `new`, with the base dir on a tmpfs mounted with `options` (`size=…`, `mode=…`).
@@ -62,6 +67,26 @@ impl Tree {
             Some("tmpfs"),
             nix::mount::MsFlags::empty(),
             options,
+        )
+        .unwrap();
+        tree
+    }
+
+    /// As `new`, with the base dir on a fresh btrfs of 256 MiB: an image file in the tree on a
+    /// loop device. The tree's drop unmounts it and detaches the device, whatever the test did.
+    pub fn with_btrfs_base(tag: &str) -> Tree {
+        let mut tree = Tree::new(tag);
+        let image = tree.root.join("base.img");
+        fs::File::create(&image).unwrap().set_len(256 << 20).unwrap();
+        run("mkfs.btrfs", &["-q", image.to_str().unwrap()]);
+        let device = run("losetup", &["--find", "--show", image.to_str().unwrap()]);
+        tree.loop_device = Some(device.trim().to_owned());
+        nix::mount::mount(
+            Some(device.trim()),
+            &tree.base(),
+            Some("btrfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
         )
         .unwrap();
         tree
@@ -117,8 +142,26 @@ impl Drop for Tree {
         for m in left {
             let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
         }
+        // Still busy (a handle left open): the kernel detaches it when the last one closes.
+        if let Some(device) = &self.loop_device {
+            let _ = Command::new("losetup").args(["--detach", device]).status();
+        }
         let _ = fs::remove_dir_all(&self.root);
     }
+}
+
+/// Runs a tool to completion and returns what it printed; panics with its errors if it fails.
+pub fn run(tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The real binary, serving on a socket in a `Tree`.
@@ -375,8 +418,23 @@ pub fn read_all(path: &Path) -> String {
 
 /// Peak resident memory (`VmHWM`) of a process, in bytes.
 pub fn peak_rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// Resident memory (`VmRSS`) of a process, in bytes.
+pub fn rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// Sets a process's peak resident memory back to what it holds now, so the next peak is one
+/// call's own.
+pub fn reset_peak_rss(pid: u32) {
+    fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
+fn status_bytes(pid: u32, key: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(key)).unwrap();
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
