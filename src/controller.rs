@@ -82,20 +82,7 @@ impl ControllerService {
                 "volume_content_source (no snapshots or clones of a cache)",
             ));
         }
-        if let Some(key) = req
-            .parameters
-            .keys()
-            .find(|k| !k.starts_with(PROVISIONER_PREFIX) && *k != eviction::PARAMETER)
-        {
-            return Err(Error::unsupported(
-                &id,
-                format!(
-                    "StorageClass parameter {key:?} (this driver takes only {:?})",
-                    eviction::PARAMETER
-                ),
-            ));
-        }
-        let policy = Policy::from_parameters(&id, &req.parameters)?;
+        let policy = check_parameters(&id, &req.parameters, &req.mutable_parameters)?;
         let (required, limit) = req
             .capacity_range
             .as_ref()
@@ -209,10 +196,13 @@ impl ControllerService {
             return Err(Error::missing("volume_capabilities", id));
         }
         let mut r = ValidateVolumeCapabilitiesResponse::new();
+        // Confirmed only as far as checked: what CreateVolume or a publish would refuse is not.
         match req
             .volume_capabilities
             .iter()
             .try_for_each(|c| volume::check_capability(id, c).map(drop))
+            .and_then(|()| check_parameters(id, &req.parameters, &req.mutable_parameters))
+            .and_then(|_| Limits::from_context(id, &req.volume_context).map(drop))
         {
             Ok(()) => {
                 let mut confirmed = Confirmed::new();
@@ -235,6 +225,34 @@ impl ControllerService {
         r.capabilities.push(cap);
         r
     }
+}
+
+/// The policy a volume's parameters ask for. Only csi-provisioner's own `csi.storage.k8s.io/…`
+/// and `eviction` are taken, so a typo is refused, not ignored; and no mutable parameters: with
+/// no MODIFY_VOLUME, a VolumeAttributesClass (which csi-provisioner passes as mutable
+/// parameters whatever the driver's capabilities) would be named on the PV and never honoured.
+fn check_parameters(
+    id: &str,
+    parameters: &HashMap<String, String>,
+    mutable_parameters: &HashMap<String, String>,
+) -> Result<Policy> {
+    let only = eviction::PARAMETER;
+    if let Some(key) = mutable_parameters.keys().min() {
+        return Err(Error::unsupported(
+            id,
+            format!("mutable parameter {key:?} (no VolumeAttributesClass: set {only:?} in the StorageClass)"),
+        ));
+    }
+    if let Some(key) = parameters
+        .keys()
+        .find(|k| !k.starts_with(PROVISIONER_PREFIX) && *k != only)
+    {
+        return Err(Error::unsupported(
+            id,
+            format!("StorageClass parameter {key:?} (this driver takes only {only:?})"),
+        ));
+    }
+    Policy::from_parameters(id, parameters)
 }
 
 /// No accessible_topology: any node may use the volume, so the scheduler never pins a pod. The

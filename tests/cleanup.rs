@@ -1236,3 +1236,32 @@ fn records_listed_past_the_old_body_cap_are_all_read() {
     assert_eq!(n.poll(), 1);
     assert!(!n.has(&last), "the copy of the record listed last is deleted");
 }
+
+/// The index is what every node reads on every poll; a node that finds none lists every record
+/// instead. Deleted or rewritten behind the controller's back (by hand, a restore from backup),
+/// the next pass writes it again from the records.
+#[test]
+fn an_index_changed_behind_the_controllers_back_is_mended_by_the_next_pass() {
+    let api = api("index-gone");
+    let cfg = config(Duration::from_secs(600));
+    let id = volume_id("pvc-index-gone");
+    api.add_pv("pvc-index-gone", DRIVER, &id);
+    let ctl = CleanupController::new(api.client(NS), cfg);
+    delete(&ctl, &id).unwrap();
+    ctl.poll_once().unwrap();
+    let key = format!("configmaps/{NS}/{}", cleanup::INDEX_NAME);
+    let written = api.object(&key).unwrap()["data"].clone();
+    assert!(written["records"].as_str().unwrap().contains(&id));
+    api.with(|s| s.objects.remove(&key));
+    ctl.poll_once().unwrap();
+    assert_eq!(
+        api.object(&key).map(|o| o["data"].clone()),
+        Some(written.clone()),
+        "written again"
+    );
+    let mut emptied = api.object(&key).unwrap();
+    emptied["data"]["records"] = "".into();
+    api.put_configmap(NS, emptied, "kubectl");
+    ctl.poll_once().unwrap();
+    assert_eq!(api.object(&key).unwrap()["data"], written, "mended");
+}

@@ -384,6 +384,66 @@ fn controller_creates_deletes_and_validates() {
     tree.assert_no_mounts();
 }
 
+/// A PVC naming a VolumeAttributesClass reaches CreateVolume with the class's parameters as
+/// `mutable_parameters`: csi-provisioner sends them whatever the driver's capabilities. This
+/// driver has no MODIFY_VOLUME and no mutable parameter, so they are refused, as an unknown
+/// StorageClass parameter is: a class asking for `eviction: none` must not give a volume that
+/// quietly trims. ValidateVolumeCapabilities confirms only what it checked: parameters,
+/// mutable parameters and a volume context CreateVolume or a publish would refuse are not
+/// confirmed, and the reason is given.
+#[test]
+fn mutable_parameters_are_refused_not_ignored() {
+    let tree = Tree::new("controller-mutable");
+    let d = Driver::controller(&tree, &[]);
+    let c = d.controller_client();
+
+    let mut req = create_req("pvc-vac", 1 << 30);
+    req.mutable_parameters.insert("eviction".into(), "none".into());
+    for _ in 0..2 {
+        let (status, msg) = code(c.create_volume(&req));
+        assert_eq!(status, RpcStatusCode::INVALID_ARGUMENT, "{msg}");
+        assert!(
+            msg.contains("eviction") && msg.contains("VolumeAttributesClass"),
+            "{msg}"
+        );
+    }
+    // Refused, so nothing was created: the same name without the class is a new volume.
+    req.mutable_parameters.clear();
+    req.parameters.insert("eviction".into(), "none".into());
+    let v = c.create_volume(&req).unwrap().volume.unwrap();
+
+    let mut validate = csi::ValidateVolumeCapabilitiesRequest::new();
+    validate.volume_id = v.volume_id.clone();
+    validate.volume_capabilities.push(rw_cap());
+    validate.volume_context = v.volume_context.clone();
+    validate.parameters = req.parameters.clone();
+    let r = c.validate_volume_capabilities(&validate).unwrap();
+    assert_eq!(r.confirmed.parameters, req.parameters, "{}", r.message);
+    assert_eq!(r.confirmed.volume_context, v.volume_context);
+
+    let mut unknown = validate.clone();
+    unknown.parameters.insert("color".into(), "blue".into());
+    let mut bad_eviction = validate.clone();
+    bad_eviction.parameters.insert("eviction".into(), "sometimes".into());
+    let mut mutable = validate.clone();
+    mutable.mutable_parameters.insert("eviction".into(), "none".into());
+    let mut bad_context = validate.clone();
+    bad_context
+        .volume_context
+        .insert(node_local_cache::eviction::CONTEXT_EVICTION.into(), "often".into());
+    for (what, req, reason) in [
+        ("an unknown parameter", unknown, "color"),
+        ("a bad eviction", bad_eviction, "sometimes"),
+        ("a mutable parameter", mutable, "VolumeAttributesClass"),
+        ("a volume context a node refuses", bad_context, "often"),
+    ] {
+        let r = c.validate_volume_capabilities(&req).unwrap();
+        assert!(r.confirmed.is_none(), "{what} confirmed");
+        assert!(r.message.contains(reason), "{what}: {}", r.message);
+    }
+    tree.assert_no_mounts();
+}
+
 #[test]
 fn publish_unpublish_round_trip_is_idempotent_and_keeps_data() {
     let tree = Tree::new("roundtrip");

@@ -64,7 +64,7 @@ pub struct CleanupController {
     cfg: CleanupConfig,
     log: QuietLog,
     complaints: Mutex<Complaints>,
-    /// Serialises index writes in this process; `None` until first read.
+    /// Serialises index writes in this process; `None` until read (each pass reads it again).
     index: Mutex<Option<IndexCopy>>,
     sweep: Mutex<NodeSweep>,
     /// This driver's PVs as the last scan found them, for deletions of volumes this process did
@@ -450,6 +450,9 @@ impl CleanupController {
             .collect();
         let listed_ids: HashSet<&str> = records.iter().map(|r| r.volume_id()).collect();
         let recent_ms = time::to_millis(started).saturating_sub(UNLISTED_GRACE.as_millis() as u64);
+        // Against the index as stored, not as last written here: one GET a pass, and an index
+        // deleted or rewritten behind this process's back (by hand, a restore) is mended.
+        *self.index.lock().unwrap_or_else(|p| p.into_inner()) = None;
         match self.update_index(&self.kube, |index, covers_from| {
             // Rebuilt from the records: what it leaves out is decided again.
             *covers_from = 0;
