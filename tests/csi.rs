@@ -1242,8 +1242,8 @@ fn metrics_after_real_calls_are_valid_prometheus_text() {
     assert_eq!(http(&addr, b"POST /metrics HTTP/1.1\r\n\r\n").0, 405);
     assert_eq!(http(&addr, &[b'A'; 20_000]).0, 431, "an oversized request is refused");
 
-    // Clients that connect and say nothing hold no more than the connection cap; CSI calls
-    // carry on meanwhile, and the endpoint serves again once they time out or leave.
+    // Clients that connect and say nothing hold no more than the connection cap (beyond it the
+    // oldest is closed); CSI calls carry on meanwhile, and the endpoint serves as they leave.
     let idle: Vec<_> = (0..8).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
     n.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
     drop(idle);
