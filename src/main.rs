@@ -15,7 +15,7 @@ use node_local_cache::identity::{IdentityService, Readiness};
 use node_local_cache::inflight::InFlight;
 use node_local_cache::kube::{self, KubeConfig, KubeFlags};
 use node_local_cache::logging::{self, LogFormat};
-use node_local_cache::node::{NodeService, NodeState};
+use node_local_cache::node::{self, NodeService, NodeState};
 use node_local_cache::proto::grpc;
 use node_local_cache::server::{self, Rpc};
 use node_local_cache::{memory, metrics, sched};
@@ -132,8 +132,14 @@ fn main() -> ExitCode {
 
     if !flags.metrics_addr.is_empty() {
         metrics::set_ready(move || ready());
-        let socket = cfg.csi_socket.clone();
-        metrics::set_alive(move || server::answers(&socket, server::ANSWER_TIMEOUT));
+        let (socket, node, base) = (cfg.csi_socket.clone(), cfg.mode == Mode::Node, cfg.base_dir.clone());
+        metrics::set_alive(move || {
+            server::answers(&socket, server::ANSWER_TIMEOUT)?;
+            if node {
+                node::base_not_deleted(&base)?;
+            }
+            Ok(())
+        });
         match metrics::parse_addr(&flags.metrics_addr).and_then(|a| metrics::serve(a).map_err(|e| e.to_string())) {
             Ok(bound) => info!("metrics on http://{bound}/metrics"),
             Err(e) => error!("metrics endpoint {}: {e}; serving CSI without it", flags.metrics_addr),

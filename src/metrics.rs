@@ -2,9 +2,10 @@
 //! small HTTP endpoint that serves them (`/metrics`) and the probes (`/livez`, `/readyz`). No
 //! framework: a scrape is one pass over a few arrays.
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
@@ -443,8 +444,11 @@ fn render_eviction(out: &mut String) {
     EVICTION_PASS_DURATION.render(out, "eviction_pass_duration_seconds", "");
 }
 
-/// Limits that keep a slow or hostile scraper from tying up the endpoint.
+/// Limits that keep a slow or hostile client from tying up the endpoint: connections served at
+/// once (a new one beyond closes the oldest), and threads, which a closed connection ends at
+/// once unless `/livez` is still waiting for the CSI socket.
 const MAX_CONNECTIONS: usize = 4;
+const MAX_THREADS: usize = 16;
 const MAX_REQUEST: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -458,26 +462,65 @@ pub fn parse_addr(arg: &str) -> Result<SocketAddr, String> {
     full.parse().map_err(|e| format!("metrics address {arg:?}: {e}"))
 }
 
+/// Connections being served, oldest first, each with a handle to close it by, and the threads
+/// serving them (closed ones included until they end).
+#[derive(Default)]
+struct Open {
+    conns: Mutex<VecDeque<(u64, TcpStream)>>,
+    threads: AtomicUsize,
+}
+
+impl Open {
+    fn conns(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, TcpStream)>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes connection `id` in, closing the oldest when at the cap: clients that hold
+    /// connections (a request sent a byte at a time, an answer read as slowly) must not keep
+    /// kubelet's probes out, or five failed liveness probes restart the plugin.
+    fn admit(&self, id: u64, stream: &TcpStream) -> bool {
+        if self.threads.load(Ordering::SeqCst) >= MAX_THREADS {
+            return false;
+        }
+        let Ok(closer) = stream.try_clone() else { return false };
+        let mut conns = self.conns();
+        if conns.len() >= MAX_CONNECTIONS {
+            if let Some((_, oldest)) = conns.pop_front() {
+                debug!("metrics: too many open connections; closing the oldest");
+                let _ = oldest.shutdown(Shutdown::Both);
+            }
+        }
+        conns.push_back((id, closer));
+        self.threads.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    fn done(&self, id: u64) {
+        self.conns().retain(|(i, _)| *i != id);
+        self.threads.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Serves `/metrics`, `/livez` and `/readyz` on a thread of its own. Returns the bound address
 /// (the port may have been 0).
 pub fn serve(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
-    let open = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(Open::default());
     thread::Builder::new().name("metrics".into()).spawn(move || {
-        for conn in listener.incoming() {
+        for (id, conn) in (0u64..).zip(listener.incoming()) {
             let Ok(stream) = conn else { continue };
-            if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                open.fetch_sub(1, Ordering::SeqCst);
-                debug!("metrics: too many open connections; closing a new one");
+            if !open.admit(id, &stream) {
+                debug!("metrics: too many connection threads; closing a new connection");
                 continue;
             }
-            let open = open.clone();
+            let mine = open.clone();
             let spawned = thread::Builder::new().name("metrics-conn".into()).spawn(move || {
                 let _ = handle(stream);
-                open.fetch_sub(1, Ordering::SeqCst);
+                mine.done(id);
             });
             if let Err(e) = spawned {
+                open.done(id);
                 warn!("metrics: cannot start a connection thread: {e}");
             }
         }

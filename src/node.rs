@@ -63,6 +63,21 @@ pub struct NodeState {
     base: Mutex<Option<Arc<Base>>>,
 }
 
+/// Why a base dir whose path shows a directory deleted since (a mount of a dir removed from its
+/// own filesystem: the host removed the hostPath dir the pod's mount shows) is unusable.
+const BASE_DELETED: &str =
+    "base dir was deleted (its mount shows the removed dir); only a restart of the plugin sees the one made again";
+
+/// Liveness's word on the base dir: any unusable base dir is only reported (not ready), but one
+/// deleted under the plugin's mount of it (the host removed the hostPath dir) stays deleted for
+/// this process, and a restart is what mounts the dir made again.
+pub fn base_not_deleted(base_dir: &Path) -> std::result::Result<(), String> {
+    match nix::sys::stat::lstat(base_dir) {
+        Ok(st) if st.st_nlink == 0 => Err(format!("{}: {BASE_DELETED}", base_dir.display())),
+        _ => Ok(()),
+    }
+}
+
 /// The volume_context key CreateVolume fills with its name, so nodes learn the PV name.
 pub const CONTEXT_NAME: &str = "node-local-cache.csi.io/name";
 
@@ -157,8 +172,10 @@ impl NodeState {
     fn open_base(&self, volume: &str) -> Result<Arc<Base>> {
         let path = &self.cfg.base_dir;
         let cached = self.base.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(base) = cached {
-            if safedir::dir_identity_at(path) == Ok(base.identity) {
+        let seen = nix::sys::stat::lstat(path);
+        let deleted = seen.as_ref().is_ok_and(|st| st.st_nlink == 0);
+        if let (Some(base), Ok(st)) = (cached, &seen) {
+            if !deleted && (st.st_dev, st.st_ino) == base.identity {
                 return Ok(base);
             }
         }
@@ -167,6 +184,9 @@ impl NodeState {
             path: path.clone(),
             reason: reason.to_owned(),
         };
+        if deleted {
+            return Err(not_ready(BASE_DELETED));
+        }
         let fd = safedir::open_dir(path).map_err(|e| match e {
             Errno::ENOENT => not_ready("base dir does not exist"),
             Errno::ELOOP | Errno::ENOTDIR => {

@@ -228,6 +228,53 @@ fn a_base_dir_replaced_while_the_plugin_runs_is_seen_at_the_next_call() {
     tree.assert_no_mounts();
 }
 
+/// In the pod, the base dir is a mount of the host's dir (a hostPath volume). The host removing
+/// that dir leaves the mount showing a deleted dir, where nothing can be made: the node must say
+/// so (not ready, publishes FAILED_PRECONDITION naming the base dir), and since only a new
+/// process gets a mount of the dir made again, liveness fails too, so kubelet restarts the plugin.
+#[test]
+fn a_base_dir_deleted_on_the_host_is_reported_and_restarts_the_plugin() {
+    let tree = Tree::new("base-deleted");
+    let host = tree.root.join("host-dir");
+    fs::create_dir(&host).unwrap();
+    nix::mount::mount(
+        Some(&host),
+        &tree.base(),
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let node = Driver::node(&tree, "node-a", &["--metrics-addr=127.0.0.1:0"]);
+    let addr = node.metrics_addr();
+    let client = node.node_client();
+    let (vol, other) = (volume_id("pvc-base-deleted"), volume_id("pvc-base-deleted-2"));
+    let target = tree.target("pod1");
+    client.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
+    client.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
+
+    fs::remove_dir_all(&host).unwrap();
+    let ready = node.identity().probe(&csi::ProbeRequest::new()).unwrap().ready.value;
+    let publish = code(client.node_publish_volume(&publish_req(&other, &target, false)));
+    let probes = [
+        http(&addr, b"GET /readyz HTTP/1.1\r\n\r\n"),
+        http(&addr, b"GET /livez HTTP/1.1\r\n\r\n"),
+    ];
+    nix::mount::umount2(&tree.base(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    assert!(!ready, "Probe says ready on a deleted base dir");
+    let (c, msg) = publish;
+    assert_eq!(c, RpcStatusCode::FAILED_PRECONDITION, "{msg}");
+    assert!(
+        msg.contains(&other) && msg.contains(tree.base().to_str().unwrap()) && msg.contains("deleted"),
+        "{msg}"
+    );
+    assert_eq!(probes[0].0, 503, "/readyz");
+    assert_eq!(probes[1].0, 503, "/livez: {}", probes[1].1);
+    assert!(probes[1].1.contains("deleted"), "{}", probes[1].1);
+    assert!(!target.exists());
+    tree.assert_no_mounts();
+}
+
 /// kubelet makes a missing hostPath dir 0755 (`DirectoryOrCreate`), and a base dir open to the
 /// node's other users lets them into every copy (volume dirs are 0777, for the pods' users). The
 /// plugin closes it at start, and when it opens a base dir made again while it runs.
@@ -1302,8 +1349,8 @@ fn metrics_after_real_calls_are_valid_prometheus_text() {
     assert_eq!(http(&addr, b"POST /metrics HTTP/1.1\r\n\r\n").0, 405);
     assert_eq!(http(&addr, &[b'A'; 20_000]).0, 431, "an oversized request is refused");
 
-    // Clients that connect and say nothing hold no more than the connection cap; CSI calls
-    // carry on meanwhile, and the endpoint serves again once they time out or leave.
+    // Clients that connect and say nothing hold no more than the connection cap (beyond it the
+    // oldest is closed); CSI calls carry on meanwhile, and the endpoint serves as they leave.
     let idle: Vec<_> = (0..8).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
     n.node_unpublish_volume(&unpublish_req(&vol, &target)).unwrap();
     drop(idle);

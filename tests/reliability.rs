@@ -928,3 +928,100 @@ fn expired_token_stops_cleanup_until_the_file_is_rotated() {
          0 deletions, 0 acks; after rotation 1 volume cleaned, PV released"
     );
 }
+
+/// kubelet's HTTP probe: a GET with its 5 s timeout; the status, or 0 when the connection was
+/// closed or timed out without an answer (a failed probe).
+fn probe(addr: &str, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.34\r\n\r\n"
+    )
+    .is_err()
+    {
+        return 0;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// Any pod of the cluster can reach the metrics port. Clients that hold connections there
+/// (sending a request a byte at a time, or nothing, and connecting again when closed) must never
+/// keep kubelet's liveness and readiness probes out: five failed liveness probes in a row and
+/// kubelet restarts the plugin, so such a client could restart it in a loop. Nor may they make
+/// the plugin start a thread per connection.
+#[test]
+fn slow_clients_on_the_metrics_port_never_fail_the_probes() {
+    use std::io::Write;
+    let tree = Tree::new("metrics-slow");
+    let node = Driver::node(&tree, "node-a", &["--metrics-addr=127.0.0.1:0"]);
+    let addr = node.metrics_addr();
+    assert_eq!(probe(&addr, "/livez"), 200);
+    let threads = || fs::read_dir(format!("/proc/{}/task", node.pid())).unwrap().count();
+    let idle_threads = threads();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let held = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..24)
+        .map(|i| {
+            let (addr, stop, held) = (addr.clone(), stop.clone(), held.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
+                        continue;
+                    };
+                    held.fetch_add(1, Ordering::Relaxed);
+                    s.set_read_timeout(Some(Duration::from_millis(250))).unwrap();
+                    // Even clients trickle a header that never ends; odd ones say nothing. Both
+                    // come back a moment after the plugin closes their connection.
+                    while !stop.load(Ordering::Relaxed) {
+                        let closed = if i % 2 == 0 {
+                            thread::sleep(Duration::from_millis(250));
+                            s.write_all(b"G").is_err() || s.peek(&mut [0]).is_ok()
+                        } else {
+                            s.peek(&mut [0]).is_ok()
+                        };
+                        if closed {
+                            thread::sleep(Duration::from_millis(250));
+                            break;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    while held.load(Ordering::Relaxed) < 24 {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut failed = Vec::new();
+    let mut most_threads = 0;
+    for round in 0..20 {
+        thread::sleep(Duration::from_millis(250));
+        for path in ["/livez", "/readyz"] {
+            let status = probe(&addr, path);
+            if status != 200 {
+                failed.push(format!("round {round} {path}: {status}"));
+            }
+        }
+        most_threads = most_threads.max(threads());
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    eprintln!(
+        "40 probes beside 24 slow clients ({} connections): {} failed; threads {idle_threads} idle, at most {most_threads}",
+        held.load(Ordering::Relaxed),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "probes failed: {failed:?}");
+    assert!(
+        most_threads <= idle_threads + 8,
+        "the plugin ran {most_threads} threads beside slow clients ({idle_threads} idle)"
+    );
+}
