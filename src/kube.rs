@@ -26,10 +26,11 @@ use crate::metrics;
 use crate::time::Deadline;
 
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-/// Largest response body decoded whole: a page of a paginated list is a few MiB at most.
+/// Largest response body decoded whole: one object (lists are read item by item), which etcd
+/// keeps under 1.5 MiB; the bound only stops a runaway response.
 const MAX_BODY: u64 = 32 << 20;
 /// Largest item of a list decoded item by item, with what comes before it: etcd keeps no object
-/// over 1.5 MiB (its default request limit), and JSON makes that little more. The list itself
+/// over 1.5 MiB (its default request limit), and JSON makes that little more. A list or a page
 /// has no bound: it grows with the cluster, its memory does not.
 const MAX_ITEM: u64 = 4 << 20;
 /// Items per page of a paginated list: a page of PVs with their managedFields is about 1 MiB.
@@ -405,17 +406,21 @@ impl Client {
         }
     }
 
-    /// Calls `each` with the items of every page of the list at `path` (with `query`, no `?`),
-    /// `PAGE` items a page, until it breaks. Read from etcd, not the watch cache: the watch cache
-    /// of the apiservers this driver supports answers `resourceVersion=0` with the whole list,
-    /// whatever the limit.
-    fn for_each_page(
+    /// Calls `each` with every item of the list at `path` (with `query`, no `?`), `PAGE` items a
+    /// page, until it breaks. Each item is decoded as it arrives and dropped before the next, so
+    /// memory holds one item, never a page: in a large teardown a page of nodes' objects passes
+    /// 40 MB. A page cut off after `each` saw some of its items is not read again (`each` would
+    /// see them twice): the list fails, for the caller's next pass. Read from etcd, not the watch
+    /// cache: the watch cache of the apiservers this driver supports answers `resourceVersion=0`
+    /// with the whole list, whatever the limit.
+    fn for_each_item(
         &self,
         path: &str,
         query: &str,
-        each: &mut dyn FnMut(Vec<Value>) -> ControlFlow<()>,
+        each: &mut dyn FnMut(&Value) -> ControlFlow<()>,
     ) -> KubeResult<()> {
         let mut next: Option<String> = None;
+        let mut stop = false;
         loop {
             let mut url = format!("{path}?limit={PAGE}");
             if !query.is_empty() {
@@ -424,12 +429,23 @@ impl Client {
             if let Some(token) = &next {
                 url = format!("{url}&continue={}", encode(token));
             }
-            let mut page = self.call("list", "GET", &url, None)?;
-            next = page["metadata"]["continue"]
-                .as_str()
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned);
-            if each(items(page.take())?).is_break() || next.is_none() {
+            let mut seen = 0usize;
+            next = self.call_reading("list", "GET", &url, None, &mut |body| {
+                let mut visit = |item: &Value| {
+                    if !stop {
+                        seen += 1;
+                        stop = each(item).is_break();
+                    }
+                };
+                match read_list(body.with_config().reader(), MAX_ITEM, &mut visit) {
+                    Ok(next) => Ok(next),
+                    Err(KubeError::Transport(e)) if seen > 0 => {
+                        Err(KubeError::BadResponse(format!("cut off after {seen} items: {e}")))
+                    }
+                    Err(e) => Err(e),
+                }
+            })?;
+            if stop || next.is_none() {
                 return Ok(());
             }
         }
@@ -470,17 +486,21 @@ impl Client {
             encode(label_selector)
         );
         self.call_reading("list", "GET", &path, None, &mut |body| {
-            read_list(body.with_config().reader(), MAX_ITEM, &mut keep)
+            let mut kept = Vec::new();
+            read_list(body.with_config().reader(), MAX_ITEM, &mut |item| {
+                kept.extend(keep(item))
+            })?;
+            Ok(kept)
         })
     }
 
-    /// Every ConfigMap matching the selector, a page at a time, as etcd has them now.
-    pub fn for_each_configmap(&self, label_selector: &str, each: &mut dyn FnMut(Vec<Value>)) -> KubeResult<()> {
-        self.for_each_page(
+    /// Every ConfigMap matching the selector, one at a time, as etcd has them now.
+    pub fn for_each_configmap(&self, label_selector: &str, each: &mut dyn FnMut(&Value)) -> KubeResult<()> {
+        self.for_each_item(
             &self.ns_path("configmaps"),
             &format!("labelSelector={}", encode(label_selector)),
-            &mut |page| {
-                each(page);
+            &mut |object| {
+                each(object);
                 ControlFlow::Continue(())
             },
         )
@@ -539,11 +559,11 @@ impl Client {
     /// `None`, all of them.
     pub fn pv_names(&self, driver: &str, handles: Option<&HashSet<String>>) -> KubeResult<HashMap<String, String>> {
         let mut names = HashMap::new();
-        self.for_each_page("/api/v1/persistentvolumes", "", &mut |page| {
-            names.extend(page.iter().filter_map(|pv| {
-                let handle = csi_handle(pv, driver).filter(|h| handles.is_none_or(|w| w.contains(*h)))?;
-                Some((handle.to_owned(), pv["metadata"]["name"].as_str()?.to_owned()))
-            }));
+        self.for_each_item("/api/v1/persistentvolumes", "", &mut |pv| {
+            let handle = csi_handle(pv, driver).filter(|h| handles.is_none_or(|w| w.contains(*h)));
+            if let (Some(handle), Some(name)) = (handle, pv["metadata"]["name"].as_str()) {
+                names.insert(handle.to_owned(), name.to_owned());
+            }
             if handles.is_some_and(|w| names.len() == w.len()) {
                 ControlFlow::Break(())
             } else {
@@ -587,11 +607,9 @@ impl Client {
 
     /// Calls `each` with every CSINode's name and drivers.
     fn for_each_csinode(&self, each: &mut dyn FnMut(&str, &[Value])) -> KubeResult<()> {
-        self.for_each_page("/apis/storage.k8s.io/v1/csinodes", "", &mut |page| {
-            for n in &page {
-                if let Some(name) = n["metadata"]["name"].as_str() {
-                    each(name, n["spec"]["drivers"].as_array().map_or(&[], Vec::as_slice));
-                }
+        self.for_each_item("/apis/storage.k8s.io/v1/csinodes", "", &mut |n| {
+            if let Some(name) = n["metadata"]["name"].as_str() {
+                each(name, n["spec"]["drivers"].as_array().map_or(&[], Vec::as_slice));
             }
             ControlFlow::Continue(())
         })
@@ -637,28 +655,15 @@ fn csi_handle<'a>(pv: &'a Value, driver: &str) -> Option<&'a str> {
         .flatten()
 }
 
-fn items(list: Value) -> KubeResult<Vec<Value>> {
-    match list {
-        Value::Object(mut m) => match m.remove("items") {
-            Some(Value::Array(items)) => Ok(items),
-            Some(Value::Null) => Ok(Vec::new()),
-            // Not a list (a proxy's error page, a Status): read as empty, every PV would look gone.
-            None => Err(KubeError::BadResponse("a list response without items".into())),
-            Some(_) => Err(KubeError::BadResponse("items is not a list".into())),
-        },
-        _ => Err(KubeError::BadResponse("a list response is not an object".into())),
-    }
-}
-
 /// A body decoded whole as it arrives (its text is never held beside the value), up to `MAX_BODY`.
 fn read_value(body: &mut ureq::Body) -> KubeResult<Value> {
     let reader = BufReader::new(body.with_config().limit(MAX_BODY).reader());
     serde_json::from_reader(reader).map_err(unreadable)
 }
 
-/// What `keep` makes of each item of the list in `body`, decoded one item at a time; an item,
-/// with what comes before it, may take `item_limit` bytes.
-fn read_list<T>(body: impl Read, item_limit: u64, keep: &mut dyn FnMut(&Value) -> Option<T>) -> KubeResult<Vec<T>> {
+/// Hands each item of the list in `body` to `each`, decoded one item at a time, and returns the
+/// list's `continue` token; an item, with what comes before it, may take `item_limit` bytes.
+fn read_list(body: impl Read, item_limit: u64, each: &mut dyn FnMut(&Value)) -> KubeResult<Option<String>> {
     let item_bytes = Cell::new(0);
     let bounded = ItemBound {
         inner: body,
@@ -666,14 +671,14 @@ fn read_list<T>(body: impl Read, item_limit: u64, keep: &mut dyn FnMut(&Value) -
         limit: item_limit,
     };
     let mut decoder = serde_json::Deserializer::from_reader(BufReader::new(bounded));
-    let kept = decoder
+    let next = decoder
         .deserialize_map(ListItems {
-            keep,
+            each,
             item_bytes: &item_bytes,
         })
         .map_err(unreadable)?;
     decoder.end().map_err(unreadable)?;
-    Ok(kept)
+    Ok(next)
 }
 
 /// Why a body could not be read, by whether another try could do better: cut off (no
@@ -725,71 +730,79 @@ impl<R: Read> Read for ItemBound<'_, R> {
     }
 }
 
-/// A list response: the object around `items`, whose other fields are skipped unread.
-struct ListItems<'a, T> {
-    keep: &'a mut dyn FnMut(&Value) -> Option<T>,
+/// A list response: the object around `items`, of whose other fields only `metadata.continue`
+/// is kept.
+struct ListItems<'a> {
+    each: &'a mut dyn FnMut(&Value),
     item_bytes: &'a Cell<u64>,
 }
 
-impl<'de, T> Visitor<'de> for ListItems<'_, T> {
-    type Value = Vec<T>;
+impl<'de> Visitor<'de> for ListItems<'_> {
+    type Value = Option<String>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a list response")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<T>, A::Error> {
-        let ListItems { keep, item_bytes } = self;
-        let mut kept = None;
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+        let ListItems { each, item_bytes } = self;
+        let mut listed = false;
+        let mut next = None;
         while let Some(key) = map.next_key::<String>()? {
-            if key == "items" && kept.is_none() {
-                kept = Some(map.next_value_seed(Items {
-                    keep: &mut *keep,
+            if key == "items" && !listed {
+                map.next_value_seed(Items {
+                    each: &mut *each,
                     item_bytes,
-                })?);
+                })?;
+                listed = true;
+            } else if key == "metadata" {
+                let meta: Value = map.next_value()?;
+                next = meta["continue"].as_str().filter(|t| !t.is_empty()).map(str::to_owned);
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
         }
         // Not a list (a proxy's error page, a Status): read as empty, every record would look gone.
-        kept.ok_or_else(|| de::Error::custom("a list response without items"))
+        if !listed {
+            return Err(de::Error::custom("a list response without items"));
+        }
+        Ok(next)
     }
 }
 
-/// A list's `items`: each decoded alone, handed to `keep`, dropped before the next.
-struct Items<'a, T> {
-    keep: &'a mut dyn FnMut(&Value) -> Option<T>,
+/// A list's `items`: each decoded alone, handed to `each`, dropped before the next.
+struct Items<'a> {
+    each: &'a mut dyn FnMut(&Value),
     item_bytes: &'a Cell<u64>,
 }
 
-impl<'de, T> DeserializeSeed<'de> for Items<'_, T> {
-    type Value = Vec<T>;
+impl<'de> DeserializeSeed<'de> for Items<'_> {
+    type Value = ();
 
-    fn deserialize<D: Deserializer<'de>>(self, items: D) -> Result<Vec<T>, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, items: D) -> Result<(), D::Error> {
         items.deserialize_any(self)
     }
 }
 
-impl<'de, T> Visitor<'de> for Items<'_, T> {
-    type Value = Vec<T>;
+impl<'de> Visitor<'de> for Items<'_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a list of items")
     }
 
     /// The apiserver may write an empty list's items as null.
-    fn visit_unit<E: de::Error>(self) -> Result<Vec<T>, E> {
-        Ok(Vec::new())
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Vec<T>, A::Error> {
-        let mut kept = Vec::new();
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
         loop {
             self.item_bytes.set(0);
             let Some(item) = items.next_element::<Value>()? else {
-                return Ok(kept);
+                return Ok(());
             };
-            kept.extend((self.keep)(&item));
+            (self.each)(&item);
         }
     }
 }
@@ -901,18 +914,40 @@ mod tests {
     /// body without it is not a list: read as an empty one, it would make every PV look gone.
     #[test]
     fn a_body_without_items_is_not_an_empty_list() {
-        assert_eq!(items(serde_json::json!({ "items": [1] })).unwrap().len(), 1);
-        assert!(items(serde_json::json!({ "items": null })).unwrap().is_empty());
-        assert!(items(serde_json::json!({ "items": [] })).unwrap().is_empty());
-        assert!(items(serde_json::json!({})).is_err());
-        assert!(items(serde_json::json!({ "kind": "Status" })).is_err());
+        let count = |body: &str| {
+            let mut n = 0;
+            read_list(body.as_bytes(), MAX_ITEM, &mut |_| n += 1).map(|_| n)
+        };
+        assert_eq!(count(r#"{"items": [1]}"#).unwrap(), 1);
+        assert_eq!(count(r#"{"items": null}"#).unwrap(), 0);
+        assert_eq!(count(r#"{"items": []}"#).unwrap(), 0);
+        assert!(count("{}").is_err());
+        assert!(count(r#"{"kind": "Status"}"#).is_err());
+    }
+
+    /// A page's `continue` token is read wherever `metadata` stands; an empty one ends the list.
+    #[test]
+    fn a_page_names_the_next() {
+        let next = |body: &str| read_list(body.as_bytes(), MAX_ITEM, &mut |_| ()).unwrap();
+        assert_eq!(
+            next(r#"{"metadata": {"continue": "abc", "resourceVersion": "7"}, "items": [{}]}"#).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            next(r#"{"items": [], "metadata": {"continue": "x"}}"#).as_deref(),
+            Some("x")
+        );
+        assert_eq!(next(r#"{"metadata": {"continue": ""}, "items": []}"#), None);
+        assert_eq!(next(r#"{"items": []}"#), None);
     }
 
     /// Names of the items of a list body, read item by item.
     fn names(body: &str, item_limit: u64) -> KubeResult<Vec<String>> {
+        let mut names = Vec::new();
         read_list(body.as_bytes(), item_limit, &mut |item| {
-            item["metadata"]["name"].as_str().map(str::to_owned)
-        })
+            names.extend(item["metadata"]["name"].as_str().map(str::to_owned))
+        })?;
+        Ok(names)
     }
 
     /// The same answers as `items` gives for a list decoded whole, wherever `items` comes in the
@@ -977,7 +1012,7 @@ mod tests {
             }
         }
         let cut = CutOff(br#"{"items":[{"metadata":{"name":"a"}},{"meta"#);
-        match read_list(cut, MAX_ITEM, &mut |_| Some(())) {
+        match read_list(cut, MAX_ITEM, &mut |_| ()) {
             Err(e @ KubeError::Transport(_)) => assert!(e.retryable()),
             other => panic!("{other:?}"),
         }

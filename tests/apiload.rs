@@ -810,17 +810,32 @@ const TEARDOWN_PENDING: usize = 200;
 /// grow with nodes × deletions (a name per pair was 90 MB here, past the 64 Mi limit).
 #[test]
 fn controller_memory_through_a_namespace_teardown() {
+    teardown("teardown", TEARDOWN_NODES, TEARDOWN_PENDING);
+}
+
+/// A larger teardown: each node's object lists 1,500 deletions (~80 KB), so a page of 500 of
+/// them is ~40 MB. Read a page at a time and decoded whole, that was over the 32 MiB a response
+/// may take: no node's word was ever read, and the records could only time out.
+#[test]
+fn a_teardown_whose_node_objects_outgrow_a_page_still_completes_by_the_nodes_word() {
+    teardown("big-teardown", 1000, 1500);
+}
+
+/// Sets up `pending` deletions, each acknowledged in the objects of all `nodes` nodes, runs the
+/// controller (with a cleanup timeout no test waits for, so only the nodes' word completes a
+/// record) until every record is complete, and holds its peak RSS under 32 MiB.
+fn teardown(tag: &str, nodes: usize, pending_n: usize) {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let api = fake_api("teardown");
-    let tree = Tree::new("teardown");
-    let mut pending = Vec::with_capacity(TEARDOWN_PENDING);
-    for k in 0..TEARDOWN_PENDING {
-        let id = volume_id(&format!("pvc-teardown-{k}"));
+    let api = fake_api(tag);
+    let tree = Tree::new(tag);
+    let mut pending = Vec::with_capacity(pending_n);
+    for k in 0..pending_n {
+        let id = volume_id(&format!("pvc-{tag}-{k}"));
         api.put_configmap(NS, legacy_record(&id, 0, false), "node-local-cache");
         let record = api.object(&configmap_key(&cleanup::record_name(&id))).unwrap();
         pending.push(CleanupRecord::parse(&record).unwrap().deletion);
     }
-    for i in 0..TEARDOWN_NODES {
+    for i in 0..nodes {
         api.add_node(&node_name(i), DRIVER);
         let acks = cleanup::NodeAcks {
             node: node_name(i),
@@ -828,7 +843,9 @@ fn controller_memory_through_a_namespace_teardown() {
         };
         api.put_configmap(NS, acks.new_object(), "node-local-cache");
     }
-    let ctl = spawn(Path::new(BIN), &api, &tree, &controller_args(&tree));
+    let mut args = controller_args(&tree).to_vec();
+    args.push("--cleanup-timeout=1h".to_owned());
+    let ctl = spawn(Path::new(BIN), &api, &tree, &args);
     let complete = || {
         pending
             .iter()
@@ -838,15 +855,15 @@ fn controller_memory_through_a_namespace_teardown() {
             })
             .count()
     };
-    wait_until("every record completed", || complete() == TEARDOWN_PENDING);
+    wait_until("every record completed", || complete() == pending_n);
     let peak = peak_rss(ctl.0.id());
     println!(
-        "controller peak RSS {:.1} MiB: {TEARDOWN_NODES} nodes, {TEARDOWN_PENDING} pending deletions",
+        "controller peak RSS {:.1} MiB: {nodes} nodes, {pending_n} pending deletions",
         mib(peak)
     );
     assert!(
         mib(peak) < 32.0,
-        "controller peak RSS {:.1} MiB with {TEARDOWN_NODES} nodes acknowledging {TEARDOWN_PENDING} deletions",
+        "controller peak RSS {:.1} MiB with {nodes} nodes acknowledging {pending_n} deletions",
         mib(peak)
     );
 }

@@ -264,15 +264,12 @@ impl CleanupController {
     }
 
     /// The nodes expected to acknowledge, and which of them acknowledged each of `pending`; the
-    /// nodes' objects are read a page at a time, and a page is dropped once counted.
+    /// nodes' objects are read one at a time, each dropped once counted.
     fn acknowledgements<'a>(&self, pending: &[&'a CleanupRecord]) -> KubeResult<Acknowledgements<'a>> {
         let nodes = self.kube.nodes_with_driver(&self.cfg.driver_name)?;
         let mut acks = Acknowledgements::new(nodes, pending);
-        self.kube.for_each_configmap(NODE_LABEL, &mut |page| {
-            for object in &page {
-                acks.add(object);
-            }
-        })?;
+        self.kube
+            .for_each_configmap(NODE_LABEL, &mut |object| acks.add(object))?;
         Ok(acks)
     }
 
@@ -300,19 +297,17 @@ impl CleanupController {
     fn sweep_node_objects(&self, now: Instant) -> KubeResult<()> {
         let nodes = self.kube.nodes_in_cluster()?;
         let mut missing = Vec::new();
-        self.kube.for_each_configmap(NODE_LABEL, &mut |page| {
-            for object in &page {
-                let Some((node, _)) = NodeAcks::read(object) else {
-                    continue;
-                };
-                let meta = &object["metadata"];
-                if let (false, Some(name), Some(rv)) = (
-                    nodes.contains(node),
-                    meta["name"].as_str(),
-                    meta["resourceVersion"].as_str(),
-                ) {
-                    missing.push((name.to_owned(), rv.to_owned(), node.to_owned()));
-                }
+        self.kube.for_each_configmap(NODE_LABEL, &mut |object| {
+            let Some((node, _)) = NodeAcks::read(object) else {
+                return;
+            };
+            let meta = &object["metadata"];
+            if let (false, Some(name), Some(rv)) = (
+                nodes.contains(node),
+                meta["name"].as_str(),
+                meta["resourceVersion"].as_str(),
+            ) {
+                missing.push((name.to_owned(), rv.to_owned(), node.to_owned()));
             }
         })?;
         let mut sweep = self.sweep.lock().unwrap_or_else(|p| p.into_inner());
@@ -363,9 +358,8 @@ impl CleanupController {
     pub fn poll_once_at(&self, now_mono: Instant) -> KubeResult<()> {
         let started = SystemTime::now();
         let mut records = Vec::new();
-        self.kube.for_each_configmap(LABEL, &mut |page| {
-            records.extend(page.iter().filter_map(CleanupRecord::parse));
-        })?;
+        self.kube
+            .for_each_configmap(LABEL, &mut |object| records.extend(CleanupRecord::parse(object)))?;
         let pending: Vec<&CleanupRecord> = records.iter().filter(|r| r.pending).collect();
         metrics::CLEANUP_PENDING.store(pending.len() as u64, Ordering::Relaxed);
         let now = SystemTime::now();
