@@ -218,12 +218,6 @@ pub fn child_dir_identity(parent: BorrowedFd<'_>, name: &OsStr) -> Result<(u64, 
     dir_identity_of(&fstatat(parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?)
 }
 
-/// Device and inode of the directory at `path`, not following a symlink at its last component:
-/// whether a handle opened earlier still names what the path names (one stat, no open).
-pub fn dir_identity_at(path: &Path) -> Result<(u64, u64), Errno> {
-    dir_identity_of(&nix::sys::stat::lstat(path)?)
-}
-
 /// Device and inode from a stat that did not follow a symlink, if it shows a directory.
 fn dir_identity_of(st: &nix::sys::stat::FileStat) -> Result<(u64, u64), Errno> {
     if st.st_mode & libc_s_ifmt() != libc_s_ifdir() {
@@ -885,7 +879,7 @@ mod tests {
         assert_eq!(fs::metadata(d.join("w")).unwrap().permissions().mode() & 0o777, 0o750);
         let (fd, created) = open_or_ensure_child(parent.as_fd(), OsStr::new("w"), mode).unwrap();
         assert!(!created);
-        assert_eq!(identity(fd.as_fd()), dir_identity_at(&d.join("w")));
+        assert_eq!(identity(fd.as_fd()), child_dir_identity(parent.as_fd(), OsStr::new("w")));
         for name in ["evil", "file"] {
             fs::write(d.join("file"), b"").unwrap();
             let e = open_or_ensure_child(parent.as_fd(), OsStr::new(name), mode).err();
