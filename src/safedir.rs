@@ -879,7 +879,10 @@ mod tests {
         assert_eq!(fs::metadata(d.join("w")).unwrap().permissions().mode() & 0o777, 0o750);
         let (fd, created) = open_or_ensure_child(parent.as_fd(), OsStr::new("w"), mode).unwrap();
         assert!(!created);
-        assert_eq!(identity(fd.as_fd()), child_dir_identity(parent.as_fd(), OsStr::new("w")));
+        assert_eq!(
+            identity(fd.as_fd()),
+            child_dir_identity(parent.as_fd(), OsStr::new("w"))
+        );
         for name in ["evil", "file"] {
             fs::write(d.join("file"), b"").unwrap();
             let e = open_or_ensure_child(parent.as_fd(), OsStr::new(name), mode).err();
