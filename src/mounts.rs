@@ -376,8 +376,9 @@ impl BindFlags {
         }
     }
 
-    /// The restrictions every bind of `dir` takes from the mount it is on.
-    pub fn inherited_at(dir: BorrowedFd) -> Result<BindFlags, Errno> {
+    /// The restrictions of the mount `dir` is on: what every bind of `dir` takes from it, or,
+    /// for a bind's own root, what the bind ended up with.
+    pub fn of_mount(dir: BorrowedFd) -> Result<BindFlags, Errno> {
         use nix::sys::statvfs::FsFlags;
         let f = nix::sys::statvfs::fstatvfs(dir)?.flags();
         Ok(BindFlags {

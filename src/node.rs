@@ -207,7 +207,7 @@ impl NodeState {
     fn inherited(&self, id: &str, base: &Base) -> Result<BindFlags> {
         let vol = safedir::open_child(base.fd.as_fd(), OsStr::new(id));
         let dir = vol.as_ref().map_or(base.fd.as_fd(), |fd| fd.as_fd());
-        BindFlags::inherited_at(dir).map_err(|e| Error::sys("statvfs", id, base.real.join(id), e))
+        BindFlags::of_mount(dir).map_err(|e| Error::sys("statvfs", id, base.real.join(id), e))
     }
 
     /// The base dir's path as mountinfo names it, even when the dir itself is unusable (`base`
@@ -474,8 +474,7 @@ impl NodeState {
         // A bind inherits read-only from its source: a read-write publish must not hand the pod a
         // read-only volume (and a repeat of it would then conflict with what it made).
         if !flags.read_only {
-            let ro = nix::sys::statvfs::fstatvfs(mount_root.as_fd())
-                .map(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+            let ro = BindFlags::of_mount(mount_root.as_fd()).map(|f| f.read_only);
             if ro != Ok(false) {
                 drop(mount_root);
                 undo(&tgt_fd, true);
