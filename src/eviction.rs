@@ -695,6 +695,14 @@ impl Evictor {
             },
         };
         metrics::record_freed(reason, EvictionAction::Trim, trimmed.freed);
+        if let Some((e, at)) = &trimmed.stuck_at {
+            warn!(
+                "volume {id}: {} bytes could not be deleted and were trimmed around; first {}: {}",
+                trimmed.stuck,
+                path.join(at).display(),
+                e.desc()
+            );
+        }
         info!(
             "volume {id}: trimmed {} least recently used files, {} bytes freed in {:.2}s ({}; {} bytes \
              before, target {to}){}",

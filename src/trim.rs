@@ -140,6 +140,8 @@ struct Deleted {
     files: u64,
     freed: u64,
     yielded: bool,
+    stuck: u64,
+    stuck_at: Option<(Errno, PathBuf)>,
 }
 
 /// Walks the copy again and deletes the files the scan chose where it meets them, each only if
@@ -186,6 +188,13 @@ fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> 
                     done.freed += if last_link { st.bytes } else { 0 };
                 }
                 Err(Errno::ENOENT | Errno::EISDIR) => {}
+                // This file alone (immutable, append-only dir, mounted on): the trim goes on
+                // around it instead of stopping at it on every pass.
+                Err(e @ (Errno::EPERM | Errno::EACCES | Errno::EBUSY)) => {
+                    done.stuck += st.bytes;
+                    done.stuck_at.get_or_insert_with(|| (e, entry.path()));
+                    chosen.remove(&(st.dev, st.ino));
+                }
                 Err(e) => return Err(Halt::Failed(e, entry.path())),
             }
             if last_link {
@@ -205,7 +214,7 @@ fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> 
 }
 
 /// What a trim did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Trimmed {
     /// Names deleted: each link of a file with several.
     pub files: u64,
@@ -215,17 +224,22 @@ pub struct Trimmed {
     pub before: u64,
     /// Whether it stopped early for a publish.
     pub yielded: bool,
+    /// Bytes of chosen files no unlink could remove (the last walk's), trimmed around.
+    pub stuck: u64,
+    /// The first of them, and why.
+    pub stuck_at: Option<(Errno, PathBuf)>,
 }
 
 /// Deletes the least recently used files below `copy` until it holds at most `to` bytes (or
 /// nothing more can go: directories stay), walking it again when one walk's oldest files were
 /// not enough. `hint` is what the caller expects to free (bounds the first walk's memory).
+/// Files that cannot be deleted stay; each walk then also picks as many bytes more.
 pub fn trim(copy: BorrowedFd<'_>, to: u64, hint: u64, stop: &dyn Fn() -> bool) -> std::result::Result<Trimmed, Halt> {
     let mut done = Trimmed::default();
     let mut need = hint.max(1);
     for round in 0..MAX_ROUNDS {
         let root = reopen(copy).map_err(|e| Halt::Failed(e, PathBuf::new()))?;
-        let scan = match walk(root, need, stop) {
+        let scan = match walk(root, need + done.stuck, stop) {
             Err(Halt::Yielded) => {
                 done.yielded = true;
                 return Ok(done);
@@ -246,7 +260,12 @@ pub fn trim(copy: BorrowedFd<'_>, to: u64, hint: u64, stop: &dyn Fn() -> bool) -
             done.yielded = true;
             return Ok(done);
         }
-        if deleted.freed == 0 || deleted.freed >= need {
+        // The stuck files are the oldest, so each walk picks them again: a round that met no
+        // more of them than the last and freed nothing has nothing left to try.
+        let more_stuck = deleted.stuck > done.stuck;
+        done.stuck = deleted.stuck;
+        done.stuck_at = deleted.stuck_at.or(done.stuck_at);
+        if deleted.freed >= need || (deleted.freed == 0 && !more_stuck) {
             break;
         }
         need -= deleted.freed;
@@ -387,6 +406,38 @@ mod tests {
         assert!(!copy.join("f1").exists() && d.join("outside").exists());
         let left = (0..10).filter(|i| copy.join(format!("f{i}")).exists()).count();
         assert_eq!((left, fs::read_dir(copy.join("a")).unwrap().count()), (8, 0));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A file no unlink can remove (immutable, or in an append-only dir) is trimmed around: the
+    /// next oldest go instead, so the copy still comes under its target, pass after pass.
+    #[test]
+    fn a_file_that_cannot_be_deleted_is_trimmed_around() {
+        let d = tmp("stuck");
+        let one = ten_files(&d);
+        let chattr = |flag: &str| {
+            let done = std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(d.join("f0"))
+                .status();
+            assert!(done.is_ok_and(|s| s.success()), "chattr {flag} {}", d.display());
+        };
+        let measured = || measure(safedir::open_dir(&d).unwrap()).unwrap();
+        let before = measured();
+        chattr("+i");
+        let fd = safedir::open_dir(&d).unwrap();
+        let t = trim(fd.as_fd(), before - 3 * one, 3 * one, &|| false);
+        let after = measured();
+        chattr("-i");
+        let t = t.unwrap();
+        assert_eq!((t.files, t.freed, t.stuck), (3, 3 * one, one), "{t:?}");
+        let left: Vec<_> = (0..10).filter(|i| d.join(format!("f{i}")).exists()).collect();
+        assert_eq!(left, [0, 4, 5, 6, 7, 8, 9]);
+        assert!(
+            after <= before - 3 * one,
+            "{after} bytes left, target {}",
+            before - 3 * one
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 
