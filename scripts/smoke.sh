@@ -154,6 +154,37 @@ kubectl -n node-local-cache rollout status daemonset/node-local-cache-node --tim
     fail "deploy: the node plugin did not become ready on every node"
 pass "deploy: controller and node plugin running"
 
+# 3b. deploy/admission-node.yaml: the node plugin's account, with the token the API server gives
+# its pod (which names the pod's node), may write its own node's object and no other. Server-side
+# dry runs: admission runs, nothing is stored. Only the token authenticates (no kubeconfig), so
+# the admin's client certificate does not speak instead.
+plugin_pod="$(kubectl -n node-local-cache get pods -l app.kubernetes.io/component=node \
+    -o jsonpath='{.items[0].metadata.name} {.items[0].spec.nodeName}')"
+plugin_node="${plugin_pod#* }"
+plugin_pod="${plugin_pod%% *}"
+kubectl config view --minify --raw -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' |
+    base64 -d >"$work/ca.crt"
+server="$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
+token="$(kubectl -n node-local-cache create token node-local-cache-node \
+    --bound-object-kind Pod --bound-object-name "$plugin_pod")"
+: >"$work/no-kubeconfig"
+as_plugin() {
+    kubectl --kubeconfig="$work/no-kubeconfig" --server="$server" --certificate-authority="$work/ca.crt" \
+        --token="$token" -n node-local-cache "$@" --dry-run=server -o name
+}
+own="nlc-node-$plugin_node"
+out="$(as_plugin create configmap "$own" --from-literal=node="$plugin_node" 2>&1)" ||
+    grep -q AlreadyExists <<<"$out" ||
+    fail "admission: the node plugin on $plugin_node may not write $own ($out)"
+for attempt in "nlc-node-not-$plugin_node node=not-$plugin_node" "$own node=not-$plugin_node" \
+    "nlc-cleanup-index records="; do
+    if out="$(as_plugin create configmap "${attempt%% *}" --from-literal="${attempt#* }" 2>&1)" ||
+        ! grep -q "ValidatingAdmissionPolicy 'node-local-cache-node-writes' .* denied request" <<<"$out"; then
+        fail "admission: the node plugin on $plugin_node was not refused ${attempt%% *} with ${attempt#* } ($out)"
+    fi
+done
+pass "admission: the node plugin on $plugin_node writes $own only"
+
 # 4. A PVC, bound at once (Immediate binding, no topology).
 kubectl create namespace "$test_ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl -n "$test_ns" apply -f - >/dev/null <<EOF

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Evaluates deploy/admission-node.yaml's policy, as rendered, against the writes it must let
+through and the ones it must refuse, with a CEL interpreter (cel-python). The API server's CEL
+adds Kubernetes libraries the policy does not use; what the server does around the expressions
+(matchConditions first, then variables, then each validation in turn; an error under
+failurePolicy Fail refuses) is modelled here. Usage: admission-check.py RENDERED.yaml
+"""
+import sys
+
+import celpy
+import yaml
+
+NODE_CLAIM = "authentication.kubernetes.io/node-name"
+NODE_SA = "system:serviceaccount:node-local-cache:node-local-cache-node"
+NODE = "ip-10-0-1-23.eu-west-1.compute.internal"
+# A node name as long as the API allows, and one character short of needing a hash
+# (src/cleanup/record.rs, node_object_name: "nlc-node-" + node fits 253 characters).
+LONG = "n" * 250
+LONGEST_SPELLED = "n" * 244
+
+
+def configmap(name, node=None):
+    obj = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}
+    if node is not None:
+        obj["data"] = {"node": node, "done": ""}
+    return obj
+
+
+def request(user, node=None, op="UPDATE"):
+    extra = {NODE_CLAIM: [node]} if node is not None else {}
+    return {"operation": op, "userInfo": {"username": user, "extra": extra}}
+
+
+# (what, request, object, expected: "allowed" | "denied")
+CASES = [
+    ("its own object, created", request(NODE_SA, NODE, "CREATE"), configmap(f"nlc-node-{NODE}", NODE), "allowed"),
+    ("its own object, patched", request(NODE_SA, NODE), configmap(f"nlc-node-{NODE}", NODE), "allowed"),
+    ("another node's object", request(NODE_SA, NODE), configmap("nlc-node-other", "other"), "denied"),
+    ("its own object naming another node", request(NODE_SA, NODE), configmap(f"nlc-node-{NODE}", "other"), "denied"),
+    ("a new object naming another node", request(NODE_SA, NODE, "CREATE"), configmap("nlc-node-x", "x"), "denied"),
+    ("its own object without data", request(NODE_SA, NODE), configmap(f"nlc-node-{NODE}"), "denied"),
+    ("the cleanup index", request(NODE_SA, NODE), configmap("nlc-cleanup-index"), "denied"),
+    ("a cleanup record", request(NODE_SA, NODE, "CREATE"), configmap("nlc-cleanup-nlc-0123"), "denied"),
+    ("a token without the node claim", request(NODE_SA), configmap(f"nlc-node-{NODE}", NODE), "denied"),
+    (
+        "the same account in another namespace",
+        request("system:serviceaccount:other-ns:node-local-cache-node", NODE),
+        configmap("nlc-cleanup-index"),
+        "denied",
+    ),
+    ("the controller, the index", request("system:serviceaccount:node-local-cache:node-local-cache-controller"), configmap("nlc-cleanup-index"), "allowed"),
+    ("another user", request("alice"), configmap("nlc-node-other", "other"), "allowed"),
+    ("the longest spelled-out name", request(NODE_SA, LONGEST_SPELLED), configmap(f"nlc-node-{LONGEST_SPELLED}", LONGEST_SPELLED), "allowed"),
+    ("that node, another object", request(NODE_SA, LONGEST_SPELLED), configmap("nlc-node-0f1e2d3c", LONGEST_SPELLED), "denied"),
+    ("a hashed name", request(NODE_SA, LONG), configmap("nlc-node-6f1c1b40-0d0e-5b6c-9a4e-1f2a3b4c5d6e", LONG), "allowed"),
+    ("a hashed name naming another node", request(NODE_SA, LONG), configmap("nlc-node-6f1c1b40-0d0e-5b6c-9a4e-1f2a3b4c5d6e", "x"), "denied"),
+]
+
+
+def evaluate(env, expression, activation):
+    return env.program(env.compile(expression)).evaluate(activation)
+
+
+def decide(policy, req, obj):
+    """"allowed" or "denied: <why>", as the API server decides for an object in the policy's namespace."""
+    env = celpy.Environment()
+    activation = {"request": celpy.json_to_cel(req), "object": celpy.json_to_cel(obj)}
+    fail = policy["spec"].get("failurePolicy", "Fail") == "Fail"
+    try:
+        for cond in policy["spec"].get("matchConditions", []):
+            if not evaluate(env, cond["expression"], activation):
+                return "allowed"
+        variables = {}
+        for var in policy["spec"].get("variables", []):
+            activation["variables"] = celpy.json_to_cel(variables)
+            variables[var["name"]] = evaluate(env, var["expression"], activation)
+        activation["variables"] = celpy.json_to_cel(variables)
+        for rule in policy["spec"]["validations"]:
+            if not evaluate(env, rule["expression"], activation):
+                why = rule.get("message") or evaluate(env, rule["messageExpression"], activation)
+                return f"denied: {why}"
+    except Exception as e:  # an expression that fails to evaluate
+        return f"denied: error: {e}" if fail else "allowed"
+    return "allowed"
+
+
+def main():
+    with open(sys.argv[1]) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    policies = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    bindings = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert len(policies) == 1, f"{len(policies)} policies rendered"
+    policy = policies[0]
+    name = policy["metadata"]["name"]
+    assert [b["spec"]["policyName"] for b in bindings] == [name], "one binding, to the policy"
+    assert bindings[0]["spec"]["validationActions"] == ["Deny"], "the binding refuses"
+    ops = policy["spec"]["matchConstraints"]["resourceRules"][0]["operations"]
+    assert sorted(ops) == ["CREATE", "UPDATE"], f"operations {ops}"
+    failed = 0
+    for what, req, obj, want in CASES:
+        got = decide(policy, req, obj)
+        ok = got.split(":")[0] == want
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {what}: {got}" + ("" if ok else f" (expected {want})"))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
