@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{value_parser, Arg, ArgMatches, Command};
 
+use crate::logging::LogFormat;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Beside csi-provisioner: Identity and Controller.
@@ -141,7 +143,7 @@ pub struct Flags {
     pub config: Config,
     /// As given: a path or `unix:///path`.
     pub csi_socket: String,
-    pub log_json: bool,
+    pub log_format: LogFormat,
     pub log_level: Option<String>,
     /// Empty: no metrics endpoint.
     pub metrics_addr: String,
@@ -360,7 +362,10 @@ impl Flags {
         Ok(Flags {
             config: cfg,
             csi_socket: text("csi-socket").unwrap_or_default(),
-            log_json: text("log-format").as_deref() == Some("json"),
+            log_format: match text("log-format").as_deref() {
+                Some("json") => LogFormat::Json,
+                _ => LogFormat::Text,
+            },
             log_level: text("log-level"),
             metrics_addr: text("metrics-addr").unwrap_or_default(),
             kube_api_url: text("kube-api-url"),
@@ -437,7 +442,7 @@ mod tests {
         assert_eq!(f.config.max_cache_bytes, want.max_cache_bytes);
         assert_eq!(f.config.min_free_percent, want.min_free_percent);
         assert_eq!(f.config.eviction_interval, want.eviction_interval);
-        assert!(!f.log_json);
+        assert_eq!(f.log_format, LogFormat::Text);
         assert_eq!(f.log_level, None);
         assert_eq!(f.metrics_addr, ":9809");
         assert_eq!(f.cleanup_poll_interval, Duration::from_secs(30));
@@ -499,7 +504,7 @@ mod tests {
         assert_eq!(f.cleanup_timeout, Duration::from_secs(120));
         assert_eq!(f.cleanup_retention, Duration::from_secs(3600));
         assert_eq!(f.orphan_grace, Duration::from_secs(1800));
-        assert!(f.log_json);
+        assert_eq!(f.log_format, LogFormat::Json);
         assert_eq!(f.log_level.as_deref(), Some("debug"));
     }
 

@@ -1,5 +1,6 @@
 //! The CSI Identity service: who we are, what we offer, whether we are ready.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use grpcio::{RpcContext, UnarySink};
@@ -17,6 +18,18 @@ use crate::server::Rpc;
 
 /// Whether this plugin can serve right now; in node mode, whether the base dir is usable.
 pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Liveness: the CSI server answers on `socket`, and a node's base dir was not deleted under
+/// it (only a restart sees the one made again). The error says what failed.
+pub fn liveness(
+    socket: PathBuf,
+    base_dir: Option<PathBuf>,
+) -> impl Fn() -> std::result::Result<(), String> + Send + Sync + 'static {
+    move || {
+        crate::server::answers(&socket, crate::server::ANSWER_TIMEOUT)?;
+        base_dir.as_deref().map_or(Ok(()), crate::node::base_not_deleted)
+    }
+}
 
 #[derive(Clone)]
 pub struct IdentityService {

@@ -170,6 +170,18 @@ pub struct Client {
 }
 
 impl Client {
+    /// The client the flags, or else the pod's service account, call for; `None` when neither
+    /// names an API server (standalone: deleted volumes stay on the nodes).
+    pub fn from_flags(flags: KubeFlags) -> Result<Option<Client>, String> {
+        let Some(cfg) = KubeConfig::resolve(flags) else {
+            info!("no Kubernetes API configured: running standalone; deleted volumes stay on the nodes");
+            return Ok(None);
+        };
+        Client::new(cfg)
+            .map(Some)
+            .map_err(|e| format!("Kubernetes client: {e}"))
+    }
+
     pub fn new(cfg: KubeConfig) -> Result<Client, String> {
         let ca_modified = std::fs::metadata(&cfg.ca_file).and_then(|m| m.modified()).ok();
         let ca = read_ca(&cfg)?;

@@ -11,11 +11,11 @@ use node_local_cache::cleanup::{CleanupConfig, CleanupController, NodeCleaner};
 use node_local_cache::config::{Config, Flags, Mode};
 use node_local_cache::controller::{ControllerService, Deleter};
 use node_local_cache::eviction::Evictor;
-use node_local_cache::identity::{IdentityService, Readiness};
+use node_local_cache::identity::{self, IdentityService, Readiness};
 use node_local_cache::inflight::InFlight;
-use node_local_cache::kube::{self, KubeConfig, KubeFlags};
-use node_local_cache::logging::{self, LogFormat};
-use node_local_cache::node::{self, NodeService, NodeState};
+use node_local_cache::kube::{self, KubeFlags};
+use node_local_cache::logging;
+use node_local_cache::node::{NodeService, NodeState};
 use node_local_cache::proto::grpc;
 use node_local_cache::server::{self, Rpc};
 use node_local_cache::{memory, metrics, sched};
@@ -30,12 +30,14 @@ fn node_services(
     rpc: &Rpc,
     kube: Option<kube::Client>,
     cleanup_cfg: CleanupConfig,
-) -> (Readiness, Service) {
+) -> Result<(Readiness, Service), String> {
     let inflight = InFlight::default();
     let state = NodeState::new(cfg.clone(), inflight.clone());
     if let Err(e) = state.prepare_base_dir() {
         warn!("base dir {}: {e}", cfg.base_dir.display());
     }
+    // Before anything runs on the base dir: the poller, the eviction thread, the socket.
+    state.claim_base_dir()?;
     if !state.ready() {
         warn!(
             "base dir {} is not usable yet; Probe reports not ready",
@@ -52,7 +54,7 @@ fn node_services(
         error!("cannot start the eviction thread: {e}; copies are not held to their limits");
     }
     let ready: Readiness = Arc::new(move || probe_state.ready());
-    (ready, grpc::create_node(NodeService::new(state, rpc.clone())))
+    Ok((ready, grpc::create_node(NodeService::new(state, rpc.clone()))))
 }
 
 /// The controller: the Controller service, and the cleanup protocol's controller side.
@@ -62,11 +64,8 @@ fn controller_services(rpc: &Rpc, kube: Option<kube::Client>, cleanup_cfg: Clean
         c.clone().run();
         c as Arc<dyn Deleter>
     });
-    let ready: Readiness = Arc::new(|| true);
-    (
-        ready,
-        grpc::create_controller(ControllerService::new(rpc.clone(), deleter)),
-    )
+    let service = grpc::create_controller(ControllerService::new(rpc.clone(), deleter));
+    (Arc::new(|| true), service)
 }
 
 fn main() -> ExitCode {
@@ -78,12 +77,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let format = if flags.log_json {
-        LogFormat::Json
-    } else {
-        LogFormat::Text
-    };
-    logging::init(format, flags.log_level.as_deref());
+    logging::init(flags.log_format, flags.log_level.as_deref());
+    match serve(flags) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Serves until SIGTERM or SIGINT; an error is why it could not start.
+fn serve(flags: Flags) -> Result<(), String> {
     let mut cfg = flags.config;
     cfg.csi_socket = server::socket_path(&flags.csi_socket);
     let cfg = Arc::new(cfg);
@@ -93,30 +98,14 @@ fn main() -> ExitCode {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
-    if let Err(e) = signals.thread_block() {
-        error!("block signals: {e}");
-        return ExitCode::FAILURE;
-    }
+    signals.thread_block().map_err(|e| format!("block signals: {e}"))?;
 
-    let kube_flags = KubeFlags {
+    let kube = kube::Client::from_flags(KubeFlags {
         api_url: flags.kube_api_url,
         token_file: flags.kube_token_file,
         ca_file: flags.kube_ca_file,
         namespace: flags.namespace,
-    };
-    let kube = match KubeConfig::resolve(kube_flags) {
-        None => {
-            info!("no Kubernetes API configured: running standalone; deleted volumes stay on the nodes");
-            None
-        }
-        Some(kc) => match kube::Client::new(kc) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                error!("Kubernetes client: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-    };
+    })?;
     let mut cleanup_cfg = CleanupConfig::new(&cfg.driver_name, &cfg.node_name);
     cleanup_cfg.poll_interval = flags.cleanup_poll_interval;
     cleanup_cfg.timeout = flags.cleanup_timeout;
@@ -125,21 +114,15 @@ fn main() -> ExitCode {
 
     let rpc = Rpc::new(cfg.workers, cfg.queue_depth);
     let (ready, service) = match cfg.mode {
-        Mode::Node => node_services(&cfg, &rpc, kube, cleanup_cfg),
+        Mode::Node => node_services(&cfg, &rpc, kube, cleanup_cfg)?,
         Mode::Controller => controller_services(&rpc, kube, cleanup_cfg),
     };
     let identity = grpc::create_identity(IdentityService::new(cfg.clone(), rpc.clone(), ready.clone()));
 
     if !flags.metrics_addr.is_empty() {
         metrics::set_ready(move || ready());
-        let (socket, node, base) = (cfg.csi_socket.clone(), cfg.mode == Mode::Node, cfg.base_dir.clone());
-        metrics::set_alive(move || {
-            server::answers(&socket, server::ANSWER_TIMEOUT)?;
-            if node {
-                node::base_not_deleted(&base)?;
-            }
-            Ok(())
-        });
+        let base = (cfg.mode == Mode::Node).then(|| cfg.base_dir.clone());
+        metrics::set_alive(identity::liveness(cfg.csi_socket.clone(), base));
         match metrics::parse_addr(&flags.metrics_addr).and_then(|a| metrics::serve(a).map_err(|e| e.to_string())) {
             Ok(bound) => info!("metrics on http://{bound}/metrics"),
             Err(e) => error!("metrics endpoint {}: {e}; serving CSI without it", flags.metrics_addr),
@@ -147,13 +130,7 @@ fn main() -> ExitCode {
     }
 
     memory::start_trimming(memory::TRIM_INTERVAL);
-    let running = match server::start(&cfg.csi_socket, vec![service, identity], rpc) {
-        Ok(r) => r,
-        Err(e) => {
-            error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let running = server::start(&cfg.csi_socket, vec![service, identity], rpc)?;
     info!(
         "node-local-cache {} serving {} mode as {} on {}",
         env!("CARGO_PKG_VERSION"),
@@ -166,5 +143,5 @@ fn main() -> ExitCode {
         Err(e) => error!("waiting for signals: {e}; stopping"),
     }
     running.stop(cfg.shutdown_timeout);
-    ExitCode::SUCCESS
+    Ok(())
 }

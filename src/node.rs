@@ -61,6 +61,8 @@ pub struct NodeState {
     kubelet_real: std::sync::OnceLock<PathBuf>,
     /// The base dir as last opened, reused while its path still names the same directory.
     base: Mutex<Option<Arc<Base>>>,
+    /// This process's lock on the base dir, held until it ends (`claim_base_dir`).
+    claim: std::sync::OnceLock<nix::fcntl::Flock<OwnedFd>>,
 }
 
 /// Why a base dir whose path shows a directory deleted since (a mount of a dir removed from its
@@ -107,6 +109,7 @@ impl NodeState {
             deleted: Mutex::default(),
             kubelet_real: std::sync::OnceLock::new(),
             base: Mutex::default(),
+            claim: std::sync::OnceLock::new(),
         })
     }
 
@@ -126,6 +129,33 @@ impl NodeState {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Takes the base dir for this process alone until it ends (the kernel lets go however it
+    /// ends). Two plugins on one base dir would each take the other's copies for their own,
+    /// trimming, evicting and collecting them under locks the other cannot see, so the second
+    /// must not start. A base dir that cannot be opened now is not claimed: the plugin starts not
+    /// ready, and the lock waits for the next start.
+    pub fn claim_base_dir(&self) -> std::result::Result<(), String> {
+        use nix::fcntl::{Flock, FlockArg};
+        let path = &self.cfg.base_dir;
+        let Ok(fd) = safedir::open_dir(path) else {
+            return Ok(());
+        };
+        match Flock::lock(fd, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => {
+                let _ = self.claim.set(lock);
+                Ok(())
+            }
+            Err((_, Errno::EWOULDBLOCK)) => Err(format!(
+                "base dir {}: another node plugin holds it; two plugins must not share a base dir",
+                path.display()
+            )),
+            Err((_, e)) => {
+                warn!("base dir {}: not locked for this plugin: {}", path.display(), e.desc());
+                Ok(())
+            }
         }
     }
 

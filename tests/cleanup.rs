@@ -685,6 +685,88 @@ fn a_record_written_by_the_previous_version_is_still_cleaned_up() {
     assert_eq!(api.requests().len(), 1, "the index now answers the poll");
 }
 
+/// Two node plugins on one base dir (a second install with its default base dir, a plugin
+/// started by hand) would each take the other's copies for their own, trimming, evicting and
+/// collecting them under locks the other cannot see. The second refuses to start: it serves
+/// nothing and asks the API nothing. Once the first has stopped, a new one starts.
+#[test]
+fn a_second_node_plugin_on_the_same_base_dir_refuses_to_start() {
+    let api = api("second");
+    let tree = Tree::new("second-plugin");
+    let flags = |poll: &str| {
+        vec![
+            format!("--kube-api-url={}", api.url),
+            format!("--kube-token-file={}", api.token_file.display()),
+            format!("--kube-ca-file={}", api.ca_file.display()),
+            format!("--namespace={NS}"),
+            format!("--cleanup-poll-interval={poll}"),
+        ]
+    };
+    let first_flags = flags("1h");
+    let mut first = Driver::node(
+        &tree,
+        "node-0",
+        &first_flags.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let start = Instant::now();
+    while api.requests().is_empty() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    api.clear_log();
+
+    let second_socket = tree.socket("second");
+    let mut second = std::process::Command::new(BIN)
+        .args([
+            "--mode=node",
+            "--node-name=node-0",
+            "--metrics-addr=",
+            "--eviction-interval=100ms",
+        ])
+        .arg(format!("--base-dir={}", tree.base().display()))
+        .arg(format!("--kubelet-dir={}", tree.kubelet().display()))
+        .arg(format!("--csi-socket={}", second_socket.display()))
+        .args(flags("100ms"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break Some(status);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            second.kill().unwrap();
+            second.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(second.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the second plugin kept running ({status:?}); its log:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("another node plugin") && stderr.contains(&tree.base().display().to_string()),
+        "{stderr}"
+    );
+    assert!(!second_socket.exists(), "it never served");
+    assert_eq!(api.requests(), vec![], "it asked the API nothing");
+
+    first.identity().probe(&csi::ProbeRequest::new()).unwrap();
+    first.terminate();
+    drop(first);
+    let again = Driver::node(
+        &tree,
+        "node-0",
+        &first_flags.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    again.identity().probe(&csi::ProbeRequest::new()).unwrap();
+}
+
 /// csi-provisioner gives DeleteVolume a deadline (its --timeout); once it has passed, the
 /// driver starts no further API request and leaves no half-written record behind: a retry with
 /// time enough finishes the job.
