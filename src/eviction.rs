@@ -20,6 +20,7 @@ use nix::sys::stat::{fstatat, utimensat, Mode, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
+use crate::config::DataOnUnpublish;
 use crate::error::{Error, Result};
 use crate::inflight::{InFlight, VolumeGuard};
 use crate::metrics::{self, EvictionAction, EvictionReason};
@@ -523,6 +524,11 @@ impl Evictor {
                 Err(e) => warn!("eviction: {e}"),
             }
         }
+        if self.node.config().data_on_unpublish == DataOnUnpublish::Delete {
+            // A copy the last unpublish had to keep (busy, something mounted inside) goes once it
+            // can; one a publish holds or a pod mounts is kept by `delete_data` itself.
+            report.copies.retain(|c| c.in_use || !self.delete_kept(&c.id));
+        }
         metrics::set_copy_bytes(report.copies.iter().map(|c| (c.id.clone(), c.bytes)).collect());
         let vfs = nix::sys::statvfs::fstatvfs(base.fd.as_fd())
             .map_err(|e| Error::sys("statvfs", "", &self.node.config().base_dir, e))?;
@@ -562,6 +568,22 @@ impl Evictor {
             started.elapsed().as_secs_f64() * 1e3
         );
         Ok(report)
+    }
+
+    /// Deletes an idle copy under `--data-on-unpublish=delete`; whether it went.
+    fn delete_kept(&self, id: &str) -> bool {
+        match self.node.delete_data(id, None) {
+            Ok(gone) => {
+                if gone {
+                    info!("volume {id}: data deleted, as its last unpublish should have (--data-on-unpublish=delete)");
+                }
+                gone
+            }
+            Err(e) => {
+                warn!("volume {id}: data kept by --data-on-unpublish=delete: {e}");
+                false
+            }
+        }
     }
 
     fn look_at(&mut self, base: &PassBase, id: &str, in_use: bool) -> Result<LocalCopy> {

@@ -570,6 +570,48 @@ fn a_same_filesystem_bind_inside_a_copy_is_never_deleted_trimmed_or_counted() {
     kept();
 }
 
+/// Under `--data-on-unpublish=delete`, a copy the last unpublish had to keep (something was
+/// mounted inside it) goes with the first eviction pass that can delete it, instead of staying
+/// until its PVC is deleted; a copy a pod mounts stays.
+#[test]
+fn a_copy_the_deleting_unpublish_had_to_keep_goes_with_a_later_pass() {
+    let (n, mut evictor) = node("delete-later", 16 * 1024, |cfg| {
+        cfg.data_on_unpublish = node_local_cache::config::DataOnUnpublish::Delete;
+    });
+    let id = volume_id("pvc-delete-later");
+    let busy = volume_id("pvc-delete-busy");
+    let target = n.publish(&id, "pod", lru(0));
+    let busy_target = n.publish(&busy, "busy-pod", lru(0));
+    let copy = n.copy(&id);
+    file(&copy.join("data"), FILE, 10);
+    let inner = copy.join("sub");
+    fs::create_dir(&inner).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &inner,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    n.unpublish(&id, &target);
+    assert!(copy.join("data").exists(), "kept while something is mounted inside");
+    evictor.pass().unwrap();
+    assert!(copy.join("data").exists(), "still mounted inside: kept");
+
+    nix::mount::umount(&inner).unwrap();
+    // As a crash while its record was written would leave it.
+    let half_written = n.tree.base().join(".meta").join(format!("{id}.new"));
+    fs::write(&half_written, "{\"createdMs\":").unwrap();
+    evictor.pass().unwrap();
+    assert!(!copy.exists(), "the pass after the unmount deletes it");
+    assert!(!half_written.exists() && !n.tree.base().join(".meta").join(&id).exists());
+    assert!(n.copy(&busy).exists(), "a copy in use stays");
+    n.unpublish(&busy, &busy_target);
+    assert!(!n.copy(&busy).exists());
+    n.tree.assert_no_mounts_but_base();
+}
+
 /// A trim's plan holds a bounded number of bytes however long the paths to its files: 4,000
 /// files 250 levels of 255-byte names deep (64 KB of path each) raise the real binary's peak
 /// memory by a few MB at most during the trim that deletes them all.

@@ -77,7 +77,10 @@ impl NodeState {
             .map_err(|e| Error::sys("delete volume data", id, base.real.join(&e.at), e.errno))?;
         self.usage_cache.forget(id);
         if let Ok(meta_dir) = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)) {
-            let _ = nix::unistd::unlinkat(meta_dir.as_fd(), id, nix::unistd::UnlinkatFlags::NoRemoveDir);
+            // With the record, any half-written one a crash left (`write_meta_record`).
+            for name in [id.to_owned(), format!("{id}.new")] {
+                let _ = nix::unistd::unlinkat(meta_dir.as_fd(), name.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+            }
         }
         if existed {
             metrics::CLEANUP_DURATION.observe(started.elapsed());
