@@ -719,7 +719,7 @@ impl Evictor {
         metrics::record_freed(reason, EvictionAction::Trim, trimmed.freed);
         if let Some((e, at)) = &trimmed.stuck_at {
             warn!(
-                "volume {id}: {} bytes could not be deleted and were trimmed around; first {}: {}",
+                "volume {id}: {} bytes in files no unlink removes were left, others chosen instead; first {}: {}",
                 trimmed.stuck,
                 path.join(at).display(),
                 e.desc()

@@ -5,7 +5,7 @@
 //! copies of millions of files and under paths of any length. It stops as soon as its caller
 //! says so.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::ffi::{CStr, OsStr};
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -26,6 +26,9 @@ const MAX_DEPTH: usize = 256;
 const STOP_CHECK_EVERY: u64 = 256;
 /// Walk-and-delete rounds in one trim before the pass moves on.
 const MAX_ROUNDS: usize = 64;
+/// Files no unlink could remove that one trim keeps in mind, to choose others instead (16 bytes
+/// each); a trim that meets more stops there.
+const MAX_STUCK: usize = 64 * 1024;
 
 /// A file a trim may delete, known by its device and inode (a walk does not leave the copy's
 /// filesystem, but each btrfs subvolume in it numbers its inodes anew). Ordered by last use, so a
@@ -78,8 +81,14 @@ fn failed_at<'e>(entry: &'e WalkEntry<'_>) -> impl Fn(Errno) -> Halt + 'e {
 }
 
 /// Walks a copy, adding up its bytes as `safedir::usage` does and keeping the oldest files
-/// that cover `need` bytes (none when `need` is 0), a file with several links once.
-fn walk(root: OwnedFd, need: u64, stop: &dyn Fn() -> bool) -> std::result::Result<Scan, Halt> {
+/// that cover `need` bytes (none when `need` is 0), a file with several links once, none of the
+/// `stuck` ones.
+fn walk(
+    root: OwnedFd,
+    need: u64,
+    stuck: &HashSet<(u64, u64)>,
+    stop: &dyn Fn() -> bool,
+) -> std::result::Result<Scan, Halt> {
     let mut heap = BinaryHeap::new();
     let mut heap_bytes = 0u64;
     let mut below = 0u64;
@@ -105,7 +114,7 @@ fn walk(root: OwnedFd, need: u64, stop: &dyn Fn() -> bool) -> std::result::Resul
                 return Ok(Visit::Enter);
             }
             listed_inodes_hold &= (st.dev, st.ino) == (entry.dev, entry.ino);
-            if need == 0 {
+            if need == 0 || stuck.contains(&(st.dev, st.ino)) {
                 return Ok(Visit::Skip);
             }
             heap_bytes += st.bytes;
@@ -140,14 +149,19 @@ struct Deleted {
     files: u64,
     freed: u64,
     yielded: bool,
-    stuck: u64,
-    stuck_at: Option<(Errno, PathBuf)>,
 }
 
 /// Walks the copy again and deletes the files the scan chose where it meets them, each only if
 /// it is still that file and unused since. Files are deleted in the walk's order, not oldest
 /// first: all of them are among the oldest.
-fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> Result<Deleted, Halt> {
+/// A file no unlink removes goes into `stuck`, with its bytes in `done`.
+fn delete_chosen(
+    copy: BorrowedFd<'_>,
+    scan: &Scan,
+    stuck: &mut HashSet<(u64, u64)>,
+    trimmed: &mut Trimmed,
+    stop: &dyn Fn() -> bool,
+) -> Result<Deleted, Halt> {
     let mut chosen: HashMap<(u64, u64), Candidate> = scan.oldest.iter().map(|c| (c.id, *c)).collect();
     let mut done = Deleted::default();
     let root = reopen(copy).map_err(|e| Halt::Failed(e, PathBuf::new()))?;
@@ -190,9 +204,11 @@ fn delete_chosen(copy: BorrowedFd<'_>, scan: &Scan, stop: &dyn Fn() -> bool) -> 
                 Err(Errno::ENOENT | Errno::EISDIR) => {}
                 // This file alone (immutable, append-only dir, mounted on): the trim goes on
                 // around it instead of stopping at it on every pass.
-                Err(e @ (Errno::EPERM | Errno::EACCES | Errno::EBUSY)) => {
-                    done.stuck += st.bytes;
-                    done.stuck_at.get_or_insert_with(|| (e, entry.path()));
+                Err(e @ (Errno::EPERM | Errno::EACCES | Errno::EBUSY)) if stuck.len() < MAX_STUCK => {
+                    if stuck.insert((st.dev, st.ino)) {
+                        trimmed.stuck += st.bytes;
+                    }
+                    trimmed.stuck_at.get_or_insert_with(|| (e, entry.path()));
                     chosen.remove(&(st.dev, st.ino));
                 }
                 Err(e) => return Err(Halt::Failed(e, entry.path())),
@@ -224,7 +240,7 @@ pub struct Trimmed {
     pub before: u64,
     /// Whether it stopped early for a publish.
     pub yielded: bool,
-    /// Bytes of chosen files no unlink could remove (the last walk's), trimmed around.
+    /// Bytes of chosen files no unlink could remove: later walks chose others instead.
     pub stuck: u64,
     /// The first of them, and why.
     pub stuck_at: Option<(Errno, PathBuf)>,
@@ -233,13 +249,14 @@ pub struct Trimmed {
 /// Deletes the least recently used files below `copy` until it holds at most `to` bytes (or
 /// nothing more can go: directories stay), walking it again when one walk's oldest files were
 /// not enough. `hint` is what the caller expects to free (bounds the first walk's memory).
-/// Files that cannot be deleted stay; each walk then also picks as many bytes more.
+/// Files that cannot be deleted stay, and later walks choose others.
 pub fn trim(copy: BorrowedFd<'_>, to: u64, hint: u64, stop: &dyn Fn() -> bool) -> std::result::Result<Trimmed, Halt> {
     let mut done = Trimmed::default();
+    let mut stuck = HashSet::new();
     let mut need = hint.max(1);
     for round in 0..MAX_ROUNDS {
         let root = reopen(copy).map_err(|e| Halt::Failed(e, PathBuf::new()))?;
-        let scan = match walk(root, need + done.stuck, stop) {
+        let scan = match walk(root, need, &stuck, stop) {
             Err(Halt::Yielded) => {
                 done.yielded = true;
                 return Ok(done);
@@ -253,19 +270,16 @@ pub fn trim(copy: BorrowedFd<'_>, to: u64, hint: u64, stop: &dyn Fn() -> bool) -
             break;
         }
         need = scan.bytes - to;
-        let deleted = delete_chosen(copy, &scan, stop)?;
+        let stuck_before = stuck.len();
+        let deleted = delete_chosen(copy, &scan, &mut stuck, &mut done, stop)?;
         done.files += deleted.files;
         done.freed += deleted.freed;
         if deleted.yielded {
             done.yielded = true;
             return Ok(done);
         }
-        // The stuck files are the oldest, so each walk picks them again: a round that met no
-        // more of them than the last and freed nothing has nothing left to try.
-        let more_stuck = deleted.stuck > done.stuck;
-        done.stuck = deleted.stuck;
-        done.stuck_at = deleted.stuck_at.or(done.stuck_at);
-        if deleted.freed >= need || (deleted.freed == 0 && !more_stuck) {
+        // A round that freed nothing and met no new stuck file has nothing left to try.
+        if deleted.freed >= need || (deleted.freed == 0 && stuck.len() == stuck_before) {
             break;
         }
         need -= deleted.freed;
@@ -275,7 +289,7 @@ pub fn trim(copy: BorrowedFd<'_>, to: u64, hint: u64, stop: &dyn Fn() -> bool) -
 
 /// Bytes below a copy, counted as the trim counts them (blocks, as `safedir::usage` does).
 pub fn measure(root: OwnedFd) -> Result<u64, (Errno, PathBuf)> {
-    match walk(root, 0, &|| false) {
+    match walk(root, 0, &HashSet::new(), &|| false) {
         Ok(scan) => Ok(scan.bytes),
         Err(Halt::Failed(e, at)) => Err((e, at)),
         Err(Halt::Yielded) => Err((Errno::EINTR, PathBuf::new())),
@@ -321,7 +335,7 @@ mod tests {
         let d = tmp("walk");
         let one = ten_files(&d);
         assert!(one > 0);
-        let scan = walk(safedir::open_dir(&d).unwrap(), 3 * one, &|| false).unwrap();
+        let scan = walk(safedir::open_dir(&d).unwrap(), 3 * one, &HashSet::new(), &|| false).unwrap();
         let inodes: Vec<_> = scan.oldest.iter().map(|c| c.id.1).collect();
         let ino = |name: &str| fs::metadata(d.join(name)).unwrap().ino();
         assert_eq!(inodes, [ino("f0"), ino("f1"), ino("f2")]);
@@ -370,11 +384,18 @@ mod tests {
         let d = tmp("listed");
         fs::create_dir_all(d.join("sub")).unwrap();
         let one = ten_files(&d.join("sub"));
-        let mut scan = walk(safedir::open_dir(&d).unwrap(), 3 * one, &|| false).unwrap();
+        let mut scan = walk(safedir::open_dir(&d).unwrap(), 3 * one, &HashSet::new(), &|| false).unwrap();
         assert!(scan.listed_inodes_hold, "tmp's filesystem lists each file's own inode");
         scan.listed_inodes_hold = false;
         let copy = safedir::open_dir(&d).unwrap();
-        let deleted = delete_chosen(copy.as_fd(), &scan, &|| false).unwrap();
+        let deleted = delete_chosen(
+            copy.as_fd(),
+            &scan,
+            &mut HashSet::new(),
+            &mut Trimmed::default(),
+            &|| false,
+        )
+        .unwrap();
         assert_eq!((deleted.files, deleted.freed, deleted.yielded), (3, 3 * one, false));
         let left: Vec<_> = (0..10).filter(|i| d.join(format!("sub/f{i}")).exists()).collect();
         assert_eq!(left, [3, 4, 5, 6, 7, 8, 9]);
@@ -438,6 +459,37 @@ mod tests {
             "{after} bytes left, target {}",
             before - 3 * one
         );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// More stuck files than one walk keeps in mind (a dir of old files made append-only, where
+    /// no unlink succeeds) do not hide the rest: the next walk chooses others.
+    #[test]
+    fn more_stuck_files_than_a_walk_keeps_leave_the_rest_to_trim() {
+        let d = tmp("stuck-many");
+        let one = ten_files(&d);
+        let old = d.join("old");
+        fs::create_dir(&old).unwrap();
+        let at = SystemTime::now() - Duration::from_secs(5000);
+        for i in 0..MAX_CANDIDATES + 1000 {
+            let f = fs::File::create(old.join(i.to_string())).unwrap();
+            f.set_times(fs::FileTimes::new().set_accessed(at).set_modified(at))
+                .unwrap();
+        }
+        let chattr = |flag: &str| {
+            let done = std::process::Command::new("chattr").arg(flag).arg(&old).status();
+            assert!(done.is_ok_and(|s| s.success()), "chattr {flag} {}", old.display());
+        };
+        let before = measure(safedir::open_dir(&d).unwrap()).unwrap();
+        chattr("+a");
+        let fd = safedir::open_dir(&d).unwrap();
+        let t = trim(fd.as_fd(), before - 3 * one, 3 * one, &|| false);
+        chattr("-a");
+        let t = t.unwrap();
+        assert_eq!((t.files, t.freed), (3, 3 * one), "{t:?}");
+        assert!(matches!(t.stuck_at, Some((Errno::EPERM, _))), "{t:?}");
+        let left: Vec<_> = (0..10).filter(|i| d.join(format!("f{i}")).exists()).collect();
+        assert_eq!(left, [3, 4, 5, 6, 7, 8, 9]);
         fs::remove_dir_all(&d).unwrap();
     }
 
