@@ -525,9 +525,12 @@ impl Evictor {
             }
         }
         if self.node.config().data_on_unpublish == DataOnUnpublish::Delete {
-            // A copy the last unpublish had to keep (busy, something mounted inside) goes once it
-            // can; one a publish holds or a pod mounts is kept by `delete_data` itself.
-            report.copies.retain(|c| c.in_use || !self.delete_kept(&c.id));
+            // A copy whose delete had to wait (something was mounted inside) goes once it can;
+            // one a publish holds or a pod mounts is kept by `delete_data` itself. An unmarked
+            // idle copy may be a pod's after a reboot, before kubelet publishes it again.
+            report
+                .copies
+                .retain(|c| c.in_use || !kept_for_delete(base.fd.as_fd(), &c.id) || !self.delete_kept(&c.id));
         }
         metrics::set_copy_bytes(report.copies.iter().map(|c| (c.id.clone(), c.bytes)).collect());
         let vfs = nix::sys::statvfs::fstatvfs(base.fd.as_fd())
@@ -570,20 +573,13 @@ impl Evictor {
         Ok(report)
     }
 
-    /// Deletes an idle copy under `--data-on-unpublish=delete`; whether it went.
+    /// Deletes a marked copy under `--data-on-unpublish=delete` (`delete_data` logs it); whether
+    /// it went.
     fn delete_kept(&self, id: &str) -> bool {
-        match self.node.delete_data(id, None) {
-            Ok(gone) => {
-                if gone {
-                    info!("volume {id}: data deleted, as its last unpublish should have (--data-on-unpublish=delete)");
-                }
-                gone
-            }
-            Err(e) => {
-                warn!("volume {id}: data kept by --data-on-unpublish=delete: {e}");
-                false
-            }
-        }
+        self.node.delete_data(id, None).unwrap_or_else(|e| {
+            warn!("volume {id}: data kept by --data-on-unpublish=delete: {e}");
+            false
+        })
     }
 
     fn look_at(&mut self, base: &PassBase, id: &str, in_use: bool) -> Result<LocalCopy> {
@@ -719,7 +715,7 @@ impl Evictor {
         metrics::record_freed(reason, EvictionAction::Trim, trimmed.freed);
         if let Some((e, at)) = &trimmed.stuck_at {
             warn!(
-                "volume {id}: {} bytes in files no unlink removes were left, others chosen instead; first {}: {}",
+                "volume {id}: {} bytes in files that cannot be deleted were left; first {}: {}",
                 trimmed.stuck,
                 path.join(at).display(),
                 e.desc()
@@ -836,6 +832,12 @@ impl Evictor {
 
 /// Whether a mount shows `copy_root` (a dir on the base dir's filesystem) or anything below it,
 /// live or deleted.
+/// Whether a copy carries the mark of a delete that had to wait (`.meta/<id>.kept`).
+fn kept_for_delete(base: BorrowedFd<'_>, id: &str) -> bool {
+    let mark = format!(".meta/{id}{}", crate::node::KEPT_SUFFIX);
+    fstatat(base, mark.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
+}
+
 fn shown_below(m: &MountEntry, base: &BindSource, copy_root: &Path) -> bool {
     let root = m.root.as_os_str().as_bytes();
     let root = Path::new(OsStr::from_bytes(root.strip_suffix(b"//deleted").unwrap_or(root)));

@@ -36,8 +36,8 @@ use crate::volume;
 mod store;
 mod usage;
 
-pub use store::VolumeMeta;
 use store::META_DIR;
+pub use store::{VolumeMeta, KEPT_SUFFIX};
 
 /// Volume dirs are open to the pod's user; the base dir (0700) keeps other host users out.
 const VOLUME_DIR_MODE: u32 = 0o777;
@@ -529,6 +529,9 @@ impl NodeState {
                 );
             }
             metrics::VOLUME_CREATE_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if self.cfg.data_on_unpublish == DataOnUnpublish::Delete {
+            self.unmark_kept(&base, id);
         }
         if let Err(e) = eviction::note_publish(base.fd.as_fd(), base.identity, id, limits) {
             warn!(

@@ -572,7 +572,9 @@ fn a_same_filesystem_bind_inside_a_copy_is_never_deleted_trimmed_or_counted() {
 
 /// Under `--data-on-unpublish=delete`, a copy the last unpublish had to keep (something was
 /// mounted inside it) goes with the first eviction pass that can delete it, instead of staying
-/// until its PVC is deleted; a copy a pod mounts stays.
+/// until its PVC is deleted. A copy a pod mounts stays, and so does one that lost its mount
+/// without an unpublish (a reboot, before kubelet publishes it again), even after such a delete
+/// had to wait once: the publish since took the mark away.
 #[test]
 fn a_copy_the_deleting_unpublish_had_to_keep_goes_with_a_later_pass() {
     let (n, mut evictor) = node("delete-later", 16 * 1024, |cfg| {
@@ -580,24 +582,40 @@ fn a_copy_the_deleting_unpublish_had_to_keep_goes_with_a_later_pass() {
     });
     let id = volume_id("pvc-delete-later");
     let busy = volume_id("pvc-delete-busy");
+    let rebooted = volume_id("pvc-delete-rebooted");
     let target = n.publish(&id, "pod", lru(0));
     let busy_target = n.publish(&busy, "busy-pod", lru(0));
     let copy = n.copy(&id);
     file(&copy.join("data"), FILE, 10);
     let inner = copy.join("sub");
     fs::create_dir(&inner).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &inner,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .unwrap();
+    let tmpfs_at = |at: &Path| {
+        nix::mount::mount(
+            Some("tmpfs"),
+            at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap()
+    };
+    tmpfs_at(&inner);
     n.unpublish(&id, &target);
     assert!(copy.join("data").exists(), "kept while something is mounted inside");
     evictor.pass().unwrap();
     assert!(copy.join("data").exists(), "still mounted inside: kept");
+
+    // The same kind of wait for another copy, then a pod uses it again and the node reboots:
+    // its bind goes without an unpublish.
+    let first = n.publish(&rebooted, "first-pod", lru(0));
+    let rebooted_inner = n.copy(&rebooted).join("sub");
+    fs::create_dir(&rebooted_inner).unwrap();
+    tmpfs_at(&rebooted_inner);
+    n.unpublish(&rebooted, &first);
+    nix::mount::umount(&rebooted_inner).unwrap();
+    let again = n.publish(&rebooted, "second-pod", lru(0));
+    file(&n.copy(&rebooted).join("data"), FILE, 10);
+    nix::mount::umount(&again).unwrap();
 
     nix::mount::umount(&inner).unwrap();
     // As a crash while its record was written would leave it.
@@ -607,6 +625,10 @@ fn a_copy_the_deleting_unpublish_had_to_keep_goes_with_a_later_pass() {
     assert!(!copy.exists(), "the pass after the unmount deletes it");
     assert!(!half_written.exists() && !n.tree.base().join(".meta").join(&id).exists());
     assert!(n.copy(&busy).exists(), "a copy in use stays");
+    assert!(
+        n.copy(&rebooted).join("data").exists(),
+        "a copy unmounted without an unpublish stays for its pod"
+    );
     n.unpublish(&busy, &busy_target);
     assert!(!n.copy(&busy).exists());
     n.tree.assert_no_mounts_but_base();

@@ -14,6 +14,7 @@ use nix::errno::Errno;
 use nix::sys::stat::Mode;
 
 use super::{Base, NodeState, BASE_DIR_MODE};
+use crate::config::DataOnUnpublish;
 use crate::error::{Error, Result};
 use crate::inflight::TargetGuard;
 use crate::metrics;
@@ -35,6 +36,10 @@ pub(super) const META_DIR: &str = ".meta";
 /// a restarted plugin trusts a trimmed index as it did before (a rollout sent every node to list
 /// every record once). Not a volume id, so never taken for a copy's record.
 const INDEX_READ: &str = "cleanup-read";
+/// `<base-dir>/.meta/<id>.kept`: under `--data-on-unpublish=delete`, a copy whose deletion had to
+/// wait (something mounted inside it, a failed delete). The eviction pass deletes such a copy
+/// once no pod mounts it; a publish takes the mark away, the copy being in use again.
+pub const KEPT_SUFFIX: &str = ".kept";
 
 impl NodeState {
     /// Deletes this node's copy of a volume unless it is in use (mounted anywhere, something is
@@ -66,6 +71,7 @@ impl NodeState {
                     "volume {id}: something is mounted inside the copy at {}; data kept",
                     at.display()
                 );
+                self.mark_kept(&base, id);
             } else {
                 debug!("volume {id}: still mounted at {}; data kept", at.display());
             }
@@ -73,12 +79,14 @@ impl NodeState {
         }
         let started = Instant::now();
         let existed = safedir::open_child(base.fd.as_fd(), OsStr::new(id)).is_ok();
-        safedir::remove_tree(base.fd.as_fd(), OsStr::new(id))
-            .map_err(|e| Error::sys("delete volume data", id, base.real.join(&e.at), e.errno))?;
+        if let Err(e) = safedir::remove_tree(base.fd.as_fd(), OsStr::new(id)) {
+            self.mark_kept(&base, id);
+            return Err(Error::sys("delete volume data", id, base.real.join(&e.at), e.errno));
+        }
         self.usage_cache.forget(id);
         if let Ok(meta_dir) = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)) {
             // With the record, any half-written one a crash left (`write_meta_record`).
-            for name in [id.to_owned(), format!("{id}.new")] {
+            for name in [id.to_owned(), format!("{id}.new"), format!("{id}{KEPT_SUFFIX}")] {
                 let _ = nix::unistd::unlinkat(meta_dir.as_fd(), name.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
             }
         }
@@ -92,6 +100,43 @@ impl NodeState {
             );
         }
         Ok(true)
+    }
+
+    /// Marks a copy whose deletion under `--data-on-unpublish=delete` has to wait; in the other
+    /// mode a copy is kept anyway. Unmarked (a read-only base dir), it waits for the next unpublish.
+    fn mark_kept(&self, base: &Base, id: &str) {
+        use nix::fcntl::OFlag;
+        if self.cfg.data_on_unpublish != DataOnUnpublish::Delete {
+            return;
+        }
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let marked = safedir::ensure_child(
+            base.fd.as_fd(),
+            OsStr::new(META_DIR),
+            Mode::from_bits_truncate(BASE_DIR_MODE),
+        )
+        .and_then(|(dir, _)| {
+            nix::fcntl::openat(
+                dir.as_fd(),
+                format!("{id}{KEPT_SUFFIX}").as_str(),
+                flags,
+                Mode::from_bits_truncate(0o600),
+            )
+        });
+        if let Err(e) = marked {
+            debug!("volume {id}: not marked for a later delete: {}", e.desc());
+        }
+    }
+
+    /// Takes a copy's mark away (`mark_kept`): a publish uses it again.
+    pub(super) fn unmark_kept(&self, base: &Base, id: &str) {
+        if let Ok(dir) = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)) {
+            let _ = nix::unistd::unlinkat(
+                dir.as_fd(),
+                format!("{id}{KEPT_SUFFIX}").as_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+        }
     }
 
     /// Where a bind of the volume dir `vol_path` (or of anything inside it) is mounted, or
