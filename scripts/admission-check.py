@@ -7,6 +7,8 @@ failurePolicy Fail refuses) is modelled here. Usage: admission-check.py RENDERED
 """
 import sys
 
+import uuid
+
 import celpy
 import yaml
 
@@ -17,6 +19,8 @@ NODE = "ip-10-0-1-23.eu-west-1.compute.internal"
 # (src/cleanup/record.rs, node_object_name: "nlc-node-" + node fits 253 characters).
 LONG = "n" * 250
 LONGEST_SPELLED = "n" * 244
+# A name-based UUID (v5) of the node, as node_object_name makes it from its NODE_NAMESPACE.
+HASHED = "nlc-node-" + str(uuid.uuid5(uuid.UUID("6d1e2b0a-55c4-4f7e-8a3b-0c9de1f2a3b4"), LONG))
 
 
 def configmap(name, node=None):
@@ -27,8 +31,11 @@ def configmap(name, node=None):
 
 
 def request(user, node=None, op="UPDATE"):
-    extra = {NODE_CLAIM: [node]} if node is not None else {}
-    return {"operation": op, "userInfo": {"username": user, "extra": extra}}
+    # The API server leaves out an empty extra (omitempty), as for a token without claims.
+    info = {"username": user}
+    if node is not None:
+        info["extra"] = {NODE_CLAIM: [node]}
+    return {"operation": op, "userInfo": info}
 
 
 # (what, request, object, expected: "allowed" | "denied")
@@ -41,7 +48,7 @@ CASES = [
     ("its own object without data", request(NODE_SA, NODE), configmap(f"nlc-node-{NODE}"), "denied"),
     ("the cleanup index", request(NODE_SA, NODE), configmap("nlc-cleanup-index"), "denied"),
     ("a cleanup record", request(NODE_SA, NODE, "CREATE"), configmap("nlc-cleanup-nlc-0123"), "denied"),
-    ("a token without the node claim", request(NODE_SA), configmap(f"nlc-node-{NODE}", NODE), "denied"),
+    ("a token without any extra", request(NODE_SA), configmap(f"nlc-node-{NODE}", NODE), "denied"),
     (
         "the same account in another namespace",
         request("system:serviceaccount:other-ns:node-local-cache-node", NODE),
@@ -52,8 +59,9 @@ CASES = [
     ("another user", request("alice"), configmap("nlc-node-other", "other"), "allowed"),
     ("the longest spelled-out name", request(NODE_SA, LONGEST_SPELLED), configmap(f"nlc-node-{LONGEST_SPELLED}", LONGEST_SPELLED), "allowed"),
     ("that node, another object", request(NODE_SA, LONGEST_SPELLED), configmap("nlc-node-0f1e2d3c", LONGEST_SPELLED), "denied"),
-    ("a hashed name", request(NODE_SA, LONG), configmap("nlc-node-6f1c1b40-0d0e-5b6c-9a4e-1f2a3b4c5d6e", LONG), "allowed"),
-    ("a hashed name naming another node", request(NODE_SA, LONG), configmap("nlc-node-6f1c1b40-0d0e-5b6c-9a4e-1f2a3b4c5d6e", "x"), "denied"),
+    ("a hashed name", request(NODE_SA, LONG), configmap(HASHED, LONG), "allowed"),
+    ("a long-named node, a spelled-out node's object", request(NODE_SA, LONG), configmap("nlc-node-other", LONG), "denied"),
+    ("a hashed name naming another node", request(NODE_SA, LONG), configmap(HASHED, "x"), "denied"),
 ]
 
 
