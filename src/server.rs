@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use grpcio::{Environment, RpcStatusCode, UnarySink};
 use log::{debug, info, log, log_enabled, warn, Level};
-use protobuf::MessageFull;
 
 use crate::error::{Error, Result};
 use crate::logging::RequestScope;
 use crate::metrics;
+use crate::proto::Redact;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -192,7 +192,7 @@ impl Rpc {
         }
     }
 
-    fn begin<Req: MessageFull>(&self, method: &'static str, req: &Req) -> u64 {
+    fn begin<Req: Redact>(&self, method: &'static str, req: &Req) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if log_enabled!(Level::Debug) {
             let _scope = RequestScope::enter(id);
@@ -202,7 +202,7 @@ impl Rpc {
     }
 
     /// Answers on the calling (poll) thread. Only for work that cannot block.
-    pub fn inline<Req: MessageFull, Resp>(
+    pub fn inline<Req: Redact, Resp>(
         &self,
         method: &'static str,
         req: Req,
@@ -217,7 +217,7 @@ impl Rpc {
 
     /// Answers from a worker thread; the poll thread returns at once. `volume` names the
     /// volume in the refusal sent when the queue is full.
-    pub fn blocking<Req: MessageFull, Resp: Send + 'static>(
+    pub fn blocking<Req: Redact, Resp: Send + 'static>(
         &self,
         method: &'static str,
         volume: &str,
@@ -330,12 +330,10 @@ fn sweep_held_replies() {
 }
 
 /// The request as text with every `secrets` map emptied.
-fn redacted<M: MessageFull>(req: &M) -> String {
+fn redacted<M: Redact>(req: &M) -> String {
     let mut copy = req.clone();
-    if let Some(field) = M::descriptor().field_by_name("secrets") {
-        field.clear_field(&mut copy);
-    }
-    protobuf::text_format::print_to_string(&copy)
+    copy.redact();
+    format!("{copy:?}")
 }
 
 /// `unix:///path`, `unix:/path` or a plain path.

@@ -46,6 +46,52 @@ fn identity_answers_in_both_modes() {
 /// The node plugin never dials: its gRPC core is configured with a server's plugins only, so
 /// the linker leaves the client channel out of the binary (src/grpc_plugins.rs). The client
 /// channel's trace flags name themselves in the binary that has it, as csi-client does.
+/// At `--log-level=debug` every request is logged, but never its `secrets`: neither the
+/// controller's nor the node's (csi-provisioner and kubelet pass them on from the StorageClass).
+#[test]
+fn the_debug_log_shows_requests_without_their_secrets() {
+    let tree = Tree::new("redact");
+    // Drivers in tests run at --log-level=debug.
+    let ctl = Driver::controller(&tree, &[]);
+    let mut create = create_req("pvc-redact", 0);
+    create.secrets.insert("password".into(), "create-hunter2".into());
+    let id = ctl
+        .controller_client()
+        .create_volume(&create)
+        .unwrap()
+        .volume
+        .unwrap()
+        .volume_id;
+    let mut validate = csi::ValidateVolumeCapabilitiesRequest::new();
+    validate.volume_id = id.clone();
+    validate.volume_capabilities.push(rw_cap());
+    validate.secrets.insert("password".into(), "validate-hunter2".into());
+    ctl.controller_client().validate_volume_capabilities(&validate).unwrap();
+
+    let node = Driver::node(&tree, "node-a", &[]);
+    let target = tree.target("pod");
+    let mut publish = publish_req(&id, &target, false);
+    publish.secrets.insert("password".into(), "publish-hunter2".into());
+    node.node_client().node_publish_volume(&publish).unwrap();
+    node.node_client()
+        .node_unpublish_volume(&unpublish_req(&id, &target))
+        .unwrap();
+
+    for log in [ctl.log_text(), node.log_text()] {
+        assert!(!log.contains("hunter2"), "a secret in the log:\n{log}");
+    }
+    let (ctl_log, node_log) = (ctl.log_text(), node.log_text());
+    assert!(
+        ctl_log.contains("CreateVolume request") && ctl_log.contains("pvc-redact"),
+        "{ctl_log}"
+    );
+    assert!(
+        node_log.contains("NodePublishVolume request") && node_log.contains(&id),
+        "{node_log}"
+    );
+    tree.assert_no_mounts();
+}
+
 #[test]
 fn the_node_plugin_carries_no_client_channel() {
     let node = fs::read(BIN).unwrap();
