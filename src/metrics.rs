@@ -155,8 +155,8 @@ pub fn set_copy_bytes(copies: Vec<(String, u64)>) {
 
 /// Why a step of the cleanup protocol failed: reading the nodes' acknowledgements, deleting a
 /// local copy, reporting finished deletions, releasing a PV, completing or expiring a record,
-/// writing the index, checking for orphans; anything else counts as "other".
-const CLEANUP_ERROR_REASONS: [&str; 9] = [
+/// writing the index, checking for orphans, reading a record; anything else counts as "other".
+const CLEANUP_ERROR_REASONS: [&str; 10] = [
     "nodes",
     "local_delete",
     "ack",
@@ -165,6 +165,7 @@ const CLEANUP_ERROR_REASONS: [&str; 9] = [
     "expire",
     "index",
     "orphan",
+    "record",
     "other",
 ];
 static CLEANUP_ERRORS: [AtomicU64; CLEANUP_ERROR_REASONS.len()] =

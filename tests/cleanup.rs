@@ -767,6 +767,35 @@ fn a_second_node_plugin_on_the_same_base_dir_refuses_to_start() {
     again.identity().probe(&csi::ProbeRequest::new()).unwrap();
 }
 
+/// A record that cannot be read (edited by hand: no volume id, no request time) holds its PV's
+/// finalizer for good, since no pass can complete it. The controller says so: the pass counts it
+/// under `cleanup_errors_total{reason="record"}` (and logs it once), and goes on with the others.
+#[test]
+fn an_unreadable_record_is_reported_and_the_others_still_complete() {
+    let api = api("unreadable");
+    let cfg = config(Duration::from_secs(600));
+    let mut n = SimNode::new(&api, "node-0", &cfg);
+    let ctl = CleanupController::new(api.client(NS), cfg);
+    let id = volume_id("pvc-readable");
+    api.add_pv("pvc-readable", DRIVER, &id);
+    api.put_configmap(
+        NS,
+        json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": { "name": "nlc-cleanup-edited", "labels": { cleanup::LABEL: "pending" } },
+            "data": { "volumeId": "not-a-volume-id" },
+        }),
+        "kubectl-edit",
+    );
+    delete(&ctl, &id).unwrap();
+    n.poll();
+    let before = node_local_cache::metrics::cleanup_errors("record");
+    ctl.poll_once().unwrap();
+    assert_eq!(node_local_cache::metrics::cleanup_errors("record"), before + 1);
+    assert_eq!(state_of(&api, &id), "complete", "the readable record completed");
+}
+
 /// csi-provisioner gives DeleteVolume a deadline (its --timeout); once it has passed, the
 /// driver starts no further API request and leaves no half-written record behind: a retry with
 /// time enough finishes the job.

@@ -358,8 +358,22 @@ impl CleanupController {
     pub fn poll_once_at(&self, now_mono: Instant) -> KubeResult<()> {
         let started = SystemTime::now();
         let mut records = Vec::new();
+        let mut unreadable = HashSet::new();
         self.kube
-            .for_each_configmap(LABEL, &mut |object| records.extend(CleanupRecord::parse(object)))?;
+            .for_each_configmap(LABEL, &mut |object| match CleanupRecord::parse(object) {
+                Some(r) => records.push(r),
+                None => {
+                    unreadable.insert(object["metadata"]["name"].as_str().unwrap_or_default().to_owned());
+                }
+            })?;
+        for name in &unreadable {
+            // Edited by hand: no pass can complete it, so its PV keeps the finalizer.
+            self.complaints().failed(
+                name,
+                "record",
+                &"cannot be read (it needs data.volumeId and data.requestedAt)",
+            );
+        }
         let pending: Vec<&CleanupRecord> = records.iter().filter(|r| r.pending).collect();
         metrics::CLEANUP_PENDING.store(pending.len() as u64, Ordering::Relaxed);
         let now = SystemTime::now();
@@ -461,7 +475,8 @@ impl CleanupController {
             Ok(()) => self.complaints().cleared("", "index"),
             Err(e) => self.complaints().failed("", "index", &e),
         }
-        self.complaints().retain(|id| listed_ids.contains(id));
+        self.complaints()
+            .retain(|id| listed_ids.contains(id) || unreadable.contains(id));
         if self.claim_node_sweep(now_mono) {
             match self.sweep_node_objects(now_mono) {
                 Ok(()) => self.complaints().cleared("", "node_objects"),
