@@ -530,7 +530,7 @@ impl Evictor {
             // idle copy may be a pod's after a reboot, before kubelet publishes it again.
             report
                 .copies
-                .retain(|c| c.in_use || !kept_for_delete(base.fd.as_fd(), &c.id) || !self.delete_kept(&c.id));
+                .retain(|c| c.in_use || !crate::node::marked_kept(base.fd.as_fd(), &c.id) || !self.delete_kept(&c.id));
         }
         metrics::set_copy_bytes(report.copies.iter().map(|c| (c.id.clone(), c.bytes)).collect());
         let vfs = nix::sys::statvfs::fstatvfs(base.fd.as_fd())
@@ -832,12 +832,6 @@ impl Evictor {
 
 /// Whether a mount shows `copy_root` (a dir on the base dir's filesystem) or anything below it,
 /// live or deleted.
-/// Whether a copy carries the mark of a delete that had to wait (`.meta/<id>.kept`).
-fn kept_for_delete(base: BorrowedFd<'_>, id: &str) -> bool {
-    let mark = format!(".meta/{id}{}", crate::node::KEPT_SUFFIX);
-    fstatat(base, mark.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
-}
-
 fn shown_below(m: &MountEntry, base: &BindSource, copy_root: &Path) -> bool {
     let root = m.root.as_os_str().as_bytes();
     let root = Path::new(OsStr::from_bytes(root.strip_suffix(b"//deleted").unwrap_or(root)));

@@ -37,7 +37,7 @@ mod store;
 mod usage;
 
 use store::META_DIR;
-pub use store::{VolumeMeta, KEPT_SUFFIX};
+pub use store::{marked_kept, VolumeMeta};
 
 /// Volume dirs are open to the pod's user; the base dir (0700) keeps other host users out.
 const VOLUME_DIR_MODE: u32 = 0o777;

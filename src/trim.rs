@@ -313,6 +313,12 @@ mod tests {
         d
     }
 
+    /// Sets or clears a file attribute (`+i` immutable, `+a` append-only) with chattr.
+    fn chattr(flag: &str, path: &Path) {
+        let done = std::process::Command::new("chattr").arg(flag).arg(path).status();
+        assert!(done.is_ok_and(|s| s.success()), "chattr {flag} {}", path.display());
+    }
+
     /// Ten files, `f0` the least recently used; returns the bytes one of them holds.
     fn ten_files(d: &Path) -> u64 {
         for i in 0..10u64 {
@@ -436,20 +442,13 @@ mod tests {
     fn a_file_that_cannot_be_deleted_is_trimmed_around() {
         let d = tmp("stuck");
         let one = ten_files(&d);
-        let chattr = |flag: &str| {
-            let done = std::process::Command::new("chattr")
-                .arg(flag)
-                .arg(d.join("f0"))
-                .status();
-            assert!(done.is_ok_and(|s| s.success()), "chattr {flag} {}", d.display());
-        };
         let measured = || measure(safedir::open_dir(&d).unwrap()).unwrap();
         let before = measured();
-        chattr("+i");
+        chattr("+i", &d.join("f0"));
         let fd = safedir::open_dir(&d).unwrap();
         let t = trim(fd.as_fd(), before - 3 * one, 3 * one, &|| false);
         let after = measured();
-        chattr("-i");
+        chattr("-i", &d.join("f0"));
         let t = t.unwrap();
         assert_eq!((t.files, t.freed, t.stuck), (3, 3 * one, one), "{t:?}");
         let left: Vec<_> = (0..10).filter(|i| d.join(format!("f{i}")).exists()).collect();
@@ -476,15 +475,11 @@ mod tests {
             f.set_times(fs::FileTimes::new().set_accessed(at).set_modified(at))
                 .unwrap();
         }
-        let chattr = |flag: &str| {
-            let done = std::process::Command::new("chattr").arg(flag).arg(&old).status();
-            assert!(done.is_ok_and(|s| s.success()), "chattr {flag} {}", old.display());
-        };
         let before = measure(safedir::open_dir(&d).unwrap()).unwrap();
-        chattr("+a");
+        chattr("+a", &old);
         let fd = safedir::open_dir(&d).unwrap();
         let t = trim(fd.as_fd(), before - 3 * one, 3 * one, &|| false);
-        chattr("-a");
+        chattr("-a", &old);
         let t = t.unwrap();
         assert_eq!((t.files, t.freed), (3, 3 * one), "{t:?}");
         assert!(matches!(t.stuck_at, Some((Errno::EPERM, _))), "{t:?}");

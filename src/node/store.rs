@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,7 +39,17 @@ const INDEX_READ: &str = "cleanup-read";
 /// `<base-dir>/.meta/<id>.kept`: under `--data-on-unpublish=delete`, a copy whose deletion had to
 /// wait (something mounted inside it, a failed delete). The eviction pass deletes such a copy
 /// once no pod mounts it; a publish takes the mark away, the copy being in use again.
-pub const KEPT_SUFFIX: &str = ".kept";
+const KEPT_SUFFIX: &str = ".kept";
+
+fn kept_mark(id: &str) -> String {
+    format!("{id}{KEPT_SUFFIX}")
+}
+
+/// Whether the copy `id` in the base dir `base` carries the mark of a delete that had to wait.
+pub fn marked_kept(base: BorrowedFd<'_>, id: &str) -> bool {
+    let mark = format!("{META_DIR}/{}", kept_mark(id));
+    nix::sys::stat::fstatat(base, mark.as_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
+}
 
 impl NodeState {
     /// Deletes this node's copy of a volume unless it is in use (mounted anywhere, something is
@@ -86,7 +96,7 @@ impl NodeState {
         self.usage_cache.forget(id);
         if let Ok(meta_dir) = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)) {
             // With the record, any half-written one a crash left (`write_meta_record`).
-            for name in [id.to_owned(), format!("{id}.new"), format!("{id}{KEPT_SUFFIX}")] {
+            for name in [id.to_owned(), format!("{id}.new"), kept_mark(id)] {
                 let _ = nix::unistd::unlinkat(meta_dir.as_fd(), name.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
             }
         }
@@ -118,7 +128,7 @@ impl NodeState {
         .and_then(|(dir, _)| {
             nix::fcntl::openat(
                 dir.as_fd(),
-                format!("{id}{KEPT_SUFFIX}").as_str(),
+                kept_mark(id).as_str(),
                 flags,
                 Mode::from_bits_truncate(0o600),
             )
@@ -133,7 +143,7 @@ impl NodeState {
         if let Ok(dir) = safedir::open_child(base.fd.as_fd(), OsStr::new(META_DIR)) {
             let _ = nix::unistd::unlinkat(
                 dir.as_fd(),
-                format!("{id}{KEPT_SUFFIX}").as_str(),
+                kept_mark(id).as_str(),
                 nix::unistd::UnlinkatFlags::NoRemoveDir,
             );
         }
