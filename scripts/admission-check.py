@@ -23,11 +23,16 @@ LONGEST_SPELLED = "n" * 244
 HASHED = "nlc-node-" + str(uuid.uuid5(uuid.UUID("6d1e2b0a-55c4-4f7e-8a3b-0c9de1f2a3b4"), LONG))
 
 
-def configmap(name, node=None):
+def configmap(name, node=None, labels=None, **extra):
     obj = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}
+    if labels is not None:
+        obj["metadata"]["labels"] = labels
     if node is not None:
-        obj["data"] = {"node": node, "done": ""}
+        obj["data"] = {"node": node, "done": "", **extra}
     return obj
+
+
+NODE_LABELS = {"node-local-cache.csi.io/cleanup-node": ""}
 
 
 def request(user, node=None, op="UPDATE"):
@@ -46,6 +51,19 @@ CASES = [
     ("its own object naming another node", request(NODE_SA, NODE), configmap(f"nlc-node-{NODE}", "other"), "denied"),
     ("a new object naming another node", request(NODE_SA, NODE, "CREATE"), configmap("nlc-node-x", "x"), "denied"),
     ("its own object without data", request(NODE_SA, NODE), configmap(f"nlc-node-{NODE}"), "denied"),
+    ("its own object as the driver writes it", request(NODE_SA, NODE), configmap(f"nlc-node-{NODE}", NODE, NODE_LABELS), "allowed"),
+    (
+        "its own object dressed as a record",
+        request(NODE_SA, NODE),
+        configmap(f"nlc-node-{NODE}", NODE, {**NODE_LABELS, "node-local-cache.csi.io/cleanup": "pending"}),
+        "denied",
+    ),
+    (
+        "its own object with a record's data",
+        request(NODE_SA, NODE),
+        configmap(f"nlc-node-{NODE}", NODE, NODE_LABELS, volumeId="nlc-0123", requestedAt="2999-01-01T00:00:00.000Z"),
+        "denied",
+    ),
     ("the cleanup index", request(NODE_SA, NODE), configmap("nlc-cleanup-index"), "denied"),
     ("a cleanup record", request(NODE_SA, NODE, "CREATE"), configmap("nlc-cleanup-nlc-0123"), "denied"),
     ("a token without any extra", request(NODE_SA), configmap(f"nlc-node-{NODE}", NODE), "denied"),

@@ -1376,3 +1376,41 @@ fn an_index_changed_behind_the_controllers_back_is_mended_by_the_next_pass() {
     ctl.poll_once().unwrap();
     assert_eq!(api.object(&key).unwrap()["data"], written, "mended");
 }
+
+/// A node may write its own object only (deploy/admission-node.yaml), but it chooses the
+/// object's labels and data. Dressed as a pending record of a live volume, that object must not
+/// make any node delete the volume's copy: a record is one only under its volume's record name,
+/// which no node may write.
+#[test]
+fn a_node_object_dressed_as_a_record_deletes_nothing() {
+    let api = api("dressed");
+    let cfg = config(Duration::from_secs(600));
+    let mut n1 = SimNode::new(&api, "node-1", &cfg);
+    let mut n2 = SimNode::new(&api, "node-2", &cfg);
+    let ctl = CleanupController::new(api.client(NS), cfg);
+    let id = volume_id("pvc-live");
+    api.add_pv("pvc-live", DRIVER, &id);
+    n2.use_volume(&id, "pvc-live", "data");
+    api.put_configmap(
+        NS,
+        json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": cleanup::node_object_name("node-1"),
+                "labels": { cleanup::LABEL: "pending", cleanup::NODE_LABEL: "" },
+            },
+            "data": { "node": "node-1", "done": "", "volumeId": id, "requestedAt": "2999-01-01T00:00:00.000Z" },
+        }),
+        "node-1",
+    );
+    // Both ways a node learns of deletions: the index the controller keeps, and the records
+    // listed directly (a node with no index to trust).
+    ctl.poll_once().unwrap();
+    n1.poll();
+    n2.poll();
+    assert!(n2.has(&id), "a live volume's copy was deleted");
+    api.remove_object(&format!("configmaps/{NS}/{}", cleanup::INDEX_NAME));
+    n2.poll();
+    assert!(n2.has(&id), "a live volume's copy was deleted by listing the records");
+}

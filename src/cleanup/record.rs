@@ -101,10 +101,16 @@ pub struct CleanupRecord {
 }
 
 impl CleanupRecord {
+    /// `None` unless `cm` is a whole record stored under its volume's record name: nodes write
+    /// their own objects, labels and data included, but never a record's name, so an object
+    /// that names another volume than its name says is no record.
     pub fn parse(cm: &Value) -> Option<CleanupRecord> {
         let data = cm["data"].as_object()?;
         let volume_id = data.get("volumeId")?.as_str()?.to_owned();
         volume::check_id(&volume_id).ok()?;
+        if cm["metadata"]["name"].as_str() != Some(record_name(&volume_id).as_str()) {
+            return None;
+        }
         let requested = data.get("requestedAt").and_then(Value::as_str).and_then(time::parse)?;
         Some(CleanupRecord {
             deletion: Deletion {
@@ -310,7 +316,7 @@ mod tests {
     fn records_parse_state_and_legacy_acks() {
         let id = volume::id_for_name("pvc-1");
         let cm = json!({
-            "metadata": { "labels": { LABEL: PENDING } },
+            "metadata": { "name": record_name(&id), "labels": { LABEL: PENDING } },
             "data": { "volumeId": id, "requestedAt": "2026-11-24T00:00:00.000Z", "pv": "pvc-1", "ack.node-a": "x", "ack.node-b": "y" },
         });
         let r = CleanupRecord::parse(&cm).unwrap();
@@ -323,6 +329,12 @@ mod tests {
         assert_eq!(done["metadata"]["labels"][LABEL], COMPLETE);
         let bad = json!({ "data": { "volumeId": "../etc", "requestedAt": "2026-11-24T00:00:00.000Z" } });
         assert!(CleanupRecord::parse(&bad).is_none());
+        let mut elsewhere = cm.clone();
+        elsewhere["metadata"]["name"] = json!(node_object_name("node-a"));
+        assert!(
+            CleanupRecord::parse(&elsewhere).is_none(),
+            "a record under another name"
+        );
     }
 
     #[test]

@@ -254,6 +254,11 @@ impl FakeApi {
         self.with(|s| s.delete(&format!("persistentvolumes//{name}")));
     }
 
+    /// An object deleted behind the clients' backs (by hand, or by another controller).
+    pub fn remove_object(&self, key: &str) {
+        self.with(|s| s.delete(key));
+    }
+
     pub fn object(&self, key: &str) -> Option<Value> {
         self.with(|s| s.objects.get(key).cloned())
     }
