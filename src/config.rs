@@ -219,7 +219,7 @@ pub fn command() -> Command {
             opt(
                 "metrics-addr",
                 "METRICS_ADDR",
-                "Address for /metrics, /livez and /readyz (\":9809\" is every address); empty turns it off",
+                "Address for /metrics, /livez and /readyz (\":9809\" is every IPv4 and IPv6 address); empty turns it off",
             )
             .default_value(":9809"),
             opt(

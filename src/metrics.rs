@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use grpcio::RpcStatusCode;
 use log::{debug, warn};
+use nix::libc;
 
 use crate::proto::grpc::SERVED;
 
@@ -453,14 +455,74 @@ const MAX_THREADS: usize = 16;
 const MAX_REQUEST: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `:9809` means every address, port 9809.
+/// `:9809` means every address, IPv4 and IPv6, port 9809.
 pub fn parse_addr(arg: &str) -> Result<SocketAddr, String> {
     let full = if arg.starts_with(':') {
-        format!("0.0.0.0{arg}")
+        format!("[::]{arg}")
     } else {
         arg.to_owned()
     };
     full.parse().map_err(|e| format!("metrics address {arg:?}: {e}"))
+}
+
+/// Binds `addr`; `[::]` as one socket for both families (IPV6_V6ONLY off, whatever the
+/// namespace's `net.ipv6.bindv6only` says), or IPv4 only where the kernel has no IPv6.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match addr {
+        SocketAddr::V6(v6) if v6.ip().is_unspecified() => match bind_both_families(v6.port()) {
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], v6.port())))
+            }
+            other => other,
+        },
+        _ => TcpListener::bind(addr),
+    }
+}
+
+/// A listening IPv6 socket on every address and `port` that takes IPv4 connections as well.
+/// std cannot clear IPV6_V6ONLY before the bind, and nix's socket calls would add a crate.
+fn bind_both_families(port: u16) -> std::io::Result<TcpListener> {
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    // SAFETY: no pointers; the descriptor returned is owned at once below.
+    let raw = check(unsafe { libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `raw` is a descriptor just opened, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_REUSEADDR, 1 as libc::c_int),
+        (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0),
+    ] {
+        // SAFETY: the option value points to a c_int on the stack whose size is passed.
+        check(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                level,
+                name,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
+    }
+    // SAFETY: all-zero is a valid sockaddr_in6 (the unspecified address, port 0).
+    let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    sa.sin6_port = port.to_be();
+    // SAFETY: the address points to a sockaddr_in6 on the stack whose size is passed.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const sa).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    })?;
+    // SAFETY: no pointers.
+    check(unsafe { libc::listen(fd.as_raw_fd(), 128) })?;
+    Ok(TcpListener::from(fd))
 }
 
 /// Connections being served, oldest first, each with a handle to close it by, and the threads
@@ -505,7 +567,7 @@ impl Open {
 /// Serves `/metrics`, `/livez` and `/readyz` on a thread of its own. Returns the bound address
 /// (the port may have been 0).
 pub fn serve(addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+    let listener = bind(addr)?;
     let bound = listener.local_addr()?;
     let open = Arc::new(Open::default());
     thread::Builder::new().name("metrics".into()).spawn(move || {
@@ -632,9 +694,20 @@ mod tests {
         assert!(text.contains("eviction_last_pass_timestamp_seconds "));
     }
 
+    /// kubelet probes the pod's primary address, an IPv6 one on IPv6 and most dual-stack
+    /// clusters: `:PORT` must answer on both families.
+    #[test]
+    fn every_address_means_ipv4_and_ipv6() {
+        let bound = serve(parse_addr(":0").unwrap()).unwrap();
+        for host in ["127.0.0.1", "[::1]"] {
+            let addr: SocketAddr = format!("{host}:{}", bound.port()).parse().unwrap();
+            assert!(get(addr, "/livez").starts_with("HTTP/1.1 200 "), "{addr}");
+        }
+    }
+
     #[test]
     fn addresses() {
-        assert_eq!(parse_addr(":9809").unwrap(), "0.0.0.0:9809".parse().unwrap());
+        assert_eq!(parse_addr(":9809").unwrap(), "[::]:9809".parse().unwrap());
         assert_eq!(parse_addr("127.0.0.1:1").unwrap(), "127.0.0.1:1".parse().unwrap());
         assert!(parse_addr("nope").is_err());
     }
