@@ -48,6 +48,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Testing only: every publish sleeps this long before mounting.
     pub test_publish_delay: Duration,
+    /// Testing only (no flag): a deleting unpublish that found another call on the volume
+    /// under way keeps its target this long before it lets go.
+    pub test_unpublish_delay: Duration,
     /// The node's cache budget: bytes all copies together may hold (0: no limit of its own).
     pub max_cache_bytes: u64,
     /// The node's cache budget: free space to keep on the base dir's filesystem, in percent of
@@ -73,6 +76,7 @@ impl Config {
             stats_cache_ttl: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(10),
             test_publish_delay: Duration::ZERO,
+            test_unpublish_delay: Duration::ZERO,
             max_cache_bytes: 0,
             // kubelet's default hard eviction starts at 15 % free on the image filesystem, which
             // is the root filesystem on most nodes: 5 points above it leave a pass time to act.

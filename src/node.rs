@@ -661,10 +661,21 @@ impl NodeState {
             debug!("volume {id}: nothing mounted at {}", target.display());
         }
         if self.cfg.data_on_unpublish == DataOnUnpublish::Delete {
+            // Another call on the volume under way may be the unpublish of its last other pod,
+            // which found this one under way in turn: once this call lets go of its target,
+            // it tries again, so whichever of the two lets go last deletes.
+            let deleted = match self.delete_unless_used(id, Some(&guard)) {
+                Ok(store::DeleteOutcome::Busy) => {
+                    std::thread::sleep(self.cfg.test_unpublish_delay);
+                    drop(guard);
+                    self.delete_unless_used(id, None)
+                }
+                other => other,
+            };
             // The target is gone already: kubelet's retry would find nothing to unmount and fail
             // the same way, so a copy that cannot go now (a read-only base, something mounted in
             // it) stays for the next unpublish or the cleanup instead of holding the pod.
-            if let Err(e) = self.delete_data(id, Some(&guard)) {
+            if let Err(e) = deleted {
                 warn!(
                     "volume {id}: unpublished from {}, but its data stays: {e}",
                     target.display()

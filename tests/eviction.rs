@@ -634,6 +634,44 @@ fn a_copy_the_deleting_unpublish_had_to_keep_goes_with_a_later_pass() {
     n.tree.assert_no_mounts_but_base();
 }
 
+/// Under `--data-on-unpublish=delete`, the last two pods of a volume on a node going at the same
+/// moment (a Deployment scaled to zero): each unpublish finds the other's call under way when it
+/// comes to delete, and neither may leave the copy behind for the next pod. A call that finds the
+/// volume busy holds its target a while here, so that the other one finds it too.
+#[test]
+fn the_last_two_unpublishes_at_once_leave_no_copy() {
+    let (n, _evictor) = node("delete-both", 16 * 1024, |cfg| {
+        cfg.data_on_unpublish = node_local_cache::config::DataOnUnpublish::Delete;
+        cfg.test_unpublish_delay = Duration::from_millis(300);
+    });
+    let n = Arc::new(n);
+    let id = volume_id("pvc-delete-both");
+    for round in 0..4 {
+        let targets = [n.publish(&id, "a", lru(0)), n.publish(&id, "b", lru(0))];
+        fs::write(targets[0].join("scratch"), round.to_string()).unwrap();
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let calls: Vec<_> = targets
+            .into_iter()
+            .map(|target| {
+                let (n, id, start) = (n.clone(), id.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    n.unpublish(&id, &target)
+                })
+            })
+            .collect();
+        for call in calls {
+            call.join().unwrap();
+        }
+        assert!(
+            !n.copy(&id).exists(),
+            "round {round}: the copy outlived both of its pods"
+        );
+    }
+    assert!(n.inflight.is_empty());
+    n.tree.assert_no_mounts_but_base();
+}
+
 /// A trim's plan holds a bounded number of bytes however long the paths to its files: 4,000
 /// files 250 levels of 255-byte names deep (64 KB of path each) raise the real binary's peak
 /// memory by a few MB at most during the trim that deletes them all.

@@ -51,14 +51,29 @@ pub fn marked_kept(base: BorrowedFd<'_>, id: &str) -> bool {
     nix::sys::stat::fstatat(base, mark.as_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
 }
 
+/// What became of a copy its node was asked to delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeleteOutcome {
+    Deleted,
+    /// Another call on the volume was under way.
+    Busy,
+    /// Mounted somewhere, or something is mounted inside it.
+    InUse,
+}
+
 impl NodeState {
     /// Deletes this node's copy of a volume unless it is in use (mounted anywhere, something is
     /// mounted inside it, or another call on the volume is under way). Returns whether the data
     /// is gone.
     pub fn delete_data(&self, id: &str, holding: Option<&TargetGuard>) -> Result<bool> {
+        Ok(self.delete_unless_used(id, holding)? == DeleteOutcome::Deleted)
+    }
+
+    /// `delete_data`, saying why a copy stayed.
+    pub(crate) fn delete_unless_used(&self, id: &str, holding: Option<&TargetGuard>) -> Result<DeleteOutcome> {
         let Some(_whole) = self.inflight.lock_volume(id, holding) else {
             debug!("volume {id}: busy; data kept for now");
-            return Ok(false);
+            return Ok(DeleteOutcome::Busy);
         };
         let base = match self.open_base(id) {
             Ok(base) => base,
@@ -69,7 +84,7 @@ impl NodeState {
                     "volume {id}: no base dir {}; nothing to delete",
                     self.cfg.base_dir.display()
                 );
-                return Ok(true);
+                return Ok(DeleteOutcome::Deleted);
             }
             Err(e) => return Err(e),
         };
@@ -85,7 +100,7 @@ impl NodeState {
             } else {
                 debug!("volume {id}: still mounted at {}; data kept", at.display());
             }
-            return Ok(false);
+            return Ok(DeleteOutcome::InUse);
         }
         let started = Instant::now();
         let existed = safedir::open_child(base.fd.as_fd(), OsStr::new(id)).is_ok();
@@ -109,7 +124,7 @@ impl NodeState {
                 started.elapsed().as_secs_f64() * 1e3
             );
         }
-        Ok(true)
+        Ok(DeleteOutcome::Deleted)
     }
 
     /// Marks a copy whose deletion under `--data-on-unpublish=delete` has to wait; in the other
