@@ -94,14 +94,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 5m, 1h)"))?;
+    let secs = |per: u64| n.checked_mul(per).map(Duration::from_secs);
     let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => Some(Duration::from_secs(n)),
+        "m" => secs(60),
+        "h" => secs(3600),
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
-    Ok(d)
+    d.ok_or_else(|| format!("{s:?} is too long a duration"))
 }
 
 /// `50Gi`, `512Mi`, `10G`, `1000000`: binary (Ki, Mi, Gi, Ti) or decimal (k, M, G, T) units; a
@@ -403,7 +404,8 @@ mod tests {
         assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
-        for bad in ["", "s", "1d", "-1s", "1.5s"] {
+        // Past u64 seconds once multiplied: refused, not wrapped round to a short period.
+        for bad in ["", "s", "1d", "-1s", "1.5s", "307445734561825861m", "5124095576030432h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
