@@ -173,8 +173,8 @@ owner_and_version_agree() {
 
 # The node plugin is restarted only when its CSI socket stops answering, never because its base dir
 # is unusable: liveness on the driver's /livez, readiness on /readyz, both on its metrics port.
-# Rollouts take a tenth of the nodes at a time, each ready for 30 s before the next, and
-# fsGroupPolicy matches the e2e test driver.
+# Rollouts take a tenth of the nodes at a time, each ready for 30 s before the next, pods go to
+# Linux nodes only, and fsGroupPolicy matches the e2e test driver.
 probes_and_rollout() {
     render >"$work/probes.yaml"
     python3 - "$work/probes.yaml" <<'PY'
@@ -199,6 +199,13 @@ if surge != "10%":
     errors.append(f"DaemonSet maxUnavailable {surge!r}, want '10%'")
 if ds["spec"].get("minReadySeconds", 0) < 30:
     errors.append("DaemonSet minReadySeconds below 30: a plugin that crashes soon after start would roll on")
+# The image is linux/amd64 and linux/arm64 only: a pod on a Windows node of a mixed cluster
+# would never start.
+for d in docs:
+    if d["kind"] in ("DaemonSet", "Deployment"):
+        sel = d["spec"]["template"]["spec"].get("nodeSelector", {})
+        if sel.get("kubernetes.io/os") != "linux":
+            errors.append(f"{d['kind']} {d['metadata']['name']}: no nodeSelector kubernetes.io/os: linux")
 drv = next(d for d in docs if d["kind"] == "CSIDriver")
 td = yaml.safe_load(open("deploy/testing/testdriver.yaml"))
 if td["DriverInfo"]["Capabilities"]["fsGroup"] != (drv["spec"]["fsGroupPolicy"] != "None"):
