@@ -55,6 +55,9 @@ pub enum Binding {
     Ours,
     /// A bind of the volume dir, whose directory has since been deleted.
     OursDeleted,
+    /// A bind of the volume dir as it was before another filesystem was mounted over the base
+    /// dir (or a dir above it): the pod holds a copy the base dir no longer shows.
+    OursHidden,
     /// Something else.
     Foreign,
 }
@@ -78,6 +81,31 @@ impl BindSource {
             dev: covering.dev,
             root,
         })
+    }
+
+    /// What `dir` showed before the mounts stacked on top of it came: the same path on each
+    /// filesystem mounted at or above it, but for the one `of_dir` gives. A mount root the
+    /// kernel marks deleted names the dir it was.
+    pub fn earlier_of_dir(table: &[MountEntry], dir: &Path) -> Vec<BindSource> {
+        let current = BindSource::of_dir(table, dir);
+        table
+            .iter()
+            .filter_map(|m| {
+                let rest = dir.strip_prefix(&m.mount_point).ok()?;
+                let root = m.root.as_os_str().as_bytes();
+                let root = Path::new(OsStr::from_bytes(root.strip_suffix(b"//deleted").unwrap_or(root)));
+                // Only a path can be joined: an nsfs entry's root is "net:[...]".
+                root.is_absolute().then(|| BindSource {
+                    dev: m.dev,
+                    root: if rest.as_os_str().is_empty() {
+                        root.to_owned()
+                    } else {
+                        root.join(rest)
+                    },
+                })
+            })
+            .filter(|s| Some(s) != current.as_ref())
+            .collect()
     }
 
     /// Whether `m` shows this directory or anything inside it, live or deleted.
@@ -744,6 +772,41 @@ mod tests {
         assert_eq!(uses_of(&t, &a).len(), 2);
         assert_eq!(uses_of(&t, &b).len(), 1);
         assert_eq!(volumes_mounted(&t, &base), 1);
+    }
+
+    /// The plugin's container with a disk mounted over the base dir since (a late local-SSD
+    /// set-up, seen through HostToContainer propagation): what the dir showed before is the
+    /// host's path on the root disk; the nsfs and overlay entries of the captured table add
+    /// nothing that could pass for it.
+    #[test]
+    fn earlier_sources_are_the_dirs_under_a_later_mount() {
+        let mut raw = fixture("mountinfo-node-plugin-container.txt");
+        let base = parse(&raw)
+            .into_iter()
+            .find(|m| m.mount_point == Path::new("/var/node-local-cache"))
+            .unwrap();
+        raw.extend_from_slice(b"9999 1 259:0 / /var/node-local-cache rw - xfs /dev/nvme0n1 rw\n");
+        let t = parse(&raw);
+        let dir = Path::new("/var/node-local-cache/nlc-x");
+        let now = BindSource::of_dir(&t, dir).unwrap();
+        assert_eq!((now.dev, now.root.as_path()), ((259, 0), Path::new("/nlc-x")));
+        let earlier = BindSource::earlier_of_dir(&t, dir);
+        let before = BindSource {
+            dev: base.dev,
+            root: base.root.join("nlc-x"),
+        };
+        assert!(earlier.contains(&before), "{earlier:?}");
+        assert!(!earlier.contains(&now));
+        assert!(earlier.iter().all(|s| s.root.ends_with("nlc-x")), "{earlier:?}");
+        // A base dir deleted on the host: its mount's root carries the kernel's mark.
+        let t =
+            parse(b"1 0 8:1 / / rw - ext4 /dev/sda1 rw\n2 1 8:1 /var/nlc//deleted /var/nlc rw - ext4 /dev/sda1 rw\n");
+        let earlier = BindSource::earlier_of_dir(&t, Path::new("/var/nlc/nlc-x"));
+        let bind = parse(b"3 1 8:1 /var/nlc/nlc-x//deleted /pod rw - ext4 /dev/sda1 rw\n");
+        assert!(
+            earlier.iter().any(|s| s.classify(&bind[0]) == Binding::OursDeleted),
+            "{earlier:?}"
+        );
     }
 
     #[test]

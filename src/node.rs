@@ -305,6 +305,26 @@ impl NodeState {
         })
     }
 
+    /// How the mount `top` at a target relates to the volume dir `vol_dir`, whose bind source is
+    /// `source`: a bind made before a filesystem was mounted over the base dir is still ours.
+    fn classify(
+        table: &[mounts::MountEntry],
+        source: &BindSource,
+        vol_dir: &Path,
+        top: &mounts::MountEntry,
+    ) -> Binding {
+        match source.classify(top) {
+            Binding::Foreign
+                if BindSource::earlier_of_dir(table, vol_dir)
+                    .iter()
+                    .any(|s| s.classify(top) != Binding::Foreign) =>
+            {
+                Binding::OursHidden
+            }
+            binding => binding,
+        }
+    }
+
     fn bind_source(table: &[mounts::MountEntry], vol_dir: &Path, volume: &str) -> Result<BindSource> {
         BindSource::of_dir(table, vol_dir).ok_or_else(|| Error::NodeNotReady {
             volume: volume.to_owned(),
@@ -363,18 +383,20 @@ impl NodeState {
         };
         if let Some(top) = mounts::at(&table, &t.real).last() {
             let source = Self::bind_source(&table, &vol_path, id)?;
-            return match source.classify(top) {
-                Binding::Ours | Binding::OursDeleted => match flags.unmet_by(top, self.inherited(id, &base)?) {
-                    None => {
-                        debug!(
-                            "volume {id} already published at {} ({})",
-                            target.display(),
-                            flags.describe()
-                        );
-                        Ok(())
+            return match Self::classify(&table, &source, &vol_path, top) {
+                Binding::Ours | Binding::OursDeleted | Binding::OursHidden => {
+                    match flags.unmet_by(top, self.inherited(id, &base)?) {
+                        None => {
+                            debug!(
+                                "volume {id} already published at {} ({})",
+                                target.display(),
+                                flags.describe()
+                            );
+                            Ok(())
+                        }
+                        Some(reason) => Err(Error::conflict(id, &target, reason)),
                     }
-                    Some(reason) => Err(Error::conflict(id, &target, reason)),
-                },
+                }
                 Binding::Foreign => Err(Error::conflict(
                     id,
                     &target,
@@ -593,7 +615,7 @@ impl NodeState {
                     break;
                 };
                 let source = Self::bind_source(&table, &vol_dir, id)?;
-                if source.classify(top) == Binding::Foreign {
+                if Self::classify(&table, &source, &vol_dir, top) == Binding::Foreign {
                     return Err(Error::ForeignMount {
                         volume: id.to_owned(),
                         path: target,
@@ -710,7 +732,9 @@ impl NodeState {
         let vol_dir = self.base_real(base.as_deref()).join(id);
         let table = Self::mounts_for(id, &vol_dir, &t.real, &path)?;
         let source = Self::bind_source(&table, &vol_dir, id)?;
-        let binding = mounts::at(&table, &t.real).last().map(|m| source.classify(m));
+        let binding = mounts::at(&table, &t.real)
+            .last()
+            .map(|m| Self::classify(&table, &source, &vol_dir, m));
         let mut condition = VolumeCondition::new();
         match binding {
             None | Some(Binding::Foreign) => return Err(not_published()),
@@ -718,6 +742,15 @@ impl NodeState {
                 condition.abnormal = true;
                 condition.message = format!(
                     "volume {id}: the node's data dir was deleted while mounted at {}",
+                    path.display()
+                );
+            }
+            Some(Binding::OursHidden) => {
+                condition.abnormal = true;
+                condition.message = format!(
+                    "volume {id}: a filesystem was mounted over the base dir {} since this pod's publish at {}; \
+                     the pod keeps the copy underneath until it restarts",
+                    self.cfg.base_dir.display(),
                     path.display()
                 );
             }

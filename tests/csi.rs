@@ -1208,6 +1208,49 @@ fn data_on_unpublish_delete_waits_for_the_last_user() {
     tree.assert_no_mounts();
 }
 
+/// A disk the host mounts over the base dir after pods published (a local-SSD set-up that runs
+/// late): their binds still show the copies on the filesystem underneath. kubelet's repeated
+/// publish, its stats and the unpublish when the pod goes must still know them for ours, or the
+/// pod stays Terminating until someone unmounts it by hand.
+#[test]
+fn binds_made_before_a_disk_was_mounted_over_the_base_dir_are_still_ours() {
+    let tree = Tree::new("overmount");
+    let d = Driver::node(&tree, "node-a", &[]);
+    let n = d.node_client();
+    let vol = volume_id("pvc-overmount");
+    let target = tree.target("pod1");
+    n.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
+    fs::write(target.join("before"), b"on the root disk").unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &tree.base(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .unwrap();
+    if let Err(e) = n.node_publish_volume(&publish_req(&vol, &target, false)) {
+        panic!("kubelet's repeated publish: {e:?}");
+    }
+    let stats = n.node_get_volume_stats(&stats_req(&vol, &target));
+    let stats = stats.unwrap_or_else(|e| panic!("stats: {e:?}"));
+    assert!(
+        stats.volume_condition.abnormal,
+        "the pod is not on the node's copy: {stats:?}"
+    );
+    if let Err(e) = n.node_unpublish_volume(&unpublish_req(&vol, &target)) {
+        panic!("unpublish: {e:?}");
+    }
+    assert!(!target.exists());
+    // The plugin holds the base dir it now sees open: detached, not unmounted.
+    nix::mount::umount2(&tree.base(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    assert_eq!(
+        fs::read(tree.base().join(&vol).join("before")).unwrap(),
+        b"on the root disk"
+    );
+    tree.assert_no_mounts();
+}
+
 #[test]
 fn sigterm_lets_a_call_in_flight_finish() {
     let tree = Tree::new("sigterm");
