@@ -25,6 +25,9 @@ use serde_json::{json, Value};
 use crate::metrics;
 use crate::time::Deadline;
 
+/// The longest Retry-After a request waits out before it tries again; a longer one fails it.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// Largest response body decoded whole: one object (lists are read item by item), which etcd
 /// keeps under 1.5 MiB; the bound only stops a runaway response.
@@ -370,7 +373,8 @@ impl Client {
         self.call_reading(verb, method, path, body, &mut read_value)
     }
 
-    /// Retries what is safe to retry with jittered exponential backoff; a 401 re-reads the token
+    /// Retries what is safe to retry with jittered exponential backoff (or the server's
+    /// Retry-After, up to `MAX_RETRY_AFTER`); a 401 re-reads the token
     /// once (it may have rotated between our stat and the server's check). Nothing starts or
     /// waits past the handle's deadline. `read` decodes a successful response's body; a retry
     /// reads the new response from the start.
@@ -400,7 +404,12 @@ impl Client {
                 }
                 Err(e) if e.retryable() && attempt < self.cfg.attempts => {
                     let wait = match &e {
-                        KubeError::Throttled(Some(after)) => *after,
+                        // Longer than a retry is for (a proxy's hour): the caller's next poll
+                        // or the provisioner's retry comes first.
+                        KubeError::Throttled(Some(after)) if *after > MAX_RETRY_AFTER => return Err(e),
+                        // At least what the server asked, spread so that the nodes it throttled
+                        // together do not come back together.
+                        KubeError::Throttled(Some(after)) => *after + jitter(*after) / 2,
                         _ => jitter(delay),
                     };
                     if self.deadline.remaining().is_some_and(|left| left <= wait) {

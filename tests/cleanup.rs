@@ -1414,3 +1414,26 @@ fn a_node_object_dressed_as_a_record_deletes_nothing() {
     n2.poll();
     assert!(n2.has(&id), "a live volume's copy was deleted by listing the records");
 }
+
+/// A 429 whose Retry-After asks for an hour (a proxy in front of the API server): the node's
+/// poll gives up at once and tries at its next period, instead of its cleanup thread sleeping
+/// for the hour.
+#[test]
+fn a_long_retry_after_does_not_hold_the_poller() {
+    let api = api("retry-after");
+    let cfg = config(Duration::from_secs(600));
+    let mut n = SimNode::new(&api, "node-0", &cfg);
+    api.with(|s| {
+        s.faults.fail_next = 1;
+        s.faults.fail_status = 429;
+        s.faults.retry_after = 3600;
+    });
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(n.cleaner.poll_once().is_err());
+    });
+    let failed = done
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the poll waited out an hour's Retry-After");
+    assert!(failed, "the throttled poll reports its failure");
+}

@@ -28,6 +28,8 @@ pub struct Faults {
     /// Answer the next N requests with this status.
     pub fail_next: u32,
     pub fail_status: u16,
+    /// The Retry-After a 429 carries, in seconds.
+    pub retry_after: u64,
     /// Delay every answer (longer than the client's timeout makes it a timeout).
     pub delay: Option<Duration>,
     /// The next N conditional writes fail with 409 whatever their resourceVersion.
@@ -694,6 +696,7 @@ fn serve_conn(tcp: TcpStream, config: Arc<rustls::ServerConfig>, state: Arc<Mute
             thread::sleep(d);
         }
         let (status, body) = handle(&state, &req);
+        let retry_after = state.lock().unwrap().faults.retry_after;
         let text = body.to_string();
         if let Some(e) = state.lock().unwrap().log.get_mut(entry) {
             e.response_bytes = text.len();
@@ -701,7 +704,11 @@ fn serve_conn(tcp: TcpStream, config: Arc<rustls::ServerConfig>, state: Arc<Mute
         let head = format!(
             "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
             text.len(),
-            if status == 429 { "Retry-After: 0\r\n" } else { "" }
+            if status == 429 {
+                format!("Retry-After: {retry_after}\r\n")
+            } else {
+                String::new()
+            }
         );
         let out = reader.get_mut();
         if out
