@@ -103,9 +103,10 @@ struct Target {
 impl NodeState {
     pub fn new(cfg: Arc<Config>, inflight: InFlight) -> Arc<NodeState> {
         Arc::new(NodeState {
+            // Half the workers at most walk copies for stats; the others stay for publishes.
+            usage_cache: usage::UsageCache::new(cfg.workers / 2),
             cfg,
             inflight,
-            usage_cache: usage::UsageCache::default(),
             deleted: Mutex::default(),
             kubelet_real: std::sync::OnceLock::new(),
             base: Mutex::default(),
@@ -822,7 +823,13 @@ impl NodeState {
                 );
                 Ok(u)
             })
-            .map_err(|e| Error::sys("measure volume usage", id, path, e))
+            .map_err(|e| match e {
+                Errno::EAGAIN => Error::Unavailable {
+                    volume: id.to_owned(),
+                    reason: format!("path {}: other volumes are being measured; retry", path.display()),
+                },
+                e => Error::sys("measure volume usage", id, path, e),
+            })
     }
 
     /// Volumes bind-mounted on this node now (the `active_volumes` gauge).

@@ -1,7 +1,8 @@
 //! Volume usage, measured once for every call that wants it. kubelet asks every minute for each
 //! pod's volume, and several pods of a node may share one volume; a walk of a large copy takes
-//! seconds and a worker. A call that comes while a walk of its volume runs waits for that walk's
-//! result instead of walking again beside it.
+//! seconds and a worker. A call that comes while a walk of its volume runs gets the last
+//! measurement, or waits for that walk's result if there is none, instead of walking again
+//! beside it; and only so many walks run at once, so that publishes always find a worker.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -20,12 +21,19 @@ struct Walk {
     ended: Condvar,
 }
 
-#[derive(Default)]
 pub struct UsageCache {
     /// By volume id: the last measurement and when it ended.
     measured: Mutex<HashMap<String, (Instant, Usage)>>,
     /// By volume id: the walk under way.
     walking: Mutex<HashMap<String, Arc<Walk>>>,
+    /// Walks at once, at most; a call beyond gets the last measurement, or `EAGAIN`.
+    max_walks: usize,
+}
+
+impl Default for UsageCache {
+    fn default() -> UsageCache {
+        UsageCache::new(usize::MAX)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -50,18 +58,32 @@ impl Drop for Ending<'_> {
 }
 
 impl UsageCache {
-    /// The volume's usage: measured within `ttl`, else from the walk under way, else from a new
-    /// walk with `measure`.
+    pub fn new(max_walks: usize) -> UsageCache {
+        UsageCache {
+            measured: Mutex::default(),
+            walking: Mutex::default(),
+            max_walks: max_walks.max(1),
+        }
+    }
+
+    /// The volume's usage: measured within `ttl`; else, while a walk of it runs or every walk
+    /// slot is taken, the last measurement however old; else the walk's result, or a new walk
+    /// with `measure` (`EAGAIN` when no slot is free).
     pub fn get(&self, id: &str, ttl: Duration, measure: impl FnOnce() -> Outcome) -> Outcome {
-        if let Some((at, u)) = lock(&self.measured).get(id) {
+        let last = lock(&self.measured).get(id).copied();
+        if let Some((at, u)) = last {
             if at.elapsed() < ttl {
-                return Ok(*u);
+                return Ok(u);
             }
         }
         let (walk, ours) = {
             let mut walking = lock(&self.walking);
             match walking.get(id) {
+                Some(_) if last.is_some() => return Ok(last.map(|(_, u)| u).unwrap_or_default()),
                 Some(walk) => (walk.clone(), false),
+                None if walking.len() >= self.max_walks => {
+                    return last.map(|(_, u)| u).ok_or(Errno::EAGAIN);
+                }
                 None => {
                     let walk = Arc::new(Walk::default());
                     walking.insert(id.to_owned(), walk.clone());
@@ -151,6 +173,66 @@ mod tests {
         }));
         assert!(panicked.is_err());
         assert!(lock(&cache.walking).is_empty(), "a panicked walk is over");
+    }
+
+    /// kubelet asks again while a long walk of the volume runs: the last measurement, however
+    /// old, answers at once, instead of a second worker waiting out the walk.
+    #[test]
+    fn a_call_during_a_walk_gets_the_last_measurement_at_once() {
+        let cache = Arc::new(UsageCache::default());
+        let ttl = Duration::from_nanos(1);
+        let old = Usage { bytes: 1, inodes: 1 };
+        assert_eq!(cache.get("v", ttl, || Ok(old)), Ok(old));
+        let started = Arc::new(Barrier::new(2));
+        let release = Arc::new(Barrier::new(2));
+        let walk = {
+            let (cache, started, release) = (cache.clone(), started.clone(), release.clone());
+            std::thread::spawn(move || {
+                cache.get("v", ttl, || {
+                    started.wait();
+                    release.wait();
+                    Ok(Usage { bytes: 2, inodes: 2 })
+                })
+            })
+        };
+        started.wait();
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let cache = cache.clone();
+            std::thread::spawn(move || tx.send(cache.get("v", ttl, || Err(Errno::EIO))));
+        }
+        let during = rx.recv_timeout(Duration::from_secs(5));
+        release.wait();
+        assert_eq!(during, Ok(Ok(old)), "waited for the walk under way");
+        assert_eq!(walk.join().unwrap(), Ok(Usage { bytes: 2, inodes: 2 }));
+    }
+
+    /// Walks of large copies on every worker would leave publishes waiting: past the cap, a
+    /// call gets the last measurement of its volume, or `EAGAIN` (retry) when there is none.
+    #[test]
+    fn walks_past_the_cap_answer_from_the_last_measurement() {
+        let cache = Arc::new(UsageCache::new(1));
+        let ttl = Duration::from_nanos(1);
+        let old = Usage { bytes: 1, inodes: 1 };
+        assert_eq!(cache.get("b", ttl, || Ok(old)), Ok(old));
+        let started = Arc::new(Barrier::new(2));
+        let release = Arc::new(Barrier::new(2));
+        let walk = {
+            let (cache, started, release) = (cache.clone(), started.clone(), release.clone());
+            std::thread::spawn(move || {
+                cache.get("a", ttl, || {
+                    started.wait();
+                    release.wait();
+                    Ok(Usage::default())
+                })
+            })
+        };
+        started.wait();
+        assert_eq!(cache.get("b", ttl, || panic!("a second walk")), Ok(old));
+        assert_eq!(cache.get("c", ttl, || panic!("a second walk")), Err(Errno::EAGAIN));
+        release.wait();
+        walk.join().unwrap().unwrap();
+        assert_eq!(cache.get("c", ttl, || Ok(old)), Ok(old), "a slot is free again");
     }
 
     #[test]
