@@ -188,9 +188,58 @@ pub fn read_table() -> Result<Vec<MountEntry>, Errno> {
 /// at a time, so memory stays one line plus what is kept: a busy node has thousands of mounts,
 /// and holding them all on every call left the allocator's high-water mark at the largest
 /// table ever seen.
-pub fn read_matching(keep: impl FnMut(&MountEntry) -> bool) -> Result<Vec<MountEntry>, Errno> {
-    let file = std::fs::File::open("/proc/self/mountinfo").map_err(io_errno)?;
-    filter_lines(std::io::BufReader::with_capacity(READ_CHUNK, file), keep)
+///
+/// Before Linux 5.8 a read that takes several `read(2)` calls has no cursor: a mount removed
+/// between two of them (pods come and go all the time) can make it skip an entry that stays, and
+/// a missed bind of a copy would let its deletion go ahead. There the table is read until two
+/// reads agree, as Kubernetes' mount-utils does; `EAGAIN` when they never do.
+pub fn read_matching(mut keep: impl FnMut(&MountEntry) -> bool) -> Result<Vec<MountEntry>, Errno> {
+    let cursor = reads_have_a_cursor();
+    let mut read = || {
+        let file = std::fs::File::open("/proc/self/mountinfo").map_err(io_errno)?;
+        let reader = std::io::BufReader::with_capacity(READ_CHUNK, file);
+        if cursor {
+            filter_lines(reader, &mut keep).map(|kept| (kept, 0))
+        } else {
+            filter_lines_digest(reader, &mut keep)
+        }
+    };
+    if cursor {
+        return read().map(|(kept, _)| kept);
+    }
+    until_two_agree(read, MAX_READS)
+}
+
+/// Reads of a table without a cursor before giving up.
+const MAX_READS: usize = 5;
+
+/// What `read` gives once two reads in a row have the same digest.
+fn until_two_agree<T>(mut read: impl FnMut() -> Result<(T, u64), Errno>, tries: usize) -> Result<T, Errno> {
+    let (_, mut digest) = read()?;
+    for _ in 1..tries {
+        let (kept, again) = read()?;
+        if again == digest {
+            return Ok(kept);
+        }
+        digest = again;
+    }
+    Err(Errno::EAGAIN)
+}
+
+/// Whether this kernel reads mountinfo with a cursor (Linux 5.8 and later).
+fn reads_have_a_cursor() -> bool {
+    static CURSOR: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CURSOR.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").is_ok_and(|r| release_at_least(&r, (5, 8)))
+    })
+}
+
+/// Whether a kernel release such as `4.18.0-553.el8_10.x86_64` is at least `want`.
+fn release_at_least(release: &str, want: (u32, u32)) -> bool {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse().ok());
+    let minor = parts.next().and_then(|p| p.parse().ok());
+    matches!((major, minor), (Some(major), Some(minor)) if (major, minor) >= want)
 }
 
 /// One read of mountinfo: the kernel hands it out a page at a time.
@@ -200,11 +249,31 @@ fn io_errno(e: std::io::Error) -> Errno {
     Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32))
 }
 
+/// `filter_lines`, and a digest of the whole table.
+fn filter_lines_digest(
+    reader: impl std::io::BufRead,
+    keep: impl FnMut(&MountEntry) -> bool,
+) -> Result<(Vec<MountEntry>, u64), Errno> {
+    use std::hash::Hasher;
+    let mut digest = std::hash::DefaultHasher::new();
+    let kept = filter_lines_seen(reader, keep, |line| digest.write(line))?;
+    Ok((kept, digest.finish()))
+}
+
 /// The lines of a mount table that parse and that `keep` accepts. A line that does not parse is
 /// skipped (and reported once): one odd entry must not hide every other mount on the node.
 fn filter_lines(
+    reader: impl std::io::BufRead,
+    keep: impl FnMut(&MountEntry) -> bool,
+) -> Result<Vec<MountEntry>, Errno> {
+    filter_lines_seen(reader, keep, |_| {})
+}
+
+/// `filter_lines`, showing `seen` every line read.
+fn filter_lines_seen(
     mut reader: impl std::io::BufRead,
     mut keep: impl FnMut(&MountEntry) -> bool,
+    mut seen: impl FnMut(&[u8]),
 ) -> Result<Vec<MountEntry>, Errno> {
     let mut kept = Vec::new();
     let mut line = Vec::new();
@@ -213,6 +282,7 @@ fn filter_lines(
         if reader.read_until(b'\n', &mut line).map_err(io_errno)? == 0 {
             return Ok(kept);
         }
+        seen(&line);
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         if text.is_empty() {
             continue;
@@ -807,6 +877,40 @@ mod tests {
             earlier.iter().any(|s| s.classify(&bind[0]) == Binding::OursDeleted),
             "{earlier:?}"
         );
+    }
+
+    /// Before Linux 5.8 a read can skip an entry when another goes meanwhile: the table is
+    /// read until two reads agree (the one that skipped is not trusted), and refused when they
+    /// never do.
+    #[test]
+    fn a_table_without_a_cursor_is_read_until_two_reads_agree() {
+        let raw = fixture("mountinfo-node-host.txt");
+        let whole = filter_lines_digest(raw.as_slice(), |_| true).unwrap();
+        let mut skipped = raw.clone();
+        let second_line = skipped.iter().position(|&b| b == b'\n').unwrap() + 1;
+        let end = second_line + skipped[second_line..].iter().position(|&b| b == b'\n').unwrap() + 1;
+        skipped.drain(second_line..end);
+        let skipped = filter_lines_digest(skipped.as_slice(), |_| true).unwrap();
+        assert_ne!(skipped.1, whole.1, "a skipped entry changes the digest");
+        let mut reads = vec![whole.clone(), whole.clone(), skipped.clone()];
+        let got = until_two_agree(|| Ok(reads.pop().unwrap()), 5).unwrap();
+        assert_eq!(
+            (got.len(), reads.len()),
+            (whole.0.len(), 0),
+            "three reads, the agreeing ones kept"
+        );
+        let mut churn = vec![whole.clone(), skipped.clone(), whole.clone(), skipped.clone(), whole];
+        assert_eq!(until_two_agree(|| Ok(churn.pop().unwrap()), 5), Err(Errno::EAGAIN));
+        for (release, cursor) in [
+            ("4.18.0-553.el8_10.x86_64", false),
+            ("5.4.0-1103-aws", false),
+            ("5.8.0", true),
+            ("5.10.228-219.884.amzn2.x86_64", true),
+            ("6.18.0\n", true),
+            ("garbage", false),
+        ] {
+            assert_eq!(release_at_least(release, (5, 8)), cursor, "{release}");
+        }
     }
 
     #[test]
