@@ -509,6 +509,12 @@ impl Evictor {
         Ok(PassBase { fd, real, source })
     }
 
+    /// Idle copies whose size the pass remembers.
+    #[doc(hidden)]
+    pub fn remembered_copies(&self) -> usize {
+        self.measured.len()
+    }
+
     /// One look at every copy on the node, and the trims and evictions it calls for.
     pub fn pass(&mut self) -> Result<PassReport> {
         let started = Instant::now();
@@ -516,7 +522,11 @@ impl Evictor {
         empty_trash(base.fd.as_fd());
         let uses = read_mounts(|m| base.source.shown_by(m), &base.real)?;
         let mut report = PassReport::default();
-        for id in self.node.local_volumes()? {
+        let copies = self.node.local_volumes()?;
+        // Copies deleted since the last pass (cleanup, orphans) are forgotten with them.
+        let listed: std::collections::HashSet<&str> = copies.iter().map(String::as_str).collect();
+        self.measured.retain(|id, _| listed.contains(id.as_str()));
+        for id in copies {
             let copy_root = base.source.root.join(&id);
             let in_use = uses.iter().any(|m| shown_below(m, &base.source, &copy_root));
             match self.look_at(&base, &id, in_use) {

@@ -634,6 +634,25 @@ fn a_copy_the_deleting_unpublish_had_to_keep_goes_with_a_later_pass() {
     n.tree.assert_no_mounts_but_base();
 }
 
+/// The pass remembers the size of each idle copy it measured, so as not to walk it again; a copy
+/// deleted since (by the cleanup, an orphan sweep) must not stay remembered for as long as the
+/// process lives: per-pod volumes come and go by the thousand.
+#[test]
+fn a_pass_forgets_the_copies_that_went() {
+    let (n, mut evictor) = node("forget", 16 * 1024, |_| {});
+    let ids: Vec<String> = (0..3).map(|i| volume_id(&format!("pvc-forget-{i}"))).collect();
+    for id in &ids {
+        file(&n.idle_copy(id, lru(0), 60).join("data"), FILE, 10);
+    }
+    evictor.pass().unwrap();
+    assert_eq!(evictor.remembered_copies(), ids.len());
+    for id in &ids[1..] {
+        assert!(n.state.delete_data(id, None).unwrap());
+    }
+    evictor.pass().unwrap();
+    assert_eq!(evictor.remembered_copies(), 1, "only the copy still there");
+}
+
 /// Under `--data-on-unpublish=delete`, the last two pods of a volume on a node going at the same
 /// moment (a Deployment scaled to zero): each unpublish finds the other's call under way when it
 /// comes to delete, and neither may leave the copy behind for the next pod. A call that finds the
