@@ -869,14 +869,20 @@ fn teardown(tag: &str, nodes: usize, pending_n: usize) {
 }
 
 /// Tombstones present in the steady state of `per_day` deletions a day kept for the 24 h
-/// retention: requested evenly over the last day, newest first.
+/// retention: requested evenly over the last day, newest first; and the index before the
+/// controller's pass trims it, each deletion listed as it was while new.
 fn steady_tombstones(api: &FakeApi, per_day: usize) {
     let now = SystemTime::now();
     let day = Duration::from_secs(24 * 3600);
-    for k in 0..per_day {
-        let requested = now - day.mul_f64((k as f64 + 0.5) / per_day as f64);
-        api.put_tombstone(NS, &volume_id(&format!("pvc-day-{k}")), requested);
-    }
+    let deletions: Vec<(String, SystemTime)> = (0..per_day)
+        .map(|k| {
+            let requested = now - day.mul_f64((k as f64 + 0.5) / per_day as f64);
+            let id = volume_id(&format!("pvc-day-{k}"));
+            api.put_tombstone(NS, &id, requested);
+            (id, requested)
+        })
+        .collect();
+    api.put_index(NS, &deletions);
 }
 
 /// Bytes a node reads per poll in the steady state of `per_day` deletions a day: a node that has
@@ -888,11 +894,9 @@ fn steady_poll_bytes(per_day: usize) -> (f64, f64, f64, usize) {
     let client = api.client(NS);
     steady_tombstones(&api, per_day);
     let cfg = CleanupConfig::new(DRIVER, "");
-    // The first pass that trims leaves out deletions no index listed before, so for 10 minutes
-    // every node lists the records; the next pass writes from when the index covers everything
-    // as the steady state has it.
+    // The pass leaves out old deletions every node polling along has read: the index covers
+    // everything from the newest of them on.
     let ctl = CleanupController::new(client.clone(), cfg.clone());
-    ctl.poll_once().unwrap();
     ctl.poll_once().unwrap();
     let index = api.stored_size(&configmap_key(cleanup::INDEX_NAME)).unwrap_or_default();
 

@@ -19,7 +19,7 @@ use node_local_cache::inflight::InFlight;
 use node_local_cache::node::NodeState;
 use node_local_cache::proto::csi;
 use node_local_cache::server::Rpc;
-use node_local_cache::time::{self, Deadline};
+use node_local_cache::time::Deadline;
 use serde_json::json;
 
 const DRIVER: &str = "node-local-cache.csi.io";
@@ -899,34 +899,40 @@ fn acknowledgements_are_read_past_the_first_page() {
     assert_eq!(api.pv_finalizers("pvc-pages").unwrap(), Vec::<String>::new());
 }
 
-/// Past the 1 MiB a ConfigMap may hold (~16,400 deletions in the retention: CI clusters with a
-/// PVC per build), the index cannot list every tombstone. A new deletion must still reach a node
-/// that polls along and one that reads for the first time, within a poll.
+/// Deletions no index listed in the model of an outgrown index: the newest of `outgrown`'s.
+const NEVER_LISTED: usize = 500;
+
+/// 16,500 tombstones of the last 23 hours (~16,400 deletions in the retention outgrow the 1 MiB a
+/// ConfigMap may hold: CI clusters with a PVC per build), and the index as it was while it still
+/// fit: the newest `NEVER_LISTED` deletions came after it. Returns their ids, newest first.
+fn outgrown(api: &FakeApi) -> Vec<String> {
+    const TOMBSTONES: usize = 16_500;
+    let now = SystemTime::now();
+    let span = Duration::from_secs(23 * 3600);
+    let mut listed = Vec::new();
+    let mut never_listed = Vec::new();
+    for k in 0..TOMBSTONES {
+        let id = volume_id(&format!("pvc-ci-{k}"));
+        let requested = now - span.mul_f64((k + 1) as f64 / TOMBSTONES as f64);
+        api.put_tombstone(NS, &id, requested);
+        if k >= NEVER_LISTED {
+            listed.push((id, requested));
+        } else {
+            never_listed.push(id);
+        }
+    }
+    api.put_index(NS, &listed);
+    never_listed
+}
+
+/// Past the 1 MiB a ConfigMap may hold, the index cannot list every tombstone. A new deletion
+/// must still reach a node that polls along and one that reads for the first time, within a poll.
 #[test]
 fn a_deletion_reaches_the_nodes_when_the_tombstones_outgrow_a_configmap() {
     let api = api("outgrown");
     let mut cfg = config(Duration::from_secs(600));
     cfg.retention = Duration::from_secs(24 * 3600);
-    const TOMBSTONES: usize = 16_500;
-    const NEWER: usize = 500;
-    let now = SystemTime::now();
-    let span = Duration::from_secs(23 * 3600);
-    let mut lines = String::new();
-    for k in 0..TOMBSTONES {
-        let id = volume_id(&format!("pvc-ci-{k}"));
-        let requested = now - span.mul_f64((k + 1) as f64 / TOMBSTONES as f64);
-        api.put_tombstone(NS, &id, requested);
-        if k >= NEWER {
-            lines += &format!("{id} {} complete\n", time::to_millis(requested));
-        }
-    }
-    // The index as it was while it still fit; the newest deletions came after.
-    let index = json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": { "name": cleanup::INDEX_NAME },
-        "data": { "records": lines },
-    });
-    api.put_configmap(NS, index, "node-local-cache");
+    outgrown(&api);
     let mut polling = SimNode::new(&api, "node-polling", &cfg);
     polling.poll();
 
@@ -1014,6 +1020,40 @@ fn a_deletion_left_out_of_an_index_write_is_listed_within_seconds() {
     assert_eq!(passes(), passes_before, "written between passes");
 }
 
+/// A deletion no index listed that is already past the budget when a pass first trims (older
+/// than 20 minutes) raises coversFrom, so that every node lists the records. A node that did not
+/// poll between that pass and the next (passes come 15–45 s apart, polls every 30–33 s) must
+/// still learn of it after the next pass; otherwise its copy waits for orphan collection.
+#[test]
+fn a_deletion_never_in_the_index_reaches_a_node_that_did_not_poll_between_two_passes() {
+    let api = api("raised");
+    let mut cfg = config(Duration::from_secs(600));
+    cfg.retention = Duration::from_secs(24 * 3600);
+    let never_listed = outgrown(&api);
+    // The oldest of them, ~42 minutes old: the first trim leaves it out.
+    let id = never_listed.last().unwrap();
+    let mut node = SimNode::new(&api, "node-between", &cfg);
+    // A copy made before the deletion (no meta record: any deletion of it applies).
+    fs::create_dir(node.tree.base().join(id)).unwrap();
+    node.poll();
+    assert!(node.has(id), "the index the node trusts does not list the deletion");
+
+    let ctl = CleanupController::new(api.client(NS), cfg.clone());
+    ctl.poll_once().unwrap();
+    ctl.poll_once().unwrap();
+    let index = api.object(&format!("configmaps/{NS}/{}", cleanup::INDEX_NAME)).unwrap();
+    assert!(
+        !index["data"]["records"].as_str().unwrap().contains(id.as_str()),
+        "the index leaves the deletion out"
+    );
+    node.poll();
+    assert!(
+        !node.has(id),
+        "the node trusted an index that never listed the deletion (coversFrom {})",
+        cleanup::IndexEntry::covers_from(&index)
+    );
+}
+
 /// Autoscaled clusters replace nodes every day. The object of a node that left is deleted once
 /// its CSINode has been missing at two sweeps ten minutes or more apart; the objects of nodes
 /// still there stay, whatever drivers their CSINode lists (a plugin restarting is unlisted for a
@@ -1094,12 +1134,18 @@ fn a_restarted_node_trusts_the_index_it_read_before() {
     cfg.retention = Duration::from_secs(24 * 3600);
     let now = SystemTime::now();
     let day = Duration::from_secs(23 * 3600);
-    for k in 0..1000 {
-        let requested = now - day.mul_f64((k as f64 + 0.5) / 1000.0);
-        api.put_tombstone(NS, &volume_id(&format!("pvc-day-{k}")), requested);
-    }
+    let deletions: Vec<(String, SystemTime)> = (0..1000)
+        .map(|k| {
+            let requested = now - day.mul_f64((k as f64 + 0.5) / 1000.0);
+            let id = volume_id(&format!("pvc-day-{k}"));
+            api.put_tombstone(NS, &id, requested);
+            (id, requested)
+        })
+        .collect();
+    // As the controller keeps it: each deletion was listed while new, and the trim leaves out
+    // old ones nodes polling along have read.
+    api.put_index(NS, &deletions);
     let ctl = CleanupController::new(api.client(NS), cfg.clone());
-    ctl.poll_once().unwrap();
     ctl.poll_once().unwrap();
     let index = api.object(&format!("configmaps/{NS}/{}", cleanup::INDEX_NAME)).unwrap();
     assert!(

@@ -666,7 +666,8 @@ impl CleanupController {
 /// Keeps the newest deletions of `entries` within the budget (and the recent ones within the
 /// cap); returns them and from when they list every deletion (0: all of it). A deletion left out
 /// counts from its request, if nodes could have read it in the index; one never listed there
-/// counts from `now_ms`, so every node lists the records once.
+/// counts from `now_ms`, so every node lists the records once. A `coversFrom` so raised stays
+/// while anything is left out: a node that has not polled since must list them too.
 fn trim_index(entries: BTreeSet<IndexEntry>, written: &IndexCopy, now_ms: u64) -> (BTreeSet<IndexEntry>, u64) {
     let read: HashSet<&Deletion> = written.entries.iter().map(|e| &e.deletion).collect();
     let mut newest_first: Vec<IndexEntry> = entries.into_iter().collect();
@@ -684,6 +685,11 @@ fn trim_index(entries: BTreeSet<IndexEntry>, written: &IndexCopy, now_ms: u64) -
         } else {
             covers_from = covers_from.max(now_ms);
         }
+    }
+    // Keeping it costs a polling node nothing: it trusts the index again once it reads it
+    // `INDEX_SKEW` later. One ahead of this clock by more (a clock set wrong, an edit) is not kept.
+    if covers_from > 0 && written.covers_from <= now_ms.saturating_add(INDEX_SKEW.as_millis() as u64) {
+        covers_from = covers_from.max(written.covers_from);
     }
     (kept, covers_from)
 }
@@ -812,9 +818,18 @@ mod tests {
         let all = entries(1000, now - HOUR_MS, 1000);
         let (_, covers_from) = trim_index(all, &written(&BTreeSet::new(), 0), now);
         assert_eq!(covers_from, now);
-        // Left out by an earlier write: it counts from its request again.
+        // Left out by an earlier write, which sent every node to the records: that stays, for
+        // the nodes that have not polled since, while anything is left out.
+        let raised = now - 60_000;
         let all = entries(1000, now - HOUR_MS, 1000);
-        let (_, covers_from) = trim_index(all, &written(&BTreeSet::new(), now - HOUR_MS + 1), now);
+        let (_, covers_from) = trim_index(all.clone(), &written(&BTreeSet::new(), raised), now);
+        assert_eq!(covers_from, raised);
+        let few = entries(10, now - HOUR_MS, 1000);
+        let (_, covers_from) = trim_index(few, &written(&BTreeSet::new(), raised), now);
+        assert_eq!(covers_from, 0, "nothing left out");
+        // Ahead of this clock by more than the skew allowed: not kept.
+        let ahead = now + 2 * INDEX_SKEW.as_millis() as u64;
+        let (_, covers_from) = trim_index(all, &written(&BTreeSet::new(), ahead), now);
         assert!(covers_from < now - HOUR_MS + 1);
     }
 }
