@@ -869,14 +869,20 @@ fn teardown(tag: &str, nodes: usize, pending_n: usize) {
 }
 
 /// Tombstones present in the steady state of `per_day` deletions a day kept for the 24 h
-/// retention: requested evenly over the last day, newest first.
+/// retention: requested evenly over the last day, newest first; and the index before the
+/// controller's pass trims it, each deletion listed as it was while new.
 fn steady_tombstones(api: &FakeApi, per_day: usize) {
     let now = SystemTime::now();
     let day = Duration::from_secs(24 * 3600);
-    for k in 0..per_day {
-        let requested = now - day.mul_f64((k as f64 + 0.5) / per_day as f64);
-        api.put_tombstone(NS, &volume_id(&format!("pvc-day-{k}")), requested);
-    }
+    let deletions: Vec<(String, SystemTime)> = (0..per_day)
+        .map(|k| {
+            let requested = now - day.mul_f64((k as f64 + 0.5) / per_day as f64);
+            let id = volume_id(&format!("pvc-day-{k}"));
+            api.put_tombstone(NS, &id, requested);
+            (id, requested)
+        })
+        .collect();
+    api.put_index(NS, &deletions);
 }
 
 /// Bytes a node reads per poll in the steady state of `per_day` deletions a day: a node that has
@@ -888,11 +894,9 @@ fn steady_poll_bytes(per_day: usize) -> (f64, f64, f64, usize) {
     let client = api.client(NS);
     steady_tombstones(&api, per_day);
     let cfg = CleanupConfig::new(DRIVER, "");
-    // The first pass that trims leaves out deletions no index listed before, so for 10 minutes
-    // every node lists the records; the next pass writes from when the index covers everything
-    // as the steady state has it.
+    // The pass leaves out old deletions every node polling along has read: the index covers
+    // everything from the newest of them on.
     let ctl = CleanupController::new(client.clone(), cfg.clone());
-    ctl.poll_once().unwrap();
     ctl.poll_once().unwrap();
     let index = api.stored_size(&configmap_key(cleanup::INDEX_NAME)).unwrap_or_default();
 
@@ -1125,4 +1129,73 @@ fn controller_memory_keeping_a_scan_of_the_pvs() {
         mib(idle)
     );
     assert!(mib(peak) < 32.0, "controller peak RSS {:.1} MiB", mib(peak));
+}
+
+/// Deletions in the model of a namespace teardown.
+const BURST: usize = 2_500;
+/// csi-provisioner's pace through a teardown: several DeleteVolume calls a second.
+const BURST_APART: Duration = Duration::from_millis(200);
+/// The controller writes the index at most this often outside its passes.
+const INDEX_COALESCE: Duration = Duration::from_secs(5);
+
+/// The index through a namespace teardown: `BURST` DeleteVolume calls at the provisioner's pace
+/// (on a virtual clock), then the controller's next pass. etcd keeps every version written until
+/// compaction (every 5 minutes; its quota is 2 GiB by default), so what counts is the bytes
+/// written to the index. Asserts at most one index write per `INDEX_COALESCE` of the burst (plus
+/// the pass), bytes far below one whole index per deletion, and every deletion listed after the
+/// pass.
+#[test]
+fn index_writes_through_a_burst_of_deletions() {
+    let api = fake_api("burst");
+    // A node that finishes nothing keeps the records pending: the pass writes the index only.
+    api.add_node(&node_name(0), DRIVER);
+    let mut cfg = CleanupConfig::new(DRIVER, "");
+    cfg.timeout = Duration::from_secs(3600);
+    let ctl = CleanupController::new(api.client(NS), cfg);
+    let pvs: Vec<(String, String)> = (0..BURST)
+        .map(|k| {
+            let pv = format!("pvc-burst-{k:05}");
+            let id = volume_id(&pv);
+            api.add_pv(&pv, DRIVER, &id);
+            (pv, id)
+        })
+        .collect();
+    let key = configmap_key(cleanup::INDEX_NAME);
+    let from = api.write_count();
+    let t0 = Instant::now();
+    let started = Instant::now();
+    for (k, (pv, id)) in pvs.iter().enumerate() {
+        ctl.volume_deleted_at(id, Some(pv), Deadline::none(), t0 + BURST_APART * k as u32)
+            .unwrap();
+    }
+    let burst = BURST_APART * BURST as u32;
+    ctl.poll_once_at(t0 + burst).unwrap();
+    let (writes, bytes) = api.with(|s| {
+        s.writes[from..]
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .fold((0usize, 0usize), |(c, b), (_, n)| (c + 1, b + n))
+    });
+    let stored = api.object(&key).unwrap();
+    let listed: std::collections::HashSet<String> = cleanup::IndexEntry::parse_index(&stored)
+        .into_iter()
+        .map(|e| e.deletion.volume_id)
+        .collect();
+    println!(
+        "{BURST} deletions {BURST_APART:?} apart and a pass: {writes} index writes, {} written to the index ({} per deletion), index stored {}; {:.1} s in the test",
+        human(bytes as f64),
+        human(bytes as f64 / BURST as f64),
+        human(api.stored_size(&key).unwrap() as f64),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        pvs.iter().all(|(_, id)| listed.contains(id)),
+        "after the pass the index lists every deletion"
+    );
+    let windows = (burst.as_secs_f64() / INDEX_COALESCE.as_secs_f64()).ceil() as usize;
+    assert!(
+        writes <= windows + 2,
+        "{writes} index writes in a burst of {burst:?}: at most one per {INDEX_COALESCE:?}, and the pass"
+    );
+    assert!(bytes < 16_000_000, "{} written to the index", human(bytes as f64));
 }

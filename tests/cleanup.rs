@@ -19,7 +19,7 @@ use node_local_cache::inflight::InFlight;
 use node_local_cache::node::NodeState;
 use node_local_cache::proto::csi;
 use node_local_cache::server::Rpc;
-use node_local_cache::time::{self, Deadline};
+use node_local_cache::time::Deadline;
 use serde_json::json;
 
 const DRIVER: &str = "node-local-cache.csi.io";
@@ -899,34 +899,40 @@ fn acknowledgements_are_read_past_the_first_page() {
     assert_eq!(api.pv_finalizers("pvc-pages").unwrap(), Vec::<String>::new());
 }
 
-/// Past the 1 MiB a ConfigMap may hold (~16,400 deletions in the retention: CI clusters with a
-/// PVC per build), the index cannot list every tombstone. A new deletion must still reach a node
-/// that polls along and one that reads for the first time, within a poll.
+/// Deletions no index listed in the model of an outgrown index: the newest of `outgrown`'s.
+const NEVER_LISTED: usize = 500;
+
+/// 16,500 tombstones of the last 23 hours (~16,400 deletions in the retention outgrow the 1 MiB a
+/// ConfigMap may hold: CI clusters with a PVC per build), and the index as it was while it still
+/// fit: the newest `NEVER_LISTED` deletions came after it. Returns their ids, newest first.
+fn outgrown(api: &FakeApi) -> Vec<String> {
+    const TOMBSTONES: usize = 16_500;
+    let now = SystemTime::now();
+    let span = Duration::from_secs(23 * 3600);
+    let mut listed = Vec::new();
+    let mut never_listed = Vec::new();
+    for k in 0..TOMBSTONES {
+        let id = volume_id(&format!("pvc-ci-{k}"));
+        let requested = now - span.mul_f64((k + 1) as f64 / TOMBSTONES as f64);
+        api.put_tombstone(NS, &id, requested);
+        if k >= NEVER_LISTED {
+            listed.push((id, requested));
+        } else {
+            never_listed.push(id);
+        }
+    }
+    api.put_index(NS, &listed);
+    never_listed
+}
+
+/// Past the 1 MiB a ConfigMap may hold, the index cannot list every tombstone. A new deletion
+/// must still reach a node that polls along and one that reads for the first time, within a poll.
 #[test]
 fn a_deletion_reaches_the_nodes_when_the_tombstones_outgrow_a_configmap() {
     let api = api("outgrown");
     let mut cfg = config(Duration::from_secs(600));
     cfg.retention = Duration::from_secs(24 * 3600);
-    const TOMBSTONES: usize = 16_500;
-    const NEWER: usize = 500;
-    let now = SystemTime::now();
-    let span = Duration::from_secs(23 * 3600);
-    let mut lines = String::new();
-    for k in 0..TOMBSTONES {
-        let id = volume_id(&format!("pvc-ci-{k}"));
-        let requested = now - span.mul_f64((k + 1) as f64 / TOMBSTONES as f64);
-        api.put_tombstone(NS, &id, requested);
-        if k >= NEWER {
-            lines += &format!("{id} {} complete\n", time::to_millis(requested));
-        }
-    }
-    // The index as it was while it still fit; the newest deletions came after.
-    let index = json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": { "name": cleanup::INDEX_NAME },
-        "data": { "records": lines },
-    });
-    api.put_configmap(NS, index, "node-local-cache");
+    outgrown(&api);
     let mut polling = SimNode::new(&api, "node-polling", &cfg);
     polling.poll();
 
@@ -943,11 +949,109 @@ fn a_deletion_reaches_the_nodes_when_the_tombstones_outgrow_a_configmap() {
     fresh.poll();
     assert!(!fresh.has(&id), "a node reading for the first time cleaned up");
 
+    // A DeleteVolume this soon after the pass's write leaves its line to the next write.
+    ctl.poll_once().unwrap();
     let key = format!("configmaps/{NS}/{}", cleanup::INDEX_NAME);
     let stored = api.object(&key).unwrap();
     let listed = stored["data"]["records"].as_str().unwrap();
     assert!(listed.len() <= 512 * 1024, "index of {} bytes", listed.len());
     assert!(listed.contains(&id), "the new deletion is listed");
+}
+
+/// Through a namespace teardown the controller writes the index at most every 5 s outside its
+/// passes: a DeleteVolume that comes sooner leaves its line, and the controller's run loop
+/// writes it within those 5 s, without waiting for its next pass.
+#[test]
+fn a_deletion_left_out_of_an_index_write_is_listed_within_seconds() {
+    let api = api("coalesce");
+    let tree = Tree::new("cleanup-coalesce");
+    let args = [
+        format!("--kube-api-url={}", api.url),
+        format!("--kube-token-file={}", api.token_file.display()),
+        format!("--kube-ca-file={}", api.ca_file.display()),
+        format!("--namespace={NS}"),
+        "--cleanup-poll-interval=1h".to_owned(),
+    ];
+    let ctl = Driver::controller(&tree, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let key = format!("configmaps/{NS}/{}", cleanup::INDEX_NAME);
+    let listed = |id: &str| {
+        api.object(&key)
+            .and_then(|o| o["data"]["records"].as_str().map(|r| r.contains(id)))
+            .unwrap_or(false)
+    };
+    let start = Instant::now();
+    while api.object(&key).is_none() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let passes = || {
+        api.requests()
+            .iter()
+            .filter(|(m, p)| {
+                m == "GET"
+                    && p.contains("labelSelector=node-local-cache.csi.io%2Fcleanup")
+                    && !p.contains("cleanup-node")
+            })
+            .count()
+    };
+    let passes_before = passes();
+    let written = Instant::now();
+    let ids: Vec<String> = (0..3).map(|k| volume_id(&format!("pvc-coalesce-{k}"))).collect();
+    let sent = Instant::now();
+    for id in &ids {
+        let mut del = csi::DeleteVolumeRequest::new();
+        del.volume_id = id.clone();
+        ctl.controller_client().delete_volume(&del).unwrap();
+    }
+    if written.elapsed() < Duration::from_secs(4) {
+        assert!(
+            !ids.iter().all(|id| listed(id)),
+            "deletions this soon after the pass's write are not written at once"
+        );
+    }
+    while !ids.iter().all(|id| listed(id)) {
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "the index does not list every deletion: {}",
+            ctl.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("listed {:?} after the first DeleteVolume", sent.elapsed());
+    assert_eq!(passes(), passes_before, "written between passes");
+}
+
+/// A deletion no index listed that is already past the budget when a pass first trims (older
+/// than 20 minutes) raises coversFrom, so that every node lists the records. A node that did not
+/// poll between that pass and the next (passes come 15–45 s apart, polls every 30–33 s) must
+/// still learn of it after the next pass; otherwise its copy waits for orphan collection.
+#[test]
+fn a_deletion_never_in_the_index_reaches_a_node_that_did_not_poll_between_two_passes() {
+    let api = api("raised");
+    let mut cfg = config(Duration::from_secs(600));
+    cfg.retention = Duration::from_secs(24 * 3600);
+    let never_listed = outgrown(&api);
+    // The oldest of them, ~42 minutes old: the first trim leaves it out.
+    let id = never_listed.last().unwrap();
+    let mut node = SimNode::new(&api, "node-between", &cfg);
+    // A copy made before the deletion (no meta record: any deletion of it applies).
+    fs::create_dir(node.tree.base().join(id)).unwrap();
+    node.poll();
+    assert!(node.has(id), "the index the node trusts does not list the deletion");
+
+    let ctl = CleanupController::new(api.client(NS), cfg.clone());
+    ctl.poll_once().unwrap();
+    ctl.poll_once().unwrap();
+    let index = api.object(&format!("configmaps/{NS}/{}", cleanup::INDEX_NAME)).unwrap();
+    assert!(
+        !index["data"]["records"].as_str().unwrap().contains(id.as_str()),
+        "the index leaves the deletion out"
+    );
+    node.poll();
+    assert!(
+        !node.has(id),
+        "the node trusted an index that never listed the deletion (coversFrom {})",
+        cleanup::IndexEntry::covers_from(&index)
+    );
 }
 
 /// Autoscaled clusters replace nodes every day. The object of a node that left is deleted once
@@ -1030,12 +1134,18 @@ fn a_restarted_node_trusts_the_index_it_read_before() {
     cfg.retention = Duration::from_secs(24 * 3600);
     let now = SystemTime::now();
     let day = Duration::from_secs(23 * 3600);
-    for k in 0..1000 {
-        let requested = now - day.mul_f64((k as f64 + 0.5) / 1000.0);
-        api.put_tombstone(NS, &volume_id(&format!("pvc-day-{k}")), requested);
-    }
+    let deletions: Vec<(String, SystemTime)> = (0..1000)
+        .map(|k| {
+            let requested = now - day.mul_f64((k as f64 + 0.5) / 1000.0);
+            let id = volume_id(&format!("pvc-day-{k}"));
+            api.put_tombstone(NS, &id, requested);
+            (id, requested)
+        })
+        .collect();
+    // As the controller keeps it: each deletion was listed while new, and the trim leaves out
+    // old ones nodes polling along have read.
+    api.put_index(NS, &deletions);
     let ctl = CleanupController::new(api.client(NS), cfg.clone());
-    ctl.poll_once().unwrap();
     ctl.poll_once().unwrap();
     let index = api.object(&format!("configmaps/{NS}/{}", cleanup::INDEX_NAME)).unwrap();
     assert!(

@@ -1,9 +1,9 @@
 //! The controller's half: writes records on DeleteVolume, keeps the index, completes records from
 //! the nodes' objects, expires tombstones.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,6 +35,11 @@ const INDEX_BUDGET: usize = 16 * 1024;
 const INDEX_RECENT: Duration = Duration::from_secs(2 * INDEX_SKEW.as_secs());
 /// The most the index lists in any case, far below the 1 MiB a ConfigMap may hold.
 const INDEX_CAP: usize = 512 * 1024;
+/// Outside its passes the controller writes the index at most this often: DeleteVolume leaves its
+/// line for a write at most this much later. Every write stores the whole index (up to
+/// `INDEX_CAP`), and etcd keeps each version until compaction; written on every DeleteVolume of
+/// a teardown, the bytes grew with the square of the deletions.
+const INDEX_COALESCE: Duration = Duration::from_secs(5);
 
 /// How often the controller looks for the objects of nodes that left the cluster. Autoscaled
 /// clusters replace nodes every day; each one left an object that every pass with a pending
@@ -59,6 +64,55 @@ struct IndexCopy {
     resource_version: Option<String>,
 }
 
+/// The index lines DeleteVolume left for a later write, by volume id, and when this process last
+/// wrote the index (or set out to).
+#[derive(Default)]
+struct Unwritten {
+    lines: BTreeMap<String, IndexEntry>,
+    last_write: Option<Instant>,
+}
+
+impl Unwritten {
+    /// Whether lines wait and the window since the last write has passed; if so the caller
+    /// writes them, and the next window starts now.
+    fn claim(&mut self, now: Instant) -> bool {
+        let due = !self.lines.is_empty() && self.next_write().is_none_or(|at| now >= at);
+        if due {
+            self.last_write = Some(now);
+        }
+        due
+    }
+
+    fn wrote_at(&mut self, now: Instant) {
+        self.last_write = Some(self.last_write.map_or(now, |t| t.max(now)));
+    }
+
+    fn next_write(&self) -> Option<Instant> {
+        self.last_write.map(|t| t + INDEX_COALESCE)
+    }
+
+    /// Puts back lines a write failed to store, unless a newer call left another for the volume.
+    fn restore(&mut self, lines: BTreeMap<String, IndexEntry>) {
+        for (id, line) in lines {
+            self.lines.entry(id).or_insert(line);
+        }
+    }
+}
+
+/// Adds DeleteVolume's lines to `index`: a line replaces the volume's entry unless that entry is
+/// of the same or a later request (then the index, from the records, knows better).
+fn add_lines(index: &mut BTreeSet<IndexEntry>, lines: &BTreeMap<String, IndexEntry>) {
+    for (id, line) in lines {
+        let newer = index
+            .iter()
+            .any(|e| e.deletion.volume_id == *id && e.deletion.requested_ms >= line.deletion.requested_ms);
+        if !newer {
+            index.retain(|e| e.deletion.volume_id != *id);
+            index.insert(line.clone());
+        }
+    }
+}
+
 pub struct CleanupController {
     kube: Client,
     cfg: CleanupConfig,
@@ -66,6 +120,10 @@ pub struct CleanupController {
     complaints: Mutex<Complaints>,
     /// Serialises index writes in this process; `None` until read (each pass reads it again).
     index: Mutex<Option<IndexCopy>>,
+    /// Index lines DeleteVolume left for a later write.
+    unwritten: Mutex<Unwritten>,
+    /// Told when DeleteVolume leaves a line, so the run loop writes it in time.
+    line_left: Condvar,
     sweep: Mutex<NodeSweep>,
     /// This driver's PVs as the last scan found them, for deletions of volumes this process did
     /// not create.
@@ -91,13 +149,19 @@ impl CleanupController {
             log: QuietLog::new(),
             complaints: Mutex::default(),
             index: Mutex::new(None),
+            unwritten: Mutex::default(),
+            line_left: Condvar::new(),
             sweep: Mutex::default(),
             pv_names: PvNames::default(),
         })
     }
 
-    fn complaints(&self) -> std::sync::MutexGuard<'_, Complaints> {
+    fn complaints(&self) -> MutexGuard<'_, Complaints> {
         self.complaints.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unwritten(&self) -> MutexGuard<'_, Unwritten> {
+        self.unwritten.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The PV whose CSI volume handle is `id`: by the name CreateVolume was given when this
@@ -163,11 +227,30 @@ impl CleanupController {
         Err(KubeError::Conflict(format!("{} kept changing", record_name(id))))
     }
 
-    /// Applies `change` to the index (its entries and from when it lists every deletion), keeps
-    /// it within its budget and writes it if that changed it, conditionally on the version read,
-    /// retrying on conflict (another controller replica wrote it meanwhile).
-    fn update_index(&self, kube: &Client, change: impl Fn(&mut BTreeSet<IndexEntry>, &mut u64)) -> KubeResult<()> {
+    /// Applies `change` and the lines DeleteVolume left to the index (its entries and from when
+    /// it lists every deletion), keeps it within its budget and writes it if that changed it,
+    /// conditionally on the version read, retrying on conflict (another controller replica wrote
+    /// it meanwhile). Returns whether it wrote; lines it could not store wait for the next write.
+    fn update_index(&self, kube: &Client, change: impl Fn(&mut BTreeSet<IndexEntry>, &mut u64)) -> KubeResult<bool> {
         let mut copy = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        // Taken with the index held: a write waiting for it takes the lines left meanwhile.
+        let lines = std::mem::take(&mut self.unwritten().lines);
+        let written = self.write_index(&mut copy, kube, |index, covers_from| {
+            change(index, covers_from);
+            add_lines(index, &lines);
+        });
+        if written.is_err() {
+            self.unwritten().restore(lines);
+        }
+        written
+    }
+
+    fn write_index(
+        &self,
+        copy: &mut Option<IndexCopy>,
+        kube: &Client,
+        change: impl Fn(&mut BTreeSet<IndexEntry>, &mut u64),
+    ) -> KubeResult<bool> {
         for _ in 0..INDEX_ATTEMPTS {
             let current = match copy.take() {
                 Some(c) => c,
@@ -180,7 +263,7 @@ impl CleanupController {
             let covers_from = covers_from.max(left_out_from);
             if next == current.entries && covers_from == current.covers_from && current.resource_version.is_some() {
                 *copy = Some(current);
-                return Ok(());
+                return Ok(false);
             }
             let data = IndexEntry::render_index(&next, covers_from);
             let written = match &current.resource_version {
@@ -202,7 +285,7 @@ impl CleanupController {
                         covers_from,
                         resource_version: obj["metadata"]["resourceVersion"].as_str().map(str::to_owned),
                     });
-                    return Ok(());
+                    return Ok(true);
                 }
                 // Read again: another replica wrote it, or it was deleted or created meanwhile.
                 Err(KubeError::Conflict(_) | KubeError::NotFound) => continue,
@@ -252,6 +335,40 @@ impl CleanupController {
             }
         }
         Err(KubeError::Conflict(format!("PV {pv} kept changing")))
+    }
+
+    /// `volume_deleted` as if the monotonic clock read `now`, so tests can run a burst of
+    /// deletions at the provisioner's pace in seconds.
+    pub fn volume_deleted_at(&self, id: &str, name: Option<&str>, deadline: Deadline, now: Instant) -> Result<()> {
+        let kube = self.kube.with_deadline(deadline.clone());
+        let pv = self
+            .find_pv(&kube, id, name, &deadline)
+            .map_err(|e| unavailable(id, "find the volume's PV", &e))?;
+        // The PV is held before the record is written: a pass releases a PV only on its way to
+        // completing the record, and the record's write comes after the hold (see write_record).
+        if let Some(pv) = &pv {
+            self.set_finalizer(&kube, pv, true)
+                .map_err(|e| unavailable(id, "add PV finalizer", &e))?;
+        }
+        let deletion = self
+            .write_record(&kube, id, pv.as_deref().unwrap_or_default())
+            .map_err(|e| unavailable(id, "write cleanup record", &e))?;
+        // The record is what counts: the index only tells nodes sooner, and one that missed it
+        // is mended by the next pass. A call within `INDEX_COALESCE` of the last write leaves
+        // its line to the next write (a later call's, the run loop's, a pass's).
+        let entry = IndexEntry {
+            deletion,
+            pending: true,
+        };
+        self.unwritten().lines.insert(id.to_owned(), entry);
+        self.write_lines(&kube, now);
+        self.line_left.notify_one();
+        self.pv_names.forget(id);
+        info!(
+            "volume {id}: cleanup requested on every node (PV {})",
+            pv.as_deref().unwrap_or("unknown")
+        );
+        Ok(())
     }
 
     /// Whether a volume id has a cleanup still under way (CreateVolume waits for it).
@@ -353,8 +470,8 @@ impl CleanupController {
         self.poll_once_at(Instant::now())
     }
 
-    /// `poll_once` as if the monotonic clock read `now` (the node sweep's schedule follows it),
-    /// so tests can run hours of passes in seconds.
+    /// `poll_once` as if the monotonic clock read `now` (the node sweep's schedule and the
+    /// index's write window follow it), so tests can run hours of passes in seconds.
     pub fn poll_once_at(&self, now_mono: Instant) -> KubeResult<()> {
         let started = SystemTime::now();
         let mut records = Vec::new();
@@ -472,7 +589,12 @@ impl CleanupController {
             *index = listed.clone();
             index.extend(unlisted);
         }) {
-            Ok(()) => self.complaints().cleared("", "index"),
+            Ok(written) => {
+                if written {
+                    self.unwritten().wrote_at(now_mono);
+                }
+                self.complaints().cleared("", "index");
+            }
             Err(e) => self.complaints().failed("", "index", &e),
         }
         self.complaints()
@@ -486,6 +608,44 @@ impl CleanupController {
         Ok(())
     }
 
+    /// Writes the index lines DeleteVolume left, if their window has passed. On a failure they
+    /// wait for the next window.
+    fn write_lines(&self, kube: &Client, now: Instant) {
+        if !self.unwritten().claim(now) {
+            return;
+        }
+        match self.update_index(kube, |_, _| {}) {
+            Ok(_) => self.complaints().cleared("", "index"),
+            Err(e) => self.complaints().failed("", "index", &e),
+        }
+    }
+
+    /// Waits until `until`, or until lines DeleteVolume left are due; `true` for the latter.
+    fn wait_for_lines(&self, until: Instant) -> bool {
+        let mut unwritten = self.unwritten();
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            let wake = if unwritten.lines.is_empty() {
+                until
+            } else {
+                match unwritten.next_write() {
+                    Some(at) if at > now => at.min(until),
+                    _ => return true,
+                }
+            };
+            unwritten = self
+                .line_left
+                .wait_timeout(unwritten, wake - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Passes with jitter, and between them the index lines DeleteVolume left, within
+    /// `INDEX_COALESCE` of the last write.
     pub fn run(self: Arc<Self>) {
         thread::Builder::new()
             .name("cleanup-controller".into())
@@ -494,7 +654,10 @@ impl CleanupController {
                     Ok(()) => self.log.ok(),
                     Err(e) => self.log.failed("cleanup pass", &e),
                 }
-                thread::sleep(jitter(self.cfg.poll_interval));
+                let next_pass = Instant::now() + jitter(self.cfg.poll_interval);
+                while self.wait_for_lines(next_pass) {
+                    self.write_lines(&self.kube, Instant::now());
+                }
             })
             .expect("spawn cleanup thread");
     }
@@ -503,7 +666,8 @@ impl CleanupController {
 /// Keeps the newest deletions of `entries` within the budget (and the recent ones within the
 /// cap); returns them and from when they list every deletion (0: all of it). A deletion left out
 /// counts from its request, if nodes could have read it in the index; one never listed there
-/// counts from `now_ms`, so every node lists the records once.
+/// counts from `now_ms`, so every node lists the records once. A `coversFrom` so raised stays
+/// while anything is left out: a node that has not polled since must list them too.
 fn trim_index(entries: BTreeSet<IndexEntry>, written: &IndexCopy, now_ms: u64) -> (BTreeSet<IndexEntry>, u64) {
     let read: HashSet<&Deletion> = written.entries.iter().map(|e| &e.deletion).collect();
     let mut newest_first: Vec<IndexEntry> = entries.into_iter().collect();
@@ -521,6 +685,11 @@ fn trim_index(entries: BTreeSet<IndexEntry>, written: &IndexCopy, now_ms: u64) -
         } else {
             covers_from = covers_from.max(now_ms);
         }
+    }
+    // Keeping it costs a polling node nothing: it trusts the index again once it reads it
+    // `INDEX_SKEW` later. One ahead of this clock by more (a clock set wrong, an edit) is not kept.
+    if covers_from > 0 && written.covers_from <= now_ms.saturating_add(INDEX_SKEW.as_millis() as u64) {
+        covers_from = covers_from.max(written.covers_from);
     }
     (kept, covers_from)
 }
@@ -543,37 +712,7 @@ fn read_index(kube: &Client) -> KubeResult<IndexCopy> {
 
 impl Deleter for CleanupController {
     fn volume_deleted(&self, id: &str, name: Option<&str>, deadline: Deadline) -> Result<()> {
-        let kube = self.kube.with_deadline(deadline.clone());
-        let pv = self
-            .find_pv(&kube, id, name, &deadline)
-            .map_err(|e| unavailable(id, "find the volume's PV", &e))?;
-        // The PV is held before the record is written: a pass releases a PV only on its way to
-        // completing the record, and the record's write comes after the hold (see write_record).
-        if let Some(pv) = &pv {
-            self.set_finalizer(&kube, pv, true)
-                .map_err(|e| unavailable(id, "add PV finalizer", &e))?;
-        }
-        let deletion = self
-            .write_record(&kube, id, pv.as_deref().unwrap_or_default())
-            .map_err(|e| unavailable(id, "write cleanup record", &e))?;
-        // The record is what counts; an index that missed it is mended by the next pass.
-        let entry = IndexEntry {
-            deletion,
-            pending: true,
-        };
-        match self.update_index(&kube, |index, _| {
-            index.retain(|e| e.deletion.volume_id != id);
-            index.insert(entry.clone());
-        }) {
-            Ok(()) => self.complaints().cleared(id, "index"),
-            Err(e) => self.complaints().failed(id, "index", &e),
-        }
-        self.pv_names.forget(id);
-        info!(
-            "volume {id}: cleanup requested on every node (PV {})",
-            pv.as_deref().unwrap_or("unknown")
-        );
-        Ok(())
+        self.volume_deleted_at(id, name, deadline, Instant::now())
     }
 
     fn creation_blocked(&self, id: &str, deadline: Deadline) -> Result<bool> {
@@ -606,6 +745,34 @@ mod tests {
             covers_from,
             resource_version: Some("1".into()),
         }
+    }
+
+    #[test]
+    fn a_line_left_by_delete_volume_gives_way_to_the_same_or_a_later_request() {
+        let index = entries(3, HOUR_MS, 1000);
+        let line = |k: usize, requested_ms: u64| IndexEntry {
+            deletion: Deletion {
+                volume_id: volume::id_for_name(&format!("pvc-{k}")),
+                requested_ms,
+            },
+            pending: true,
+        };
+        let lines = |l: &[IndexEntry]| {
+            l.iter()
+                .map(|e| (e.deletion.volume_id.clone(), e.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        // pvc-0 requested again (its tombstone restarted); pvc-1's deletion, which the index (from
+        // the records) knows complete; a new pvc-9.
+        let (again, joined, new) = (line(0, HOUR_MS + 5), line(1, HOUR_MS - 1000), line(9, HOUR_MS + 9));
+        let mut merged = index.clone();
+        add_lines(&mut merged, &lines(&[again.clone(), joined, new.clone()]));
+        let mut expected: BTreeSet<IndexEntry> = index
+            .into_iter()
+            .filter(|e| e.deletion.volume_id != again.deletion.volume_id)
+            .collect();
+        expected.extend([again, new]);
+        assert_eq!(merged, expected);
     }
 
     #[test]
@@ -651,9 +818,18 @@ mod tests {
         let all = entries(1000, now - HOUR_MS, 1000);
         let (_, covers_from) = trim_index(all, &written(&BTreeSet::new(), 0), now);
         assert_eq!(covers_from, now);
-        // Left out by an earlier write: it counts from its request again.
+        // Left out by an earlier write, which sent every node to the records: that stays, for
+        // the nodes that have not polled since, while anything is left out.
+        let raised = now - 60_000;
         let all = entries(1000, now - HOUR_MS, 1000);
-        let (_, covers_from) = trim_index(all, &written(&BTreeSet::new(), now - HOUR_MS + 1), now);
+        let (_, covers_from) = trim_index(all.clone(), &written(&BTreeSet::new(), raised), now);
+        assert_eq!(covers_from, raised);
+        let few = entries(10, now - HOUR_MS, 1000);
+        let (_, covers_from) = trim_index(few, &written(&BTreeSet::new(), raised), now);
+        assert_eq!(covers_from, 0, "nothing left out");
+        // Ahead of this clock by more than the skew allowed: not kept.
+        let ahead = now + 2 * INDEX_SKEW.as_millis() as u64;
+        let (_, covers_from) = trim_index(all, &written(&BTreeSet::new(), ahead), now);
         assert!(covers_from < now - HOUR_MS + 1);
     }
 }

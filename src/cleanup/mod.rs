@@ -6,7 +6,9 @@
 //! 1. DeleteVolume (controller) adds the finalizer `node-local-cache.csi.io/cleanup` to the
 //!    volume's PV, writes the record ConfigMap `nlc-cleanup-<id>` (label
 //!    `node-local-cache.csi.io/cleanup=pending`) and adds the volume to the index ConfigMap
-//!    `nlc-cleanup-index` (one line per record), then answers OK.
+//!    `nlc-cleanup-index` (one line per record), then answers OK. Within 5 s of the last write
+//!    of the index it leaves its line to the next one, at most 5 s later: a teardown's deletions
+//!    share writes instead of each rewriting the whole index.
 //! 2. Every node reads the index (one small cached GET per poll; past 16 KiB the index leaves out
 //!    the oldest deletions and says from when it lists every one, and a node that has not read
 //!    it since lists the records instead), deletes its copy when nothing

@@ -217,6 +217,28 @@ impl FakeApi {
         self.put_configmap(ns, obj, "node-local-cache");
     }
 
+    /// The cleanup index listing these deletions (volume id, request time) as complete, as a
+    /// controller that listed each one when it was new left it before any trim.
+    pub fn put_index(&self, ns: &str, deletions: &[(String, std::time::SystemTime)]) {
+        use node_local_cache::cleanup::{Deletion, IndexEntry, INDEX_NAME};
+        let entries = deletions
+            .iter()
+            .map(|(id, at)| IndexEntry {
+                deletion: Deletion {
+                    volume_id: id.clone(),
+                    requested_ms: node_local_cache::time::to_millis(*at),
+                },
+                pending: false,
+            })
+            .collect();
+        let index = json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": { "name": INDEX_NAME },
+            "data": IndexEntry::render_index(&entries, 0),
+        });
+        self.put_configmap(ns, index, "node-local-cache");
+    }
+
     /// Requests served so far.
     pub fn request_count(&self) -> usize {
         self.with(|s| s.log.len())
