@@ -86,6 +86,9 @@ impl Config {
     }
 }
 
+/// The longest duration a flag takes.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// `250ms`, `30s`, `5m`, `1h`, `24h`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -102,7 +105,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => secs(3600),
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
-    d.ok_or_else(|| format!("{s:?} is too long a duration"))
+    // Every duration here is added to a clock reading somewhere; past a year is a typo.
+    d.filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| format!("{s:?} is too long a duration (a year at most)"))
 }
 
 /// `50Gi`, `512Mi`, `10G`, `1000000`: binary (Ki, Mi, Gi, Ti) or decimal (k, M, G, T) units; a
@@ -404,8 +409,19 @@ mod tests {
         assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
-        // Past u64 seconds once multiplied: refused, not wrapped round to a short period.
-        for bad in ["", "s", "1d", "-1s", "1.5s", "307445734561825861m", "5124095576030432h"] {
+        // Past u64 seconds once multiplied: refused, not wrapped round to a short period; past a
+        // year: refused, not left to overflow a deadline (a panic in the thread that adds it).
+        for bad in [
+            "",
+            "s",
+            "1d",
+            "-1s",
+            "1.5s",
+            "307445734561825861m",
+            "5124095576030432h",
+            "10000000000000000000s",
+            "8761h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -172,7 +172,8 @@ impl Error {
                 Errno::ELOOP | Errno::ENOTDIR => RpcStatusCode::INVALID_ARGUMENT,
                 Errno::EROFS | Errno::EACCES | Errno::EPERM => RpcStatusCode::FAILED_PRECONDITION,
                 Errno::EBUSY => RpcStatusCode::FAILED_PRECONDITION,
-                // The mount table kept changing while it was read: retry.
+                // Try again: the mount table kept changing while it was read (kernels before
+                // 5.8), or every stats walk slot was taken.
                 Errno::EAGAIN => RpcStatusCode::UNAVAILABLE,
                 _ => RpcStatusCode::INTERNAL,
             },

@@ -339,6 +339,7 @@ impl CleanupController {
 
     /// `volume_deleted` as if the monotonic clock read `now`, so tests can run a burst of
     /// deletions at the provisioner's pace in seconds.
+    #[doc(hidden)]
     pub fn volume_deleted_at(&self, id: &str, name: Option<&str>, deadline: Deadline, now: Instant) -> Result<()> {
         let kube = self.kube.with_deadline(deadline.clone());
         let pv = self
@@ -484,11 +485,11 @@ impl CleanupController {
                 }
             })?;
         for name in &unreadable {
-            // Edited by hand: no pass can complete it, so its PV keeps the finalizer.
+            // Edited by hand, or an object dressed as a record: no pass completes it.
             self.complaints().failed(
                 name,
                 "record",
-                &"cannot be read (it needs data.volumeId and data.requestedAt)",
+                &"this ConfigMap carries the cleanup label but is no record: a record holds data.volumeId and data.requestedAt under the name nlc-cleanup-<that volume>",
             );
         }
         let pending: Vec<&CleanupRecord> = records.iter().filter(|r| r.pending).collect();

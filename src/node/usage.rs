@@ -2,7 +2,9 @@
 //! pod's volume, and several pods of a node may share one volume; a walk of a large copy takes
 //! seconds and a worker. A call that comes while a walk of its volume runs gets the last
 //! measurement, or waits for that walk's result if there is none, instead of walking again
-//! beside it; and only so many walks run at once, so that publishes always find a worker.
+//! beside it; and only so many walks run at once (half the workers), so that walks of large
+//! copies leave workers to publishes. A first call for a copy being walked still waits for the
+//! walk: there is nothing to answer with yet.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
