@@ -49,7 +49,7 @@ pub struct BindSource {
 }
 
 /// How a mount at a target relates to a volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Binding {
     /// A bind of the volume dir.
     Ours,

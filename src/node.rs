@@ -783,7 +783,12 @@ impl NodeState {
             })?,
         };
         let vfs = nix::sys::statvfs::fstatvfs(root.as_fd()).map_err(|e| Error::sys("statvfs", id, &path, e))?;
-        let used = self.usage(id, root, &path)?;
+        let used = match binding {
+            Some(Binding::Ours) => self.usage(id, root, &path)?,
+            // Not the node's copy (deleted, or under a filesystem mounted since): measured on
+            // its own, never kept as the copy's measurement.
+            _ => safedir::usage(root).map_err(|e| Error::sys("measure volume usage", id, &path, e))?,
+        };
         if !condition.abnormal {
             let over = base
                 .as_ref()

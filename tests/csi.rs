@@ -1221,6 +1221,7 @@ fn binds_made_before_a_disk_was_mounted_over_the_base_dir_are_still_ours() {
     let target = tree.target("pod1");
     n.node_publish_volume(&publish_req(&vol, &target, false)).unwrap();
     fs::write(target.join("before"), b"on the root disk").unwrap();
+    fs::write(target.join("large"), vec![1u8; 2 << 20]).unwrap();
     nix::mount::mount(
         Some("tmpfs"),
         &tree.base(),
@@ -1238,6 +1239,18 @@ fn binds_made_before_a_disk_was_mounted_over_the_base_dir_are_still_ours() {
         stats.volume_condition.abnormal,
         "the pod is not on the node's copy: {stats:?}"
     );
+    assert!(
+        stats.usage[0].used >= 1 << 20,
+        "the copy underneath is measured: {stats:?}"
+    );
+    // A pod started since gets the copy on the new filesystem; its size is its own, not the
+    // measurement of the copy underneath.
+    let since = tree.target("pod2");
+    n.node_publish_volume(&publish_req(&vol, &since, false)).unwrap();
+    let stats = n.node_get_volume_stats(&stats_req(&vol, &since)).unwrap();
+    assert!(!stats.volume_condition.abnormal, "{stats:?}");
+    assert!(stats.usage[0].used < 1 << 20, "the new copy's own size: {stats:?}");
+    n.node_unpublish_volume(&unpublish_req(&vol, &since)).unwrap();
     if let Err(e) = n.node_unpublish_volume(&unpublish_req(&vol, &target)) {
         panic!("unpublish: {e:?}");
     }
