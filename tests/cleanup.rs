@@ -120,6 +120,18 @@ fn delete(ctl: &CleanupController, id: &str) -> node_local_cache::error::Result<
     ctl.volume_deleted(id, None, Deadline::none())
 }
 
+/// The real binary in controller mode against `api`, its passes `poll` apart.
+fn controller_binary(api: &FakeApi, tree: &Tree, poll: &str) -> Driver {
+    let args = [
+        format!("--kube-api-url={}", api.url),
+        format!("--kube-token-file={}", api.token_file.display()),
+        format!("--kube-ca-file={}", api.ca_file.display()),
+        format!("--namespace={NS}"),
+        format!("--cleanup-poll-interval={poll}"),
+    ];
+    Driver::controller(tree, &args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 fn api(tag: &str) -> FakeApi {
     FakeApi::start(&std::env::temp_dir().join(format!("nlc-fakeapi-{}-{tag}", std::process::id())))
 }
@@ -803,14 +815,7 @@ fn an_unreadable_record_is_reported_and_the_others_still_complete() {
 fn delete_volume_stops_at_the_callers_deadline() {
     let api = api("deadline");
     let tree = Tree::new("cleanup-deadline");
-    let args = [
-        format!("--kube-api-url={}", api.url),
-        format!("--kube-token-file={}", api.token_file.display()),
-        format!("--kube-ca-file={}", api.ca_file.display()),
-        format!("--namespace={NS}"),
-        "--cleanup-poll-interval=1h".to_owned(),
-    ];
-    let ctl = Driver::controller(&tree, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let ctl = controller_binary(&api, &tree, "1h");
     let id = volume_id("pvc-deadline");
     api.add_pv("pvc-deadline", DRIVER, &id);
     // The controller's first pass (at start, it writes the index) is over before the slow API
@@ -965,14 +970,7 @@ fn a_deletion_reaches_the_nodes_when_the_tombstones_outgrow_a_configmap() {
 fn a_deletion_left_out_of_an_index_write_is_listed_within_seconds() {
     let api = api("coalesce");
     let tree = Tree::new("cleanup-coalesce");
-    let args = [
-        format!("--kube-api-url={}", api.url),
-        format!("--kube-token-file={}", api.token_file.display()),
-        format!("--kube-ca-file={}", api.ca_file.display()),
-        format!("--namespace={NS}"),
-        "--cleanup-poll-interval=1h".to_owned(),
-    ];
-    let ctl = Driver::controller(&tree, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let ctl = controller_binary(&api, &tree, "1h");
     let key = format!("configmaps/{NS}/{}", cleanup::INDEX_NAME);
     let listed = |id: &str| {
         api.object(&key)

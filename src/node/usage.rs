@@ -177,6 +177,30 @@ mod tests {
         assert!(lock(&cache.walking).is_empty(), "a panicked walk is over");
     }
 
+    /// A walk of `id` started on a thread of its own and held until `release` is waited on;
+    /// it then measures `usage`.
+    fn walk_under_way(
+        cache: &Arc<UsageCache>,
+        id: &'static str,
+        ttl: Duration,
+        usage: Usage,
+    ) -> (std::thread::JoinHandle<Outcome>, Arc<Barrier>) {
+        let started = Arc::new(Barrier::new(2));
+        let release = Arc::new(Barrier::new(2));
+        let walk = {
+            let (cache, started, release) = (cache.clone(), started.clone(), release.clone());
+            std::thread::spawn(move || {
+                cache.get(id, ttl, || {
+                    started.wait();
+                    release.wait();
+                    Ok(usage)
+                })
+            })
+        };
+        started.wait();
+        (walk, release)
+    }
+
     /// kubelet asks again while a long walk of the volume runs: the last measurement, however
     /// old, answers at once, instead of a second worker waiting out the walk.
     #[test]
@@ -185,19 +209,7 @@ mod tests {
         let ttl = Duration::from_nanos(1);
         let old = Usage { bytes: 1, inodes: 1 };
         assert_eq!(cache.get("v", ttl, || Ok(old)), Ok(old));
-        let started = Arc::new(Barrier::new(2));
-        let release = Arc::new(Barrier::new(2));
-        let walk = {
-            let (cache, started, release) = (cache.clone(), started.clone(), release.clone());
-            std::thread::spawn(move || {
-                cache.get("v", ttl, || {
-                    started.wait();
-                    release.wait();
-                    Ok(Usage { bytes: 2, inodes: 2 })
-                })
-            })
-        };
-        started.wait();
+        let (walk, release) = walk_under_way(&cache, "v", ttl, Usage { bytes: 2, inodes: 2 });
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let cache = cache.clone();
@@ -217,19 +229,7 @@ mod tests {
         let ttl = Duration::from_nanos(1);
         let old = Usage { bytes: 1, inodes: 1 };
         assert_eq!(cache.get("b", ttl, || Ok(old)), Ok(old));
-        let started = Arc::new(Barrier::new(2));
-        let release = Arc::new(Barrier::new(2));
-        let walk = {
-            let (cache, started, release) = (cache.clone(), started.clone(), release.clone());
-            std::thread::spawn(move || {
-                cache.get("a", ttl, || {
-                    started.wait();
-                    release.wait();
-                    Ok(Usage::default())
-                })
-            })
-        };
-        started.wait();
+        let (walk, release) = walk_under_way(&cache, "a", ttl, Usage::default());
         assert_eq!(cache.get("b", ttl, || panic!("a second walk")), Ok(old));
         assert_eq!(cache.get("c", ttl, || panic!("a second walk")), Err(Errno::EAGAIN));
         release.wait();
