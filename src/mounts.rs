@@ -108,6 +108,21 @@ impl BindSource {
             .collect()
     }
 
+    /// How `m`, a mount at a target, relates to `dir` (whose bind source this is) in `table`: a
+    /// bind made before a filesystem was mounted over `dir` or above it is still `dir`'s.
+    pub fn binding_at(&self, table: &[MountEntry], dir: &Path, m: &MountEntry) -> Binding {
+        match self.classify(m) {
+            Binding::Foreign
+                if BindSource::earlier_of_dir(table, dir)
+                    .iter()
+                    .any(|s| s.classify(m) != Binding::Foreign) =>
+            {
+                Binding::OursHidden
+            }
+            binding => binding,
+        }
+    }
+
     /// Whether `m` shows this directory or anything inside it, live or deleted.
     pub fn shown_by(&self, m: &MountEntry) -> bool {
         let root = m.root.as_os_str().as_bytes();

@@ -306,26 +306,6 @@ impl NodeState {
         })
     }
 
-    /// How the mount `top` at a target relates to the volume dir `vol_dir`, whose bind source is
-    /// `source`: a bind made before a filesystem was mounted over the base dir is still ours.
-    fn binding_of(
-        table: &[mounts::MountEntry],
-        source: &BindSource,
-        vol_dir: &Path,
-        top: &mounts::MountEntry,
-    ) -> Binding {
-        match source.classify(top) {
-            Binding::Foreign
-                if BindSource::earlier_of_dir(table, vol_dir)
-                    .iter()
-                    .any(|s| s.classify(top) != Binding::Foreign) =>
-            {
-                Binding::OursHidden
-            }
-            binding => binding,
-        }
-    }
-
     fn bind_source(table: &[mounts::MountEntry], vol_dir: &Path, volume: &str) -> Result<BindSource> {
         BindSource::of_dir(table, vol_dir).ok_or_else(|| Error::NodeNotReady {
             volume: volume.to_owned(),
@@ -384,7 +364,7 @@ impl NodeState {
         };
         if let Some(top) = mounts::at(&table, &t.real).last() {
             let source = Self::bind_source(&table, &vol_path, id)?;
-            return match Self::binding_of(&table, &source, &vol_path, top) {
+            return match source.binding_at(&table, &vol_path, top) {
                 Binding::Ours | Binding::OursDeleted | Binding::OursHidden => {
                     match flags.unmet_by(top, self.inherited(id, &base)?) {
                         None => {
@@ -616,7 +596,7 @@ impl NodeState {
                     break;
                 };
                 let source = Self::bind_source(&table, &vol_dir, id)?;
-                if Self::binding_of(&table, &source, &vol_dir, top) == Binding::Foreign {
+                if source.binding_at(&table, &vol_dir, top) == Binding::Foreign {
                     return Err(Error::ForeignMount {
                         volume: id.to_owned(),
                         path: target,
@@ -735,7 +715,7 @@ impl NodeState {
         let source = Self::bind_source(&table, &vol_dir, id)?;
         let binding = mounts::at(&table, &t.real)
             .last()
-            .map(|m| Self::binding_of(&table, &source, &vol_dir, m));
+            .map(|m| source.binding_at(&table, &vol_dir, m));
         let mut condition = VolumeCondition::new();
         match binding {
             None | Some(Binding::Foreign) => return Err(not_published()),

@@ -1152,14 +1152,7 @@ fn index_writes_through_a_burst_of_deletions() {
     let mut cfg = CleanupConfig::new(DRIVER, "");
     cfg.timeout = Duration::from_secs(3600);
     let ctl = CleanupController::new(api.client(NS), cfg);
-    let pvs: Vec<(String, String)> = (0..BURST)
-        .map(|k| {
-            let pv = format!("pvc-burst-{k:05}");
-            let id = volume_id(&pv);
-            api.add_pv(&pv, DRIVER, &id);
-            (pv, id)
-        })
-        .collect();
+    let pvs = api.add_pvs(DRIVER, (0..BURST).map(|k| format!("pvc-burst-{k:05}")));
     let key = configmap_key(cleanup::INDEX_NAME);
     let from = api.write_count();
     let t0 = Instant::now();

@@ -1248,14 +1248,7 @@ fn deletions_after_a_restart_share_a_scan_of_the_pvs() {
             &format!("vol-{p}"),
         );
     }
-    let old: Vec<(String, String)> = (0..10)
-        .map(|k| {
-            let pv = format!("pvc-zold-{k}");
-            let id = volume_id(&pv);
-            api.add_pv(&pv, DRIVER, &id);
-            (pv, id)
-        })
-        .collect();
+    let old = api.add_pvs(DRIVER, (0..10).map(|k| format!("pvc-zold-{k}")));
     let pages = || {
         pv_requests(&api)
             .iter()

@@ -80,13 +80,12 @@ impl UsageCache {
         }
         let (walk, ours) = {
             let mut walking = lock(&self.walking);
-            match walking.get(id) {
-                Some(_) if last.is_some() => return Ok(last.map(|(_, u)| u).unwrap_or_default()),
-                Some(walk) => (walk.clone(), false),
-                None if walking.len() >= self.max_walks => {
-                    return last.map(|(_, u)| u).ok_or(Errno::EAGAIN);
-                }
-                None => {
+            let last = last.map(|(_, u)| u);
+            match (walking.get(id), last) {
+                (Some(_), Some(u)) => return Ok(u),
+                (Some(walk), None) => (walk.clone(), false),
+                (None, _) if walking.len() >= self.max_walks => return last.ok_or(Errno::EAGAIN),
+                (None, _) => {
                     let walk = Arc::new(Walk::default());
                     walking.insert(id.to_owned(), walk.clone());
                     (walk, true)

@@ -190,6 +190,18 @@ impl FakeApi {
         self.with(|s| s.add_pv(name, driver, volume_id));
     }
 
+    /// A PV of `driver` for each name, with the volume id CreateVolume derives from it: (PV,
+    /// volume id) pairs in order.
+    pub fn add_pvs(&self, driver: &str, names: impl Iterator<Item = String>) -> Vec<(String, String)> {
+        names
+            .map(|pv| {
+                let id = node_local_cache::volume::id_for_name(&pv);
+                self.add_pv(&pv, driver, &id);
+                (pv, id)
+            })
+            .collect()
+    }
+
     /// A CSINode that lists `driver`, as the kubelet writes it.
     pub fn add_node(&self, name: &str, driver: &str) {
         self.with(|s| s.add_node(name, driver));
